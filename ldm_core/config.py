@@ -1,0 +1,199 @@
+"""Typed configuration: dataclasses with defaults, YAML presets, and `key=value` overrides.
+
+Configs are data that typed code reads (no `target:` import strings). OmegaConf structured configs do
+the merging and type conversion; this module adds the error messages a user needs: an unknown key or a
+wrong type names the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Type, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says which key and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    """How images are read and split. `resolution` must divide by the autoencoder's factor f."""
+
+    resolution: int = 64
+    # Random horizontal flips for training (the validation split is never flipped).
+    flip: bool = True
+    # Held-out images for validation metrics, taken deterministically from `split_seed`.
+    val_count: int = 64
+    split_seed: int = 0
+    # Number of images drawn when `--data builtin:shapes` is used.
+    shapes_count: int = 4096
+    shapes_seed: int = 0
+    # Decoded uint8 images are cached here (default: a folder beside the run) so epochs never re-decode.
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.resolution > 0, "data.resolution", self.resolution, "a positive integer")
+        _require(self.val_count >= 0, "data.val_count", self.val_count, "0 or more")
+        _require(self.shapes_count > 0, "data.shapes_count", self.shapes_count, "a positive integer")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the trained weights (diffusers `EMAModel`)."""
+
+    enabled: bool = True
+    decay: float = 0.9999
+    # EMA warm-up of diffusers: decay = 1 - (1 + step / inv_gamma) ** -power, capped at `decay`.
+    use_warmup: bool = True
+    inv_gamma: float = 1.0
+    power: float = 0.75
+    # Save EMA weights (not the raw ones) as the run's model.
+    export_ema: bool = True
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.decay < 1.0, "ema.decay", self.decay, "in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop shared by both stages (Accelerate)."""
+
+    batch_size: int = 8  # per process
+    max_steps: int = 1000  # optimizer steps
+    # Stop early (after a checkpoint) once this many minutes of training have passed; 0 = no budget.
+    time_budget_minutes: float = 0.0
+    lr: float = 1e-4
+    lr_warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine | linear (after warm-up)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    validate_every: int = 250
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, "train.batch_size", self.batch_size, "a positive integer")
+        _require(self.max_steps > 0, "train.max_steps", self.max_steps, "a positive integer")
+        _require(self.lr > 0, "train.lr", self.lr, "a positive number")
+        _require(self.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
+                 self.gradient_accumulation_steps, "a positive integer")
+        _require(self.lr_schedule in ("constant", "cosine", "linear"), "train.lr_schedule",
+                 self.lr_schedule, "one of constant, cosine, linear")
+        _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
+                 self.mixed_precision, "one of no, fp16, bf16")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "1 or more")
+        _require(self.checkpoint_every > 0, "train.checkpoint_every", self.checkpoint_every,
+                 "a positive integer")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def valid_keys(cls: Type[Any], prefix: str = "") -> list[str]:
+    """Every dotted key a dataclass accepts, nested sections expanded."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        sub = hints[f.name]
+        if dataclasses.is_dataclass(sub):
+            keys.extend(valid_keys(sub, f"{prefix}{f.name}."))
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> T:
+    """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, in that order.
+
+    Raises ConfigError naming the offending key and listing the valid keys of its section.
+    """
+    schema = OmegaConf.structured(cls)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Presets live in configs/ "
+                              f"(for example configs/vae/kl-f8-small.yaml).")
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"Config file {path} must hold a mapping of keys to values.")
+        layers.append((str(path), OmegaConf.create(data)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"Override {bad[0]!r} is not of the form key=value "
+                          f"(for example train.max_steps=2000).")
+    if overrides:
+        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for origin, layer in layers:
+        _check_keys(cls, OmegaConf.to_container(layer), origin)
+        try:
+            schema = OmegaConf.merge(schema, layer)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or "?"
+            raise ConfigError(
+                f"Config key {key!r} (from {origin}) has a value of the wrong type: "
+                f"{str(err).splitlines()[0]}. Valid keys: {', '.join(valid_keys(cls))}") from None
+    try:
+        return OmegaConf.to_object(schema)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, TypeError, ValueError) as err:
+        raise ConfigError(f"Invalid configuration: {err}") from None
+
+
+def _check_keys(cls: Type[Any], data: Any, origin: str, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            section = prefix.rstrip(".") or "top level"
+            raise ConfigError(
+                f"Unknown config key {full!r} (from {origin}). Valid keys in {section}: "
+                f"{', '.join(sorted(names))}. All valid keys: {', '.join(valid_keys(cls))}")
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"Config key {full!r} (from {origin}) is a section; give its keys, "
+                                  f"e.g. {valid_keys(sub, full + '.')[0]}=...")
+            _check_keys(sub, value, origin, full + ".")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        yaml.safe_dump(to_dict(config), fh, sort_keys=False)
+
+
+__all__ = ["ConfigError", "DataConfig", "EMAConfig", "TrainConfig", "load_config", "save_config",
+           "to_dict", "valid_keys", "field"]

@@ -1,0 +1,85 @@
+"""Stage A configuration: the autoencoder, its LDM loss, and its training loop.
+
+Defaults follow CompVis latent-diffusion `configs/autoencoder/autoencoder_kl_32x32x4.yaml` and
+`ldm/modules/losses/contperceptual.py` except where a comment says why not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ldm_core.config import ConfigError, DataConfig, EMAConfig, TrainConfig, _require
+
+
+@dataclass
+class VAEModelConfig:
+    """A named `AutoencoderKL` preset (see stage_a_vae/presets.py) plus optional overrides."""
+
+    preset: str = "kl-f8-small"
+    # None keeps the preset's value.
+    block_out_channels: Optional[List[int]] = None
+    layers_per_block: Optional[int] = None
+    norm_num_groups: Optional[int] = None
+    latent_channels: int = 4
+    # Downsampling factor the user expects; it must equal 2 ** (number of blocks - 1).
+    downsample_factor: int = 8
+
+
+@dataclass
+class VAELossConfig:
+    """LDM's `LPIPSWithDiscriminator`, term for term (ANCHORS section 1)."""
+
+    reconstruction: str = "l1"  # l1 | l2 (pixel term, summed over C,H,W then averaged over the batch)
+    perceptual_weight: float = 1.0
+    # vgg: LPIPS with the pretrained VGG16 trunk (a local file is required, see README);
+    # random: a randomly initialised trunk, only for demos and tests, and recorded as such.
+    lpips_trunk: str = "vgg"
+    lpips_weights: Optional[str] = None  # path to torchvision's vgg16-397923af.pth
+    kl_weight: float = 1e-6
+    logvar_init: float = 0.0
+    learn_logvar: bool = False  # LDM never optimises logvar; sgm makes it optional
+    disc_start: int = 50001  # optimizer step at which the discriminator switches on
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: str = "hinge"  # hinge | vanilla
+    disc_num_layers: int = 3
+    disc_channels: int = 64
+    # BatchNorm (LDM's default) misbehaves under DDP; GroupNorm is rank-independent.
+    disc_norm: str = "group"  # group | batch | sync_batch | instance
+
+    def __post_init__(self) -> None:
+        _require(self.reconstruction in ("l1", "l2"), "loss.reconstruction", self.reconstruction, "l1 or l2")
+        _require(self.lpips_trunk in ("vgg", "random"), "loss.lpips_trunk", self.lpips_trunk, "vgg or random")
+        _require(self.disc_loss in ("hinge", "vanilla"), "loss.disc_loss", self.disc_loss, "hinge or vanilla")
+        _require(self.disc_norm in ("group", "batch", "sync_batch", "instance"), "loss.disc_norm",
+                 self.disc_norm, "one of group, batch, sync_batch, instance")
+        for key in ("perceptual_weight", "kl_weight", "disc_weight", "disc_factor"):
+            _require(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), "0 or more")
+        _require(self.disc_start >= 0, "loss.disc_start", self.disc_start, "0 or more")
+
+
+@dataclass
+class VAETrainConfig(TrainConfig):
+    # LDM: Adam betas (0.5, 0.9) for both the autoencoder and the discriminator.
+    adam_beta1: float = 0.5
+    adam_beta2: float = 0.9
+    lr: float = 1e-4
+    disc_lr: Optional[float] = None  # None: same as lr
+    # Images used to measure the latent scaling factor (1/std) when training ends.
+    latent_stats_images: int = 1024
+
+
+@dataclass
+class StageAConfig:
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+    def __post_init__(self) -> None:
+        f = self.model.downsample_factor
+        if self.data.resolution % f:
+            raise ConfigError(f"data.resolution={self.data.resolution} is not divisible by the autoencoder's "
+                              f"downsampling factor f={f}; pick a multiple of {f}.")

@@ -1,0 +1,85 @@
+"""Stage B configuration: the latent U-Net, the DDPM objective, sampling during training.
+
+Defaults follow LDM's KL-8 unconditional config (`configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml`)
+for the noise schedule; see ANCHORS section 3 for the CompVis/diffusers naming trap on betas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ldm_core.config import DataConfig, EMAConfig, TrainConfig, _require
+
+
+@dataclass
+class UNetModelConfig:
+    """A named `UNet2DModel` preset (see stage_b_diffusion/presets.py) plus optional overrides.
+
+    Input/output channels and sample size are not set here: they come from the VAE.
+    """
+
+    preset: str = "unet-small"
+    block_out_channels: Optional[List[int]] = None
+    layers_per_block: Optional[int] = None
+    # Class conditioning: 0 = unconditional. With N classes the U-Net gets N + 1 embeddings, the last
+    # one being the "null" class used for classifier-free guidance.
+    num_classes: int = 0
+    class_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(self.num_classes >= 0, "model.num_classes", self.num_classes, "0 or more")
+        _require(0.0 <= self.class_dropout < 1.0, "model.class_dropout", self.class_dropout, "in [0, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    # CompVis "linear" = linspace(sqrt(start), sqrt(end))**2 = diffusers "scaled_linear".
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0155
+    prediction_type: str = "epsilon"  # epsilon | v_prediction
+    snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off, 5 recommended
+    noise_offset: float = 0.0  # offset noise strength; 0 = off
+    latent_sampling: str = "sample"  # sample: z = mean + std * eps each epoch; mode: z = mean
+
+    def __post_init__(self) -> None:
+        _require(self.beta_schedule in ("scaled_linear", "linear", "squaredcos_cap_v2"),
+                 "diffusion.beta_schedule", self.beta_schedule, "scaled_linear, linear or squaredcos_cap_v2")
+        _require(self.prediction_type in ("epsilon", "v_prediction"), "diffusion.prediction_type",
+                 self.prediction_type, "epsilon or v_prediction")
+        _require(self.latent_sampling in ("sample", "mode"), "diffusion.latent_sampling",
+                 self.latent_sampling, "sample or mode")
+        _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start/beta_end",
+                 (self.beta_start, self.beta_end), "0 < beta_start < beta_end < 1")
+        _require(self.snr_gamma >= 0, "diffusion.snr_gamma", self.snr_gamma, "0 or more")
+
+
+@dataclass
+class SamplingConfig:
+    """Sample grids drawn from the EMA weights during training, with a fixed seed."""
+
+    scheduler: str = "dpmsolver++"
+    num_inference_steps: int = 20
+    grid_images: int = 16
+    sample_every: int = 500
+    seed: int = 0
+
+
+@dataclass
+class UNetTrainConfig(TrainConfig):
+    lr: float = 2e-4
+    lr_warmup_steps: int = 100
+    # Images encoded to measure the latent scale when the VAE folder carries none.
+    latent_stats_images: int = 1024
+
+
+@dataclass
+class StageBConfig:
+    model: UNetModelConfig = field(default_factory=UNetModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: UNetTrainConfig = field(default_factory=UNetTrainConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
