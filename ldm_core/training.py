@@ -1,0 +1,216 @@
+"""Plumbing shared by the Stage A and Stage B training loops.
+
+Both loops are written top to bottom in their own `train.py`; what they share lives here: the run
+folder, the Accelerator, learning-rate schedules, deterministic batches and random draws (so that a
+resumed run continues exactly), EMA, the time budget and the metric history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+
+from ldm_core.config import EMAConfig, TrainConfig, save_config
+
+logger = logging.getLogger("ldm.train")
+
+
+class RunFolderError(RuntimeError):
+    """The output folder cannot be used; the message says what to do."""
+
+
+def prepare_run_dir(out: str | Path, config: Any, resume: Optional[str]) -> Path:
+    """Create the run folder, refuse to overwrite a finished or running one, save the resolved config."""
+    run_dir = Path(out)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(f"Cannot write to the output folder {run_dir}: {err.strerror}. "
+                             f"Choose another --out folder or fix its permissions.") from None
+    has_checkpoints = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*"))
+    if has_checkpoints and not resume:
+        raise RunFolderError(f"{run_dir} already holds checkpoints of an earlier run. Continue it with "
+                             f"--resume latest, or choose a new --out folder.")
+    save_config(config, run_dir / "config.yaml")
+    return run_dir
+
+
+def environment_info() -> dict[str, str]:
+    """Library versions and machine facts saved with every run."""
+    import accelerate
+    import diffusers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "accelerate": accelerate.__version__, "platform": platform.platform(),
+            "cuda": torch.version.cuda or "none", "device_count": str(torch.cuda.device_count())}
+    try:
+        import lpips
+
+        info["lpips"] = getattr(lpips, "__version__", "unknown")
+    except ImportError:
+        pass
+    return info
+
+
+def fingerprint(*sections: Any) -> str:
+    """A short hash of the config sections that define a checkpoint's shapes and semantics."""
+    blob = json.dumps([asdict(s) if hasattr(s, "__dataclass_fields__") else s for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True):
+    """An Accelerator with mixed precision, gradient accumulation and TensorBoard logging into the run."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
+    return Accelerator(mixed_precision=train_cfg.mixed_precision,
+                       gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+                       log_with="tensorboard" if log else None, project_config=project)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig):
+    """Linear warm-up then constant, cosine or linear decay (diffusers.optimization.get_scheduler)."""
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[train_cfg.lr_schedule]
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=train_cfg.lr_warmup_steps,
+                         num_training_steps=train_cfg.max_steps)
+
+
+def make_ema(model: torch.nn.Module, ema_cfg: EMAConfig):
+    """diffusers `EMAModel` over `model`'s parameters, or None when EMA is off."""
+    if not ema_cfg.enabled:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(model.parameters(), decay=ema_cfg.decay, use_ema_warmup=ema_cfg.use_warmup,
+                    inv_gamma=ema_cfg.inv_gamma, power=ema_cfg.power)
+
+
+class StepBatches:
+    """Batch indices as a pure function of the micro-step, so a resumed run sees the same data.
+
+    Each epoch is a permutation seeded by (seed, epoch); the global batch of a micro-step is split
+    over processes by rank. Flips are drawn from (seed, epoch, index), so augmentation resumes exactly too.
+    """
+
+    def __init__(self, indices: np.ndarray, batch_size: int, world_size: int, rank: int, seed: int, flip: bool):
+        self.indices = np.asarray(indices)
+        self.batch_size = batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.flip = flip
+        global_batch = batch_size * world_size
+        if len(self.indices) < global_batch:
+            raise ValueError(f"The training split has {len(self.indices)} images, fewer than one global batch "
+                             f"({batch_size} per process x {world_size} processes). Use more images or a smaller "
+                             f"train.batch_size.")
+        self.steps_per_epoch = len(self.indices) // global_batch
+
+    def __call__(self, micro_step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, within = divmod(micro_step, self.steps_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+        start = within * self.batch_size * self.world_size + self.rank * self.batch_size
+        chosen = order[start:start + self.batch_size]
+        flips = np.random.default_rng([self.seed, epoch, 1]).random(len(self.indices))[chosen] < 0.5
+        return self.indices[chosen], (flips if self.flip else np.zeros_like(flips))
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator for every random draw of one micro-step on one process."""
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return gen
+
+
+def images_to_batch(images_uint8: np.ndarray, indices: np.ndarray, flips: np.ndarray,
+                    device: torch.device) -> torch.Tensor:
+    """Gather uint8 images, flip where asked, and map to [-1, 1] floats on `device`."""
+    batch = torch.from_numpy(np.ascontiguousarray(images_uint8[indices])).to(device)
+    if flips.any():
+        mask = torch.from_numpy(flips).to(device)
+        batch = torch.where(mask[:, None, None, None], batch.flip(-1), batch)
+    return batch.float().div_(127.5).sub_(1.0)
+
+
+class TimeBudget:
+    """Stops training once `minutes` have passed (0 = unlimited)."""
+
+    def __init__(self, minutes: float):
+        self.deadline = time.monotonic() + minutes * 60 if minutes > 0 else math.inf
+
+    def exceeded(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+class MetricHistory:
+    """Scalars over training, kept for metrics.json and the loss-curve PNG."""
+
+    def __init__(self, rows: Optional[list[dict]] = None):
+        self.rows: list[dict] = list(rows or [])
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        self.rows.append({"step": step, **{k: float(v) for k, v in values.items()}})
+
+    def last(self, key: str) -> Optional[float]:
+        for row in reversed(self.rows):
+            if key in row:
+                return row[key]
+        return None
+
+    def save_curves(self, path: Path, keys: Iterable[str], title: str) -> None:
+        """Plot each key against step, one panel per key, as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in keys if any(k in r for r in self.rows)]
+        if not keys:
+            return
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            pts = [(r["step"], r[key]) for r in self.rows if key in r and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), lw=1)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
+    """Stop on a NaN/inf loss, naming the step and the terms, before the optimizer can apply it."""
+    bad = {k: float(v) for k, v in losses.items() if torch.is_tensor(v) and not torch.isfinite(v).all()}
+    if bad:
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1)
+        raise FloatingPointError(f"Non-finite loss at step {step}: {terms}. The last checkpoint is intact; lower "
+                                 f"train.lr, use train.mixed_precision=no or bf16 instead of fp16, and resume with "
+                                 f"--resume latest.")

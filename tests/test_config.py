@@ -1,0 +1,87 @@
+"""Typed configs: YAML presets, key=value overrides, and errors that name the key."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from ldm_core.config import ConfigError, load_config, save_config, valid_keys
+from ldm_core.presets import CONFIG_DIR
+from pipelines.config import LDMConfig
+from stage_a_vae.config import StageAConfig
+from stage_b_diffusion.config import StageBConfig
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("train:\n  max_steps: 50\n  lr: 0.001\nloss:\n  kl_weight: 1.0e-5\n")
+    cfg = load_config(StageAConfig, preset, ["train.max_steps=2000", "loss.kl_weight=1e-6"])
+    assert cfg.train.max_steps == 2000  # command line wins over the file
+    assert cfg.loss.kl_weight == pytest.approx(1e-6)
+    assert cfg.train.lr == pytest.approx(1e-3)  # from the file
+    assert cfg.train.adam_beta1 == 0.5 and cfg.train.adam_beta2 == 0.9  # Stage A defaults (LDM)
+    assert isinstance(cfg.train.max_steps, int)
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(StageAConfig, None, ["train.max_step=10"])
+    msg = str(err.value)
+    assert "train.max_step" in msg and "max_steps" in msg and "batch_size" in msg
+
+
+def test_unknown_section_in_yaml(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("trian:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match="'trian'.*Valid keys in top level: data, ema, loss, model, train"):
+        load_config(StageAConfig, preset)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(StageAConfig, None, ["train.max_steps=many"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=-0.1", "train.lr"),
+    ("data.resolution=60", "data.resolution"),
+    ("loss.reconstruction=l3", "loss.reconstruction"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+])
+def test_impossible_values_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(StageAConfig, None, [override])
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(StageAConfig, None, ["train.max_steps"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(StageAConfig, tmp_path / "nope.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(StageBConfig, None, ["train.max_steps=7", "diffusion.snr_gamma=5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(StageBConfig, tmp_path / "config.yaml")
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    assert set(yaml.safe_load((tmp_path / "config.yaml").read_text())) == {
+        "model", "diffusion", "data", "train", "ema", "sampling"}
+
+
+def test_every_shipped_preset_loads():
+    schema = {"vae": StageAConfig, "unet": StageBConfig}
+    presets = sorted(CONFIG_DIR.rglob("*.yaml"))
+    assert presets
+    for path in presets:
+        cls = schema.get(path.parent.name, LDMConfig)
+        load_config(cls, path)
+
+
+def test_valid_keys_are_dotted_and_complete():
+    keys = valid_keys(LDMConfig)
+    assert "stage_a.loss.kl_weight" in keys and "stage_b.diffusion.beta_end" in keys
+    assert all(not k.endswith(".") for k in keys)
