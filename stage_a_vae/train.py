@@ -1,0 +1,261 @@
+"""Stage A: train the KL autoencoder with LDM's loss under Accelerate.
+
+Read top to bottom: set-up, data, models, optimizers, resume, the loop, export. The step semantics
+follow CompVis latent-diffusion `ldm/models/autoencoder.py` (an autoencoder update and, once the
+discriminator is on, a discriminator update on every batch), with one deliberate difference: before
+`disc_start` nothing of the discriminator runs (LDM evaluates it and the adaptive weight anyway).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from tqdm.auto import tqdm
+
+from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ldm_core.data import load_dataset, train_val_split
+from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
+from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, environment_info,
+                               fingerprint, images_to_batch, make_accelerator, make_ema, make_lr_scheduler,
+                               prepare_run_dir, step_generator, write_json)
+from stage_a_vae.config import StageAConfig
+from stage_a_vae.discriminator import NLayerDiscriminator
+from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
+from stage_a_vae.perceptual import build_lpips
+from stage_a_vae.presets import build_autoencoder
+from stage_a_vae.validation import reconstruct_uint8, validate_reconstructions
+
+logger = logging.getLogger("ldm.train_vae")
+
+
+class AutoencoderForTraining(torch.nn.Module):
+    """Encode, sample the posterior, decode: one forward so DDP sees the whole autoencoder.
+
+    Returns tensors only (reconstruction, posterior mean, posterior log-variance) because DDP looks for
+    tensors in a module's output.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None):
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample(generator=generator)
+        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
+
+
+def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[str] = None) -> Path:
+    """Train Stage A and write `out/vae/` (loadable with `AutoencoderKL.from_pretrained`). Returns the run folder."""
+    # 1. Run folder, Accelerator, logging ------------------------------------------------------------
+    run_dir = prepare_run_dir(out, cfg, resume)
+    accelerator = make_accelerator(cfg.train, run_dir)
+    is_main = accelerator.is_main_process
+    device = accelerator.device
+    tc, lc = cfg.train, cfg.loss
+    if lc.lpips_trunk == "random":
+        logger.warning("loss.lpips_trunk=random: the perceptual loss uses a RANDOMLY INITIALISED VGG trunk. "
+                       "This is recorded in run_info.json; use it for demos and tests only.")
+
+    # 2. Data: decoded once to uint8, split deterministically ----------------------------------------
+    dataset = load_dataset(data, cfg.data.resolution, shapes_count=cfg.data.shapes_count,
+                           shapes_seed=cfg.data.shapes_seed, cache_dir=cfg.data.cache_dir, progress=is_main)
+    train_idx, val_idx = train_val_split(len(dataset), cfg.data.val_count, cfg.data.split_seed)
+    batches = StepBatches(train_idx, tc.batch_size, accelerator.num_processes, accelerator.process_index,
+                          tc.seed, cfg.data.flip)
+
+    # 3. Models, loss, optimizers ---------------------------------------------------------------------
+    torch.manual_seed(tc.seed)  # identical initial weights on every process
+    vae = build_autoencoder(cfg.model)
+    discriminator = NLayerDiscriminator(input_channels=3, channels=lc.disc_channels, num_layers=lc.disc_num_layers,
+                                        norm=lc.disc_norm)
+    perceptual = build_lpips(lc.lpips_trunk, lc.lpips_weights) if lc.perceptual_weight > 0 else None
+    loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual, discriminator).to(device)
+    ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
+    betas = (tc.adam_beta1, tc.adam_beta2)
+    opt_ae = torch.optim.Adam(ae_params, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.disc_lr or tc.lr, betas=betas,
+                             weight_decay=tc.weight_decay)
+    # LR schedules are stepped once per optimizer step by us (not prepared), so their meaning does not
+    # change with the number of processes.
+    sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc)
+    ema = make_ema(vae, cfg.ema)
+    model = AutoencoderForTraining(vae)
+    model, disc_ddp, opt_ae, opt_d = accelerator.prepare(model, discriminator, opt_ae, opt_d)
+    if ema is not None:
+        ema.to(device)
+    last_layer = vae.decoder.conv_out.weight  # LDM's adaptive weight is taken at the decoder's last layer
+
+    # 4. Resume -------------------------------------------------------------------------------------
+    fp = fingerprint(cfg.model, cfg.loss, cfg.data.resolution)
+    step, history = 0, MetricHistory()
+    ckpt_path = resolve_resume(run_dir, resume)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, fp)
+        vae.load_state_dict(ckpt.models["vae"])
+        discriminator.load_state_dict(ckpt.models["discriminator"])
+        opt_ae.load_state_dict(ckpt.state["opt_ae"])
+        opt_d.load_state_dict(ckpt.state["opt_d"])
+        sched_ae.load_state_dict(ckpt.state["sched_ae"])
+        sched_d.load_state_dict(ckpt.state["sched_d"])
+        loss_fn.logvar.data.fill_(float(ckpt.state["logvar"]))
+        if ema is not None:
+            ema.load_state_dict(ckpt.state["ema"])
+        if accelerator.scaler is not None and "scaler" in ckpt.state:
+            accelerator.scaler.load_state_dict(ckpt.state["scaler"])
+        step, history = ckpt.step, MetricHistory(ckpt.state["history"])
+        logger.info("Resumed from %s at step %d", ckpt_path, step)
+
+    def write_checkpoint() -> None:
+        if is_main:
+            state = {"opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(), "sched_ae": sched_ae.state_dict(),
+                     "sched_d": sched_d.state_dict(), "logvar": float(loss_fn.logvar), "history": history.rows}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            if accelerator.scaler is not None:
+                state["scaler"] = accelerator.scaler.state_dict()
+            save_checkpoint(run_dir / "checkpoints", step,
+                            {"vae": vae.state_dict(), "discriminator": discriminator.state_dict()},
+                            state, {"fingerprint": fp, "stage": "A"}, tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    # A fixed validation batch, rendered as input | reconstruction | difference.
+    val_images = dataset.images[val_idx]
+    grid_images = torch.from_numpy(val_images[:8].copy())
+
+    def run_validation(tag: str) -> dict:
+        metrics = {}
+        if is_main:
+            with _ema_weights(ema, vae):
+                metrics = validate_reconstructions(vae, val_images, device=device)
+                recon = reconstruct_uint8(vae, grid_images, device=device)
+            from ldm_core.imaging import save_reconstruction_grid
+
+            save_reconstruction_grid(grid_images, recon, run_dir / "images" / f"recon_{tag}.png")
+            history.add(step, {f"val_{k}": v for k, v in metrics.items()})
+            accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        accelerator.wait_for_everyone()
+        return metrics
+
+    # 5. The loop -----------------------------------------------------------------------------------
+    if is_main:
+        accelerator.init_trackers("stage_a")
+    budget = TimeBudget(tc.time_budget_minutes)
+    bar = tqdm(total=tc.max_steps, initial=step, desc="Stage A", disable=not (is_main and tc.progress_bar),
+               dynamic_ncols=True)
+    model.train()
+    disc_ddp.train()
+    accum = tc.gradient_accumulation_steps
+    stopped_early = False
+    while step < tc.max_steps:
+        disc_on = loss_fn.discriminator_active(step)
+        for micro in range(accum):
+            micro_step = step * accum + micro
+            indices, flips = batches(micro_step)
+            x = images_to_batch(dataset.images, indices, flips, device)
+            generator = step_generator(tc.seed, micro_step, accelerator.process_index, device)
+            with accelerator.accumulate(model, disc_ddp):
+                # Autoencoder update. The discriminator only scores reconstructions here, so its
+                # parameters are frozen and its unwrapped module is used (no DDP bookkeeping).
+                discriminator.requires_grad_(False)
+                with accelerator.autocast():
+                    recon, mean, logvar = model(x, generator)
+                posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+                loss_fn.discriminator = discriminator
+                ae_loss, logs = loss_fn.autoencoder_loss(x, recon, posterior, step, last_layer=last_layer)
+                check_finite({"loss": ae_loss, **logs}, step)
+                accelerator.backward(ae_loss)
+                if accelerator.sync_gradients:
+                    logs["grad_norm"] = _clip(accelerator, model.parameters(), tc.max_grad_norm)
+                opt_ae.step()
+                opt_ae.zero_grad(set_to_none=True)
+                # Discriminator update on detached reconstructions, only once it is switched on.
+                if disc_on:
+                    discriminator.requires_grad_(True)
+                    loss_fn.discriminator = disc_ddp
+                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step)
+                    check_finite({"d_loss": d_loss}, step)
+                    accelerator.backward(d_loss)
+                    if accelerator.sync_gradients:
+                        _clip(accelerator, disc_ddp.parameters(), tc.max_grad_norm)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+        sched_ae.step()
+        if disc_on:
+            sched_d.step()
+        if ema is not None:
+            ema.step(vae.parameters())
+        step += 1
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            scalars = {k: float(v) for k, v in logs.items()}
+            scalars["lr"] = sched_ae.get_last_lr()[0]
+            history.add(step, scalars)
+            accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+            bar.set_postfix({k: f"{scalars[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in scalars})
+        bar.update(1)
+        if step % tc.validate_every == 0:
+            run_validation(f"step{step:07d}")
+        if step % tc.checkpoint_every == 0:
+            write_checkpoint()
+        if budget.exceeded() and step < tc.max_steps:
+            logger.warning("Time budget of %.1f min reached at step %d; stopping.", tc.time_budget_minutes, step)
+            stopped_early = True
+            break
+    bar.close()
+
+    # 6. Export: EMA weights, measured latent scale, metrics, pictures -----------------------------
+    final_metrics = run_validation("final")
+    write_checkpoint()
+    if is_main:
+        export = copy.deepcopy(vae).eval()
+        if ema is not None and cfg.ema.export_ema:
+            ema.copy_to(export.parameters())
+        stats = measure_latent_stats(export, dataset.images[train_idx], max_images=tc.latent_stats_images,
+                                     seed=tc.seed)
+        apply_scaling_factor(export, stats)
+        export.save_pretrained(run_dir / "vae")
+        write_json(run_dir / "vae" / "latent_stats.json", stats.to_json())
+        history.save_curves(run_dir / "images" / "loss_curves.png",
+                            ["rec", "kl", "g_loss", "d_loss", "d_weight", "val_psnr", "val_ssim"], "Stage A")
+        write_json(run_dir / "metrics.json", {
+            "steps": step, "stopped_early": stopped_early, "validation": final_metrics,
+            "latent_stats": stats.to_json(), "history": history.rows})
+        write_json(run_dir / "run_info.json", {
+            "stage": "A", "data": data, "dataset": {"images": len(dataset), "train": len(train_idx),
+                                                   "val": len(val_idx), "summary": dataset.report.summary()},
+            "lpips_trunk": lc.lpips_trunk if lc.perceptual_weight > 0 else "none",
+            "exported_weights": "ema" if (ema is not None and cfg.ema.export_ema) else "raw",
+            "processes": accelerator.num_processes, "environment": environment_info()})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _clip(accelerator, parameters, max_norm: float) -> float:
+    """Clip to `max_norm` (0 = no clipping) and return the pre-clip gradient norm for logging."""
+    norm = accelerator.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
+
+
+class _ema_weights:
+    """Context: evaluate with EMA weights swapped in, then put the training weights back."""
+
+    def __init__(self, ema, model):
+        self.ema, self.model = ema, model
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.model.parameters())
+            self.ema.copy_to(self.model.parameters())
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.model.parameters())
+        return False
