@@ -1,0 +1,55 @@
+"""Shared fixtures: small image folders, good and bad, written to a temporary directory."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def write_image():
+    """write_image(path, array HxWx3 uint8 or HxW) -> Path: saves with the format the suffix names."""
+    def write(path: Path, array: np.ndarray) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+        return path
+    return write
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """A dict of kind -> path for files that must be skipped: not an image, truncated PNG and JPEG,
+    and an empty file. All live in tmp_path / "bad"."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)  # incompressible, so a cut loses pixels
+    png, jpeg = _png_bytes(noise), _jpeg_bytes(noise)
+    files = {
+        "text": folder / "notes.png",
+        "truncated_png": folder / "cut.png",
+        "truncated_jpeg": folder / "cut.jpg",
+        "empty": folder / "empty.png",
+    }
+    files["text"].write_text("this is not an image\n")
+    files["truncated_png"].write_bytes(png[: len(png) // 2])
+    files["truncated_jpeg"].write_bytes(jpeg[: len(jpeg) // 2])
+    files["empty"].write_bytes(b"")
+    return files
