@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.imaging import save_grid
-from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
+from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats, scale_latents
 from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, environment_info,
                                fingerprint, make_accelerator, make_ema, make_lr_scheduler, prepare_run_dir,
                                step_generator, write_json)
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.latent_cache import load_or_build_latent_cache
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
-from stage_b_diffusion.objective import diffusion_loss
+from stage_b_diffusion.objective import diffusion_loss, drop_class_labels
 from stage_b_diffusion.presets import build_unet, check_unet_matches_vae
 
 logger = logging.getLogger("ldm.train_unet")
@@ -58,17 +58,18 @@ def load_frozen_vae(vae_path: str | Path) -> tuple[AutoencoderKL, Path]:
 
 
 def resolve_latent_scale(vae: AutoencoderKL, vae_path: Path, images: np.ndarray, max_images: int, seed: int):
-    """Use the VAE folder's measured scale (latent_stats.json); otherwise measure 1/std and say so."""
+    """Use the VAE folder's measured scale (latent_stats.json); otherwise measure 1/std, say so, and write it
+    into `vae.config.scaling_factor` (so the saved pipeline carries it). Returns what was used, for metrics.json."""
     stats_file = Path(vae_path) / "latent_stats.json"
     if stats_file.is_file():
         stats = json.loads(stats_file.read_text())
-        return float(vae.config.scaling_factor), {"source": str(stats_file), **stats}
+        return {"source": str(stats_file), **stats}
     stats = measure_latent_stats(vae, images, max_images=max_images, seed=seed)
     logger.warning("%s has no measured latent scale (latent_stats.json); measured 1/std = %.5f over %d images "
                    "(its config says %.5f). Using the measured value.", vae_path, stats.scaling_factor,
                    stats.num_images, float(vae.config.scaling_factor))
     apply_scaling_factor(vae, stats)
-    return stats.scaling_factor, {"source": "measured", **stats.to_json()}
+    return {"source": "measured", **stats.to_json()}
 
 
 def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Path,
@@ -87,7 +88,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
                            shapes_seed=cfg.data.shapes_seed, progress=is_main)
     train_idx, _ = train_val_split(len(dataset), cfg.data.val_count, cfg.data.split_seed)
     train_images = dataset.images[train_idx]
-    scale, scale_info = resolve_latent_scale(vae, vae_dir, train_images, tc.latent_stats_images, tc.seed)
+    scale_info = resolve_latent_scale(vae, vae_dir, train_images, tc.latent_stats_images, tc.seed)
     with accelerator.main_process_first():  # one process encodes, the others read the finished file
         cache = load_or_build_latent_cache(vae, train_images, flip=cfg.data.flip,
                                            cache_dir=cfg.data.cache_dir or default_cache_dir(), progress=is_main)
@@ -175,13 +176,13 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
             micro_step = step * accum + micro
             positions, flips = batches(micro_step)
             generator = step_generator(tc.seed, micro_step, accelerator.process_index)
-            latents = cache.draw(torch.from_numpy(positions), generator, mode=cfg.diffusion.latent_sampling,
-                                 flip=torch.from_numpy(flips)).to(device) * scale
+            latents = scale_latents(cache.draw(torch.from_numpy(positions), generator,
+                                               mode=cfg.diffusion.latent_sampling, flip=torch.from_numpy(flips)),
+                                    vae.config).to(device)
             class_labels = None
             if labels is not None:
-                class_labels = torch.from_numpy(labels[positions])
-                drop = torch.rand(len(positions), generator=generator) < cfg.model.class_dropout
-                class_labels = torch.where(drop, torch.full_like(class_labels, null_class), class_labels).to(device)
+                class_labels = drop_class_labels(torch.from_numpy(labels[positions]), null_class,
+                                                 cfg.model.class_dropout, generator).to(device)
             with accelerator.accumulate(unet_ddp):
                 with accelerator.autocast():
                     loss, logs = diffusion_loss(unet_ddp, latents, noise_scheduler, cfg.diffusion, generator,

@@ -1,0 +1,139 @@
+"""`ldm generate`: images from noise with a saved `LatentDiffusionPipeline`, one PNG per image plus a grid.
+
+Image i is a function of (seed, i) alone: its noise comes from its own generator, so the same image
+appears whatever the batch size, the number of processes, or which process draws it. Generators live on
+the CPU (diffusers' `randn_tensor` then moves the noise), so the noise is also the same on every device.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_core.imaging import save_grid
+from pipelines.latent_diffusion import LatentDiffusionPipeline
+from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
+
+__all__ = ["image_generator", "generate_images", "save_grid", "add_arguments", "main"]
+
+
+def image_generator(base_seed: int, index: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """The generator of image `index`: seeded from numpy's SeedSequence([base_seed, index]), so seeds of
+    different images are independent (not consecutive integers) and reproducible."""
+    if base_seed < 0 or index < 0:
+        raise ValueError(f"seed and image index must be non-negative, got {base_seed} and {index}.")
+    state = np.random.SeedSequence([base_seed, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & (2 ** 63 - 1))
+
+
+def _labels_for(indices: Sequence[int], class_labels, num_images: int, num_classes: int) -> Optional[list]:
+    """Per-image labels: None, one label for all, one per image, or (conditional model, none given) i mod K."""
+    if class_labels is None:
+        return [i % num_classes for i in indices] if num_classes else None
+    if isinstance(class_labels, (int, str)):
+        return [class_labels] * len(indices)
+    class_labels = list(class_labels)
+    if len(class_labels) != num_images:
+        raise ValueError(f"Got {len(class_labels)} class labels for {num_images} images; give one label or one per image.")
+    return [class_labels[i] for i in indices]
+
+
+def generate_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed: int, batch_size: int,
+                    num_inference_steps: int, out_dir: Union[str, Path], accelerator=None, class_labels=None,
+                    guidance_scale: float = 1.0, eta: float = 0.0) -> list[Path]:
+    """Generate images 0..num_images-1 into `out_dir` as image_{i:05d}.png, plus grid.png of all of them.
+
+    Parameters:
+        pipeline: the loaded pipeline, already on its device, with the sampler to use.
+        num_images, seed: image i comes from `image_generator(seed, i)`.
+        batch_size: images per pipeline call on each process.
+        accelerator: optional `accelerate.Accelerator`; images are split between its processes and the main
+            process writes the grid once every process has finished.
+        class_labels: None (a class-conditional model then cycles through its classes, image i gets i mod K),
+            one id or name for every image, or one per image.
+        guidance_scale, eta: passed to the pipeline.
+
+    Returns the paths of all num_images PNG files.
+    """
+    if num_images < 1 or batch_size < 1:
+        raise ValueError("num_images and batch_size must be positive.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    indices = list(range(num_images))
+    if accelerator is not None and accelerator.num_processes > 1:
+        with accelerator.split_between_processes(indices) as mine:
+            indices = list(mine)
+    paths = [out_dir / f"image_{i:05d}.png" for i in range(num_images)]
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        images = pipeline(
+            batch_size=len(chunk), num_inference_steps=num_inference_steps,
+            generator=[image_generator(seed, i) for i in chunk], eta=eta, output_type="pil",
+            class_labels=_labels_for(chunk, class_labels, num_images, pipeline.num_classes),
+            guidance_scale=guidance_scale).images
+        for i, image in zip(chunk, images):
+            image.save(paths[i])
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if accelerator is None or accelerator.is_main_process:
+        grid = []
+        for path in paths:
+            with Image.open(path) as im:
+                grid.append(im.convert("RGB"))
+        save_grid(grid, out_dir / "grid.png")
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `ldm generate`."""
+    parser.add_argument("--model", required=True, help="pipeline folder (RUN/pipeline, with model_index.json)")
+    parser.add_argument("--num-images", type=int, default=16, help="number of images (default 16)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--scheduler", choices=list(SAMPLERS), default=None,
+                        help="sampler (default: the one saved with the pipeline); dpmsolver++ suits 15-25 steps")
+    parser.add_argument("--seed", type=int, default=0, help="image i always comes from (seed, i)")
+    parser.add_argument("--out", required=True, help="output folder for image_NNNNN.png and grid.png")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per U-Net batch on each process")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ignored by other samplers)")
+    parser.add_argument("--class", dest="class_label", default=None,
+                        help="class name or id for a class-conditional model (default: cycle through classes)")
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="classifier-free guidance weight (1 = none; needs a class-conditional model)")
+    parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: Accelerate's choice)")
+
+
+def load_pipeline(model_dir: Union[str, Path]) -> LatentDiffusionPipeline:
+    """Load a saved pipeline folder, with a clear error if it is not one."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a pipeline folder (no model_index.json). Point --model at the "
+                                f"'pipeline' folder of a Stage B run (it holds model_index.json, vae/, unet/, scheduler/).")
+    return LatentDiffusionPipeline.from_pretrained(model_dir)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `ldm generate` (launch with `accelerate launch -m ldm_core.cli generate ...` for several GPUs)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=args.device == "cpu")
+    device = torch.device(args.device) if args.device else accelerator.device
+    pipeline = load_pipeline(args.model)
+    if args.scheduler:
+        pipeline.scheduler = make_sampler(args.scheduler, pipeline.scheduler.config)
+    pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=not accelerator.is_main_process)
+    label = args.class_label
+    if label is not None and label.isdigit() and label not in (pipeline.config.class_names or []):
+        label = int(label)
+    paths = generate_images(pipeline, args.num_images, seed=args.seed, batch_size=args.batch_size,
+                            num_inference_steps=args.steps, out_dir=args.out, accelerator=accelerator,
+                            class_labels=label, guidance_scale=args.guidance_scale, eta=args.eta)
+    if accelerator.is_main_process:
+        print(f"Wrote {len(paths)} images ({sampler_name(pipeline.scheduler)}, {args.steps} steps) and "
+              f"{Path(args.out) / 'grid.png'}")
+    return 0

@@ -1,0 +1,198 @@
+"""LatentDiffusionPipeline and `ldm generate`: save/load, per-image seeding, guidance, samplers, errors."""
+
+import json
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from PIL import Image
+
+from pipelines.generate import generate_images, image_generator
+from pipelines.latent_diffusion import LatentDiffusionPipeline
+from stage_b_diffusion.config import DiffusionConfig, UNetModelConfig
+from stage_b_diffusion.noise_schedule import SAMPLERS, build_noise_scheduler, make_sampler
+from stage_b_diffusion.presets import build_unet
+
+
+def make_pipeline(num_classes: int = 0, sampler: str = "ddim") -> LatentDiffusionPipeline:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, latent_channels=4,
+                        layers_per_block=1, sample_size=32, scaling_factor=0.7)
+    unet = build_unet(UNetModelConfig(preset="unet-tiny", num_classes=num_classes), latent_channels=4,
+                      latent_size=4)
+    scheduler = make_sampler(sampler, build_noise_scheduler(DiffusionConfig()))
+    names = [f"class{k}" for k in range(num_classes)] or None
+    pipe = LatentDiffusionPipeline(vae=vae, unet=unet, scheduler=scheduler, class_names=names)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, seeds, **kwargs):
+    gens = [image_generator(0, i) for i in seeds]
+    kwargs.setdefault("num_inference_steps", 2)
+    return pipe(batch_size=len(seeds), generator=gens, **kwargs).images
+
+
+def test_save_and_reload_gives_identical_images(tmp_path):
+    pipe = make_pipeline()
+    before = run(pipe, [0, 1], output_type="np")
+    pipe.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"model_index.json", "vae", "unet", "scheduler"}
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "LatentDiffusionPipeline" and index["vae"] == ["diffusers", "AutoencoderKL"]
+    loaded = LatentDiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(loaded, [0, 1], output_type="np"), before)
+    assert before.shape == (2, 32, 32, 3) and 0 <= before.min() and before.max() <= 1
+
+
+def test_components_load_with_plain_diffusers_classes(tmp_path):
+    pipe = make_pipeline(num_classes=2)
+    pipe.save_pretrained(tmp_path)
+    vae = AutoencoderKL.from_pretrained(tmp_path, subfolder="vae")
+    unet = UNet2DModel.from_pretrained(tmp_path, subfolder="unet")
+    sched = DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert vae.config.scaling_factor == 0.7 and unet.config.num_class_embeds == 3
+    assert sched.config.clip_sample is False
+    for a, b in zip(pipe.unet.parameters(), unet.parameters()):
+        assert torch.equal(a, b)
+    assert LatentDiffusionPipeline.from_pretrained(tmp_path).config.class_names == ["class0", "class1"]
+
+
+def test_image_depends_only_on_its_own_seed_not_the_batch():
+    pipe = make_pipeline(sampler="ddpm")  # DDPM steps draw fresh noise too: per-image generators matter there
+    together = run(pipe, [0, 1, 2], output_type="pt")
+    alone = torch.cat([run(pipe, [i], output_type="pt") for i in range(3)])
+    torch.testing.assert_close(alone, together, rtol=0, atol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+    g1, g2 = image_generator(5, 3), image_generator(5, 3)
+    assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
+    assert not torch.equal(torch.randn(4, generator=image_generator(5, 4)), torch.randn(4, generator=image_generator(6, 3)))
+
+
+class FakeAccelerator:
+    """Two-process Accelerate stand-in: this object plays one rank."""
+
+    num_processes = 2
+
+    def __init__(self, rank):
+        self.process_index, self.is_main_process = rank, rank == 0
+
+    @contextmanager
+    def split_between_processes(self, items):
+        half = (len(items) + 1) // 2
+        yield items[:half] if self.process_index == 0 else items[half:]
+
+    def wait_for_everyone(self):
+        pass
+
+
+def read(paths):
+    return np.stack([np.asarray(Image.open(p)) for p in paths]).astype(int)
+
+
+def test_generate_images_same_for_any_batching_and_process_split(tmp_path):
+    pipe = make_pipeline()
+    single = generate_images(pipe, 5, seed=0, batch_size=2, num_inference_steps=2, out_dir=tmp_path / "one")
+    assert [p.name for p in single] == [f"image_{i:05d}.png" for i in range(5)]
+    assert (tmp_path / "one" / "grid.png").is_file()
+    # Rank 1 first, so only the main rank's final pass can write a complete grid.
+    for rank in (1, 0):
+        split = generate_images(pipe, 5, seed=0, batch_size=3, num_inference_steps=2, out_dir=tmp_path / "two",
+                                accelerator=FakeAccelerator(rank))
+    a, b = read(single), read(split)
+    assert np.abs(a - b).max() <= 1 and (a == b).mean() > 0.99  # float noise can only flip a rounding
+    assert (tmp_path / "two" / "grid.png").is_file()
+    other = generate_images(pipe, 1, seed=1, batch_size=1, num_inference_steps=2, out_dir=tmp_path / "seed1")
+    assert np.abs(read(other) - a[:1]).mean() > 1
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_runs_in_the_pipeline(name):
+    pipe = make_pipeline(sampler=name)
+    latents = run(pipe, [0, 1], output_type="latent", eta=0.5)
+    assert latents.shape == (2, 4, 4, 4) and torch.isfinite(latents).all()
+
+
+def test_output_types_and_decode_slices():
+    pipe = make_pipeline()
+    pt = run(pipe, [0, 1, 2], output_type="pt", decode_batch_size=1)
+    torch.testing.assert_close(run(pipe, [0, 1, 2], output_type="pt", decode_batch_size=8), pt, rtol=0, atol=1e-5)
+    assert pt.shape == (3, 3, 32, 32)
+    pil = run(pipe, [0], output_type="pil")
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (32, 32)
+    latents = run(pipe, [0], output_type="latent")
+    decoded = pipe.vae.decode(latents / 0.7).sample.clamp(-1, 1)
+    torch.testing.assert_close((decoded + 1) / 2, pt[:1], rtol=0, atol=1e-5)  # scaling factor undone
+    with pytest.raises(ValueError, match="pil, np, pt or latent"):
+        run(pipe, [0], output_type="jpg")
+
+
+def record_guidance(pipe, **kwargs):
+    """Run one DDIM step recording the U-Net's (inputs, outputs) and what the scheduler received."""
+    calls, seen = [], []
+    hook = pipe.unet.register_forward_hook(
+        lambda mod, args, kw, out: calls.append((args[0].clone(), kw["class_labels"].clone(), out.sample.clone())),
+        with_kwargs=True)
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda out, t, x, **kw: (seen.append(out.clone()), step(out, t, x, **kw))[1]
+    try:
+        run(pipe, [0, 1], num_inference_steps=1, output_type="latent", **kwargs)
+    finally:
+        hook.remove()
+        pipe.scheduler.step = step
+    return calls, seen
+
+
+def test_classifier_free_guidance():
+    pipe = make_pipeline(num_classes=3)
+    calls, seen = record_guidance(pipe, class_labels=["class2", "class0"], guidance_scale=1.0)
+    assert calls[0][1].tolist() == [2, 0] and torch.equal(seen[0], calls[0][2])  # plain conditional
+    for w in (0.0, 3.0):
+        calls, seen = record_guidance(pipe, class_labels=["class2", "class0"], guidance_scale=w)
+        inputs, labels, out = calls[0]
+        assert len(calls) == 1 and labels.tolist() == [3, 3, 2, 0]  # one batched call, null class first
+        assert torch.equal(inputs[:2], inputs[2:])
+        uncond, cond = out[:2], out[2:]
+        torch.testing.assert_close(seen[0], uncond + w * (cond - uncond))
+        if w == 0.0:
+            torch.testing.assert_close(seen[0], uncond)
+
+
+def test_class_label_errors():
+    pipe = make_pipeline(num_classes=2)
+    with pytest.raises(ValueError, match="Unknown class name 'dog'. Known classes: class0, class1"):
+        run(pipe, [0], class_labels="dog")
+    with pytest.raises(ValueError, match=r"out of range: use 0..1"):
+        run(pipe, [0], class_labels=2)
+    with pytest.raises(ValueError, match="class-conditional: pass class_labels"):
+        run(pipe, [0])
+    plain = make_pipeline()
+    with pytest.raises(ValueError, match="unconditional"):
+        run(plain, [0], class_labels=0)
+    with pytest.raises(ValueError, match="guidance_scale != 1 needs a class-conditional"):
+        run(plain, [0], guidance_scale=2.0)
+
+
+def test_conditional_generate_cycles_through_classes(tmp_path):
+    pipe = make_pipeline(num_classes=2)
+    seen = []
+    hook = pipe.unet.register_forward_hook(lambda m, a, kw, o: seen.append(kw["class_labels"].tolist()),
+                                           with_kwargs=True)
+    generate_images(pipe, 3, seed=0, batch_size=3, num_inference_steps=1, out_dir=tmp_path)
+    hook.remove()
+    assert seen == [[0, 1, 0]]
+
+
+def test_models_run_in_eval_mode_and_keep_their_mode():
+    pipe = make_pipeline()
+    pipe.unet.train()
+    pipe.vae.eval()
+    modes = []
+    hook = pipe.unet.register_forward_hook(lambda m, a, o: modes.append(m.training))
+    run(pipe, [0], output_type="latent")
+    hook.remove()
+    assert modes == [False, False] and pipe.unet.training and not pipe.vae.training
