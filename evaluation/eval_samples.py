@@ -1,0 +1,136 @@
+"""`ldm eval-samples`: score a folder of generated images.
+
+- `--dataset builtin:shapes`: the exact shapes scorer (`evaluation.shapes_score.score_folder`):
+  validity, class balance, colour histograms.
+- `--reference DIR|builtin:shapes`: FID of the generated images against the reference images, through
+  the same Inception code path as `ldm bench-recon`'s rFID (`evaluation.inception`). Reference images
+  are brought to the generated images' size the way every dataset image is (shorter side, bicubic,
+  centre crop), so both sets reach Inception's resize from the same resolution. Without the Inception
+  weights the FID is null with a reason naming the file to install; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
+from ldm_core.config import DataConfig
+from ldm_core.data import BUILTIN_SHAPES, DataError, iter_image_batches, list_image_files
+from ldm_core.pretrained import MissingWeightsError
+
+
+def sample_fid(folder: str | Path, reference: str, *, fid_weights: Optional[str] = None,
+               num_reference: Optional[int] = None, shapes_seed: int = 1, batch_size: int = 32,
+               device: Optional[str | torch.device] = None,
+               fid_feature_net: Optional[torch.nn.Module] = None) -> dict:
+    """FID between the images in `folder` and a reference folder (or `builtin:shapes`).
+
+    Parameters:
+        num_reference: reference images used (default: all of the folder; for builtin:shapes
+            `DataConfig.shapes_count` images drawn with `shapes_seed`).
+        fid_feature_net: replaces the Inception network (structural tests only; not an FID then).
+
+    Returns:
+        {"value", "n_generated", "n_reference", "resolution", "impl", "reason"}; `value` is None and
+        `reason` says why when the weights are missing.
+    """
+    files = list_image_files(folder)
+    if not files:
+        raise DataError(f"No images in {folder}; give the folder that holds the generated images.")
+    with Image.open(files[0]) as first:
+        resolution = min(first.size)
+    entry = {"value": None, "n_generated": 0, "n_reference": 0, "resolution": resolution,
+             "reference": str(reference), "impl": FID_IMPL, "reason": None}
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        net = fid_feature_net if fid_feature_net is not None else load_fid_inception(fid_weights)
+    except MissingWeightsError as err:
+        entry["reason"] = str(err)
+        return entry
+    if fid_feature_net is not None:
+        entry["impl"] = "injected feature network (test only; not an FID)"
+    stats = FIDStatistics(net, device)
+    sources = ((str(folder), False, None), (str(reference), True, num_reference))
+    for spec, real, limit in sources:
+        count = limit or DataConfig().shapes_count
+        for _, images, _ in iter_image_batches(spec, resolution, batch_size, limit=limit,
+                                               shapes_count=count, shapes_seed=shapes_seed):
+            stats.update(torch.from_numpy(images), real=real)
+    entry["n_reference"], entry["n_generated"] = stats.counts()
+    entry["value"] = stats.compute()
+    return entry
+
+
+def run_eval_samples(folder: str | Path, *, dataset: Optional[str] = None, reference: Optional[str] = None,
+                     fid_weights: Optional[str] = None, num_reference: Optional[int] = None,
+                     out: Optional[str | Path] = None, **fid_options) -> dict:
+    """Score a folder of generated images; write the result as JSON to `out` when given."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; give the folder that holds the generated images.")
+    result: dict = {"folder": str(folder), "dataset": dataset}
+    if dataset == BUILTIN_SHAPES:
+        from evaluation.shapes_score import score_folder
+
+        result["shapes"] = score_folder(folder)
+    elif dataset is not None:
+        raise ValueError(f"--dataset {dataset!r} has no scorer; the only one is {BUILTIN_SHAPES}. "
+                         f"Use --reference DIR for FID against any image folder.")
+    if reference is None:
+        result["fid"] = {"value": None, "impl": FID_IMPL, "reason": "no --reference given"}
+    else:
+        result["fid"] = sample_fid(folder, reference, fid_weights=fid_weights, num_reference=num_reference,
+                                   **fid_options)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summary_text(result: dict) -> str:
+    """A few readable lines for the terminal."""
+    lines = [f"Generated images: {result['folder']}"]
+    shapes = result.get("shapes")
+    if shapes:
+        classes = ", ".join(f"{k} {v:.0%}" for k, v in shapes["class_histogram"].items())
+        lines.append(f"shapes: {shapes['n']} images, {shapes['validity']:.1%} valid; classes {classes} "
+                     f"(largest deviation from 1/3: {shapes['max_class_deviation']:.1%})")
+        if shapes.get("reasons"):
+            lines.append("  invalid because: " + ", ".join(f"{k} x{v}" for k, v in shapes["reasons"].items()))
+    fid = result["fid"]
+    if fid["value"] is not None:
+        lines.append(f"FID {fid['value']:.2f} ({fid['n_generated']} generated vs {fid['n_reference']} "
+                     f"reference images at {fid['resolution']}px; {fid['impl']})")
+    else:
+        lines.append(f"FID: n/a ({fid['reason']})")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `ldm eval-samples`."""
+    parser.add_argument("folder", help="folder of generated images")
+    parser.add_argument("--dataset", default=None, help=f"{BUILTIN_SHAPES}: run the exact shapes scorer")
+    parser.add_argument("--reference", default=None, metavar="DIR",
+                        help=f"reference images for FID: a folder or {BUILTIN_SHAPES}")
+    parser.add_argument("--num-reference", type=int, default=None,
+                        help=f"reference images used (default: all; {DataConfig().shapes_count} for "
+                             f"{BUILTIN_SHAPES})")
+    parser.add_argument("--fid-weights", default=None, metavar="PATH",
+                        help="weights-inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--out", default=None, help="JSON file (default FOLDER/eval.json)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `ldm eval-samples`, print the summary and write the JSON."""
+    out = args.out or Path(args.folder) / "eval.json"
+    result = run_eval_samples(args.folder, dataset=args.dataset, reference=args.reference,
+                              fid_weights=args.fid_weights, num_reference=args.num_reference, out=out)
+    print(summary_text(result))
+    print(f"Written: {out}")
+    return 0

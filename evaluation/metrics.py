@@ -1,0 +1,207 @@
+"""Per-image fidelity metrics that read only two uint8 image tensors.
+
+The protocol follows ANCHORS section 5: every number is computed from a uint8 reference and a uint8
+reconstruction (N, 3, H, W), so it can be reproduced from saved PNGs, and every metric is reported
+per image (mean, std and n are taken afterwards, never a pooled number).
+
+- PSNR in float64 on [0, 255], capped at `PSNR_CAP_DB` when the two images are identical.
+- SSIM with the standard 11x11 Gaussian window (sigma 1.5) and an explicit data range of 255
+  (torchmetrics infers the range from the batch when it is not given, which makes numbers depend on
+  the batch).
+- MS-SSIM (Wang et al. 2003) with the same window, only when the short side exceeds 160 px: with five
+  scales and an 11-tap window the coarsest scale would otherwise be smaller than the window.
+- LPIPS (Zhang et al. 2018) with a named backbone, whose ImageNet trunk weights are read from a local
+  file; without that file the metric is unavailable, never computed with a random trunk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torchmetrics.functional.image import (
+    multiscale_structural_similarity_index_measure,
+    structural_similarity_index_measure,
+)
+
+from ldm_core.pretrained import ALEXNET_FILE, VGG16_FILE, find_weights, load_state_dict
+
+# PSNR of two identical images is infinite; a finite cap keeps means and stds defined.
+PSNR_CAP_DB = 100.0
+SSIM_SIGMA = 1.5
+SSIM_KERNEL = 11
+DATA_RANGE = 255.0
+# MS-SSIM needs the short side to exceed (kernel - 1) * 2 ** (scales - 1) = 10 * 16 (torchmetrics' check).
+MSSSIM_MIN_SIDE = (SSIM_KERNEL - 1) * 2 ** 4
+
+# The lpips package's trunks and the torchvision files they are built from (ANCHORS section 6).
+LPIPS_BACKBONES = {"alex": ALEXNET_FILE, "vgg": VGG16_FILE}
+
+PSNR_IMPL = f"per image, float64 on [0,255], MSE 0 capped at {PSNR_CAP_DB:g} dB"
+SSIM_IMPL = ("torchmetrics structural_similarity_index_measure map per image, Gaussian window 11 "
+             "sigma 1.5, data_range=255, float64, averaged over valid window positions (5-px border "
+             "excluded, as Wang et al. and scikit-image)")
+MSSSIM_IMPL = ("torchmetrics multiscale_structural_similarity_index_measure per image, Gaussian window 11 "
+               "sigma 1.5, data_range=255, 5 scales, betas of Wang et al. 2003, normalize='relu', float64, "
+               "torchmetrics' reflect-padded border included")
+
+
+def _check_pair(reference: torch.Tensor, reconstruction: torch.Tensor) -> None:
+    for name, t in (("reference", reference), ("reconstruction", reconstruction)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 4 or t.shape[1] != 3:
+            raise ValueError(f"The {name} must be a uint8 tensor of shape (N, 3, H, W); got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}. "
+                             f"Quantise with ldm_core.data.to_uint8 first.")
+    if reference.shape != reconstruction.shape:
+        raise ValueError(f"Reference {tuple(reference.shape)} and reconstruction "
+                         f"{tuple(reconstruction.shape)} must have the same shape.")
+
+
+def psnr_per_image(reference: torch.Tensor, reconstruction: torch.Tensor,
+                   cap_db: float = PSNR_CAP_DB) -> torch.Tensor:
+    """PSNR of each image pair in dB, computed in float64 on [0, 255].
+
+    torchmetrics' PSNR with its default `dim=None` pools the MSE over the whole batch into one number;
+    the per-image mean and std the protocol asks for need one MSE per image, so it is computed here.
+
+    Parameters:
+        reference, reconstruction: uint8 tensors (N, 3, H, W).
+        cap_db: value reported when the MSE is 0 (identical images).
+
+    Returns:
+        float64 CPU tensor of N values.
+    """
+    _check_pair(reference, reconstruction)
+    diff = reference.to(torch.float64) - reconstruction.to(torch.float64)
+    mse = diff.square().flatten(1).mean(dim=1).cpu()
+    psnr = 10.0 * torch.log10(DATA_RANGE ** 2 / mse)  # inf where mse == 0, then capped
+    return psnr.clamp(max=cap_db)
+
+
+def ssim_per_image(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """SSIM of each image pair (Wang et al. 2004), Gaussian window 11 / sigma 1.5, data range 255.
+
+    Matches scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=255)` averaged over channels.
+    """
+    _check_pair(reference, reconstruction)
+    _, ssim_map = structural_similarity_index_measure(
+        reconstruction.to(torch.float64), reference.to(torch.float64), gaussian_kernel=True,
+        sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL, data_range=DATA_RANGE, reduction="none",
+        return_full_image=True)
+    # torchmetrics averages the map over the reflect-padded border too; the reference implementation
+    # (Wang et al.'s ssim_index.m, 'valid' filtering) and scikit-image average only positions whose
+    # window lies inside the image, so the (kernel - 1) / 2 border is cropped here.
+    pad = (SSIM_KERNEL - 1) // 2
+    if min(ssim_map.shape[-2:]) <= 2 * pad:
+        raise ValueError(f"SSIM needs images larger than {2 * pad} px; got {tuple(reference.shape[-2:])}.")
+    return ssim_map[..., pad:-pad, pad:-pad].flatten(1).mean(dim=1).to(torch.float64).cpu()
+
+
+def msssim_unavailable_reason(height: int, width: int) -> Optional[str]:
+    """Why MS-SSIM cannot be computed at this size, or None when it can."""
+    if min(height, width) > MSSSIM_MIN_SIDE:
+        return None
+    return (f"MS-SSIM needs the short side to exceed {MSSSIM_MIN_SIDE} px (5 scales of an 11-px window); "
+            f"the images are {height}x{width}. Use --resolution 192 or more.")
+
+
+def msssim_per_image(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """MS-SSIM of each image pair; raises ValueError when the images are too small (see above)."""
+    _check_pair(reference, reconstruction)
+    reason = msssim_unavailable_reason(reference.shape[2], reference.shape[3])
+    if reason:
+        raise ValueError(reason)
+    values = multiscale_structural_similarity_index_measure(
+        reconstruction.to(torch.float64), reference.to(torch.float64), gaussian_kernel=True,
+        sigma=SSIM_SIGMA, kernel_size=SSIM_KERNEL, data_range=DATA_RANGE, reduction="none",
+        normalize="relu")
+    return values.to(torch.float64).cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# LPIPS
+
+
+def lpips_impl(backbone: str) -> str:
+    return (f"lpips 0.1.4 LPIPS(net='{backbone}', version 0.1), ImageNet trunk "
+            f"{LPIPS_BACKBONES[backbone]}, input uint8 mapped to [-1, 1]")
+
+
+def load_lpips(backbone: str = "alex", weights_path: Optional[str | os.PathLike] = None):
+    """Build `lpips.LPIPS(net=backbone)` with its ImageNet trunk read from a local torchvision file.
+
+    The package's small linear heads ship inside it; the trunk would normally be downloaded by
+    torchvision, which this machine cannot do. So the model is built with a random trunk
+    (`pnet_rand=True`, no download) and the torchvision weights are then loaded into it; every trunk
+    parameter must be filled, or this raises.
+
+    Parameters:
+        backbone: "alex" (the lpips package's default) or "vgg" (common in papers).
+        weights_path: explicit path of the torchvision file; otherwise torch hub's cache is searched.
+
+    Raises:
+        MissingWeightsError: the trunk file is absent; the message names the file and where to put it.
+    """
+    import lpips
+
+    if backbone not in LPIPS_BACKBONES:
+        raise ValueError(f"Unknown LPIPS backbone {backbone!r}; choose one of {', '.join(LPIPS_BACKBONES)}.")
+    path = find_weights(LPIPS_BACKBONES[backbone], weights_path, option_hint="--lpips-weights PATH")
+    model = lpips.LPIPS(net=backbone, pretrained=True, pnet_rand=True, verbose=False)
+    _load_trunk(model.net, load_state_dict(path), path)
+    return model.eval().requires_grad_(False)
+
+
+def _load_trunk(trunk: torch.nn.Module, state: dict, path) -> None:
+    """Copy torchvision's `features.<i>.*` tensors into lpips' slices, which keep the indices as names."""
+    children = {name: module for slice_ in trunk.children() for name, module in slice_.named_children()}
+    expected = {f"{name}.{key}" for name, module in children.items() for key in module.state_dict()}
+    loaded = set()
+    for key, tensor in state.items():
+        if not key.startswith("features."):
+            continue
+        index, _, param = key[len("features."):].partition(".")
+        module = children.get(index)
+        if module is None:
+            continue  # layers after the last slice (the final max-pool has no parameters anyway)
+        target = dict(module.named_parameters()).get(param)
+        if target is None or target.shape != tensor.shape:
+            raise ValueError(f"{path} does not match the lpips trunk at features.{index}.{param}; "
+                             f"is it the right torchvision file?")
+        with torch.no_grad():
+            target.copy_(tensor)
+        loaded.add(f"{index}.{param}")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"{path} lacks trunk tensors {missing[:4]}...; expected torchvision's ImageNet "
+                         f"weights file.")
+
+
+@torch.no_grad()
+def lpips_per_image(model, reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """LPIPS distance of each pair; uint8 inputs are mapped to [-1, 1] as the lpips package expects."""
+    _check_pair(reference, reconstruction)
+    device = next(model.parameters()).device
+    ref = reference.to(device, torch.float32) / 127.5 - 1.0
+    rec = reconstruction.to(device, torch.float32) / 127.5 - 1.0
+    return model(rec, ref).flatten().to(torch.float64).cpu()
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries
+
+
+def summarize(values: Sequence[float]) -> dict:
+    """Mean, population standard deviation (ddof=0) and count of per-image values."""
+    arr = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "n": int(arr.size)}
+
+
+__all__ = ["PSNR_CAP_DB", "LPIPS_BACKBONES", "MSSSIM_MIN_SIDE", "PSNR_IMPL", "SSIM_IMPL", "MSSSIM_IMPL",
+           "psnr_per_image", "ssim_per_image", "msssim_per_image", "msssim_unavailable_reason",
+           "load_lpips", "lpips_impl", "lpips_per_image", "summarize"]
