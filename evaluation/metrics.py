@@ -26,7 +26,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
-from ldm_core.pretrained import ALEXNET_FILE, VGG16_FILE, find_weights, load_state_dict
+from ldm_core.pretrained import LPIPS_TRUNK_FILES, build_pretrained_lpips
 
 # PSNR of two identical images is infinite; a finite cap keeps means and stds defined.
 PSNR_CAP_DB = 100.0
@@ -37,7 +37,7 @@ DATA_RANGE = 255.0
 MSSSIM_MIN_SIDE = (SSIM_KERNEL - 1) * 2 ** 4
 
 # The lpips package's trunks and the torchvision files they are built from (ANCHORS section 6).
-LPIPS_BACKBONES = {"alex": ALEXNET_FILE, "vgg": VGG16_FILE}
+LPIPS_BACKBONES = LPIPS_TRUNK_FILES
 
 PSNR_IMPL = f"per image, float64 on [0,255], MSE 0 capped at {PSNR_CAP_DB:g} dB"
 SSIM_IMPL = ("torchmetrics structural_similarity_index_measure map per image, Gaussian window 11 "
@@ -145,39 +145,7 @@ def load_lpips(backbone: str = "alex", weights_path: Optional[str | os.PathLike]
     Raises:
         MissingWeightsError: the trunk file is absent; the message names the file and where to put it.
     """
-    import lpips
-
-    if backbone not in LPIPS_BACKBONES:
-        raise ValueError(f"Unknown LPIPS backbone {backbone!r}; choose one of {', '.join(LPIPS_BACKBONES)}.")
-    path = find_weights(LPIPS_BACKBONES[backbone], weights_path, option_hint="--lpips-weights PATH")
-    model = lpips.LPIPS(net=backbone, pretrained=True, pnet_rand=True, verbose=False)
-    _load_trunk(model.net, load_state_dict(path), path)
-    return model.eval().requires_grad_(False)
-
-
-def _load_trunk(trunk: torch.nn.Module, state: dict, path) -> None:
-    """Copy torchvision's `features.<i>.*` tensors into lpips' slices, which keep the indices as names."""
-    children = {name: module for slice_ in trunk.children() for name, module in slice_.named_children()}
-    expected = {f"{name}.{key}" for name, module in children.items() for key in module.state_dict()}
-    loaded = set()
-    for key, tensor in state.items():
-        if not key.startswith("features."):
-            continue
-        index, _, param = key[len("features."):].partition(".")
-        module = children.get(index)
-        if module is None:
-            continue  # layers after the last slice (the final max-pool has no parameters anyway)
-        target = dict(module.named_parameters()).get(param)
-        if target is None or target.shape != tensor.shape:
-            raise ValueError(f"{path} does not match the lpips trunk at features.{index}.{param}; "
-                             f"is it the right torchvision file?")
-        with torch.no_grad():
-            target.copy_(tensor)
-        loaded.add(f"{index}.{param}")
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"{path} lacks trunk tensors {missing[:4]}...; expected torchvision's ImageNet "
-                         f"weights file.")
+    return build_pretrained_lpips(backbone, weights_path, option_hint="--lpips-weights PATH")
 
 
 @torch.no_grad()

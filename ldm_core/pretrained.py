@@ -63,3 +63,64 @@ def load_state_dict(path: Path) -> dict:
 
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# LPIPS: the lpips package ships its small linear heads but fetches the ImageNet trunk through
+# torchvision when it is built, which is impossible offline. So the module is built with a random trunk
+# (`pnet_rand=True`, nothing is fetched) and torchvision's weights are copied in from a local file.
+
+LPIPS_TRUNK_FILES = {"vgg": VGG16_FILE, "alex": ALEXNET_FILE}
+
+
+def build_pretrained_lpips(net: str, weights_path: Optional[str | os.PathLike] = None, *, option_hint: str = ""):
+    """`lpips.LPIPS(net=net)` with its ImageNet trunk read from a local torchvision file, frozen, in eval mode.
+
+    Raises MissingWeightsError (naming the file and where to put it) when the trunk file is absent.
+    """
+    if net not in LPIPS_TRUNK_FILES:
+        raise ValueError(f"Unknown LPIPS backbone {net!r}; choose one of {', '.join(LPIPS_TRUNK_FILES)}.")
+    path = find_weights(LPIPS_TRUNK_FILES[net], weights_path, option_hint=option_hint)
+    module = build_random_lpips(net)
+    load_lpips_trunk(module, load_state_dict(path), source=str(path))
+    return module
+
+
+def build_random_lpips(net: str = "vgg"):
+    """LPIPS with the package's linear heads and a randomly initialised trunk (nothing is downloaded)."""
+    import warnings
+
+    import lpips
+
+    with warnings.catch_warnings():
+        # lpips still calls torchvision with the deprecated `pretrained=` argument; nothing is fetched.
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        module = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+    return module.eval().requires_grad_(False)
+
+
+def load_lpips_trunk(module, state_dict: dict, source: str = "state dict") -> None:
+    """Copy torchvision `features.N.*` tensors into an LPIPS module's trunk.
+
+    lpips keeps torchvision's layer indices inside its slices (`slice3.10.weight` is torchvision's
+    `features.10.weight`). Every trunk tensor must be present with the right shape; otherwise ValueError
+    names the problem, so a wrong or truncated file is never half-loaded.
+    """
+    import re
+
+    expected_file = LPIPS_TRUNK_FILES.get(getattr(module, "pnet_type", ""), "the torchvision ImageNet weights")
+    mapped = {}
+    for name, param in module.net.state_dict().items():
+        match = re.match(r"^slice\d+\.(\d+)\.(weight|bias)$", name)
+        if match is None:
+            raise ValueError(f"Unexpected parameter {name!r} in the LPIPS trunk; this lpips version's layout "
+                             f"is not supported.")
+        key = f"features.{match.group(1)}.{match.group(2)}"
+        if key not in state_dict:
+            raise ValueError(f"{source} does not fit the LPIPS trunk: key {key!r} is missing "
+                             f"(expected the file {expected_file}).")
+        if tuple(state_dict[key].shape) != tuple(param.shape):
+            raise ValueError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, the trunk needs "
+                             f"{tuple(param.shape)} (expected the file {expected_file}).")
+        mapped[name] = state_dict[key].to(param.dtype)
+    module.net.load_state_dict(mapped, strict=True)  # every trunk tensor replaced, none left random

@@ -156,7 +156,7 @@ def test_lpips_loads_a_local_alexnet_file(no_download, tmp_path):
 def test_lpips_rejects_a_wrong_file(no_download, tmp_path):
     path = tmp_path / "alexnet-owt-7be5be79.pth"
     torch.save({"features.0.weight": torch.zeros(3)}, path)
-    with pytest.raises(ValueError, match="right torchvision file"):
+    with pytest.raises(ValueError, match="expected the file alexnet-owt-7be5be79.pth"):
         M.load_lpips("alex", path)
 
 

@@ -1,0 +1,82 @@
+"""Autoencoder presets: SD's exact kl-f8, the CPU-sized ones, and the factory's validation."""
+
+import pytest
+import torch
+
+from ldm_core.config import ConfigError
+from stage_a_vae.config import VAEModelConfig
+from stage_a_vae.presets import VAE_PRESETS, build_autoencoder, downsample_factor
+
+
+def test_kl_f8_is_stable_diffusions_autoencoder():
+    # Built on the meta device: the architecture and parameter count, without allocating 84M weights.
+    with torch.device("meta"):
+        vae = build_autoencoder(VAEModelConfig(preset="kl-f8"))
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert tuple(vae.config.block_out_channels) == (128, 256, 512, 512)
+    assert vae.config.layers_per_block == 2
+    assert list(vae.config.down_block_types) == ["DownEncoderBlock2D"] * 4
+    assert list(vae.config.up_block_types) == ["UpDecoderBlock2D"] * 4
+    assert vae.config.scaling_factor == pytest.approx(0.18215)
+
+
+@pytest.mark.parametrize("name", sorted(VAE_PRESETS))
+def test_every_preset_is_f8_with_four_latent_channels(name):
+    with torch.device("meta"):
+        vae = build_autoencoder(VAEModelConfig(preset=name))
+    assert downsample_factor(vae) == 8
+    assert vae.config.latent_channels == 4
+
+
+@pytest.mark.parametrize("name", ["kl-f8-tiny", "kl-f8-small"])
+def test_small_presets_encode_to_h_over_8_and_decode_back(name):
+    torch.manual_seed(0)
+    vae = build_autoencoder(VAEModelConfig(preset=name))
+    x = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        y = vae.decode(posterior.mode()).sample
+    assert posterior.mean.shape == (2, 4, 4, 6)
+    assert y.shape == x.shape
+
+
+def test_overrides_are_applied_and_the_preset_table_is_not_mutated():
+    before = {k: dict(v) for k, v in VAE_PRESETS.items()}
+    cfg = VAEModelConfig(preset="kl-f8-tiny", block_out_channels=[8, 16, 16, 32], layers_per_block=2,
+                         norm_num_groups=8, latent_channels=3)
+    vae = build_autoencoder(cfg)
+    assert tuple(vae.config.block_out_channels) == (8, 16, 16, 32)
+    assert vae.config.layers_per_block == 2
+    assert vae.config.norm_num_groups == 8
+    assert vae.config.latent_channels == 3
+    assert vae.encoder.conv_out.out_channels == 6  # mean and log-variance for 3 channels
+    assert VAE_PRESETS == before
+
+
+def test_fewer_blocks_give_a_smaller_factor_when_the_config_expects_it():
+    vae = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", block_out_channels=[8, 16, 32],
+                                           downsample_factor=4))
+    assert downsample_factor(vae) == 4
+    assert len(vae.config.down_block_types) == 3 and len(vae.config.up_block_types) == 3
+    with torch.no_grad():
+        z = vae.encode(torch.zeros(1, 3, 16, 16)).latent_dist.mode()
+    assert z.shape == (1, 4, 4, 4)
+
+
+def test_mismatched_downsample_factor_names_both_factors():
+    with pytest.raises(ConfigError, match=r"downsample_factor=4.*f=8"):
+        build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", downsample_factor=4))
+    with pytest.raises(ConfigError, match=r"downsample_factor=8.*f=4"):
+        build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", block_out_channels=[8, 16, 32]))
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        build_autoencoder(VAEModelConfig(preset="kl-f16"))
+    for name in VAE_PRESETS:
+        assert name in str(err.value)
+
+
+def test_norm_groups_that_do_not_divide_the_widths_are_rejected():
+    with pytest.raises(ConfigError, match=r"norm_num_groups=3"):
+        build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", norm_num_groups=3))
