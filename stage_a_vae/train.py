@@ -58,9 +58,6 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     is_main = accelerator.is_main_process
     device = accelerator.device
     tc, lc = cfg.train, cfg.loss
-    if lc.lpips_trunk == "random":
-        logger.warning("loss.lpips_trunk=random: the perceptual loss uses a RANDOMLY INITIALISED VGG trunk. "
-                       "This is recorded in run_info.json; use it for demos and tests only.")
 
     # 2. Data: decoded once to uint8, split deterministically ----------------------------------------
     dataset = load_dataset(data, cfg.data.resolution, shapes_count=cfg.data.shapes_count,
@@ -145,6 +142,8 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     # 5. The loop -----------------------------------------------------------------------------------
     if is_main:
         accelerator.init_trackers("stage_a")
+    if step == 0:
+        run_validation("step0000000")  # the baseline every later validation is compared with
     budget = TimeBudget(tc.time_budget_minutes)
     bar = tqdm(total=tc.max_steps, initial=step, desc="Stage A", disable=not (is_main and tc.progress_bar),
                dynamic_ncols=True)
