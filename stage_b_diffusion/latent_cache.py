@@ -45,8 +45,11 @@ class LatentCache:
             raise ValueError(f"mean and std must both be (M, C, h, w); got {tuple(mean.shape)} and {tuple(std.shape)}.")
         if mean.shape[0] not in (num_images, 2 * num_images):
             raise ValueError(f"{mean.shape[0]} cached entries do not fit {num_images} images (expected N or 2N).")
-        self.mean = mean
-        self.std = std
+        # Contiguous whatever produced them: a freshly encoded cache comes out of the encoder in
+        # channels-last strides, a loaded one does not, and the U-Net must see the same layout either way
+        # for runs to be bit-identical.
+        self.mean = mean.contiguous()
+        self.std = std.contiguous()
         self.num_images = num_images
 
     @property

@@ -82,8 +82,13 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     accelerator = make_accelerator(cfg.train, run_dir)
     is_main, device, tc = accelerator.is_main_process, accelerator.device, cfg.train
 
-    # 2. Frozen VAE, data, latent scale, latent cache -------------------------------------------------
+    # 2. Frozen VAE and the U-Net it fixes, data, latent scale, latent cache -------------------------------------------------
     vae, vae_dir = load_frozen_vae(vae_path)
+    # The U-Net's shape comes from the VAE; check they fit before any image is encoded.
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    torch.manual_seed(tc.seed)
+    unet = build_unet(cfg.model, latent_channels=vae.config.latent_channels, latent_size=cfg.data.resolution // f)
+    check_unet_matches_vae(unet, vae, cfg.data.resolution)
     dataset = load_dataset(data, cfg.data.resolution, shapes_count=cfg.data.shapes_count,
                            shapes_seed=cfg.data.shapes_seed, progress=is_main)
     train_idx, _ = train_val_split(len(dataset), cfg.data.val_count, cfg.data.split_seed)
@@ -96,11 +101,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
                           accelerator.process_index, tc.seed, cfg.data.flip)
     labels, class_names = _training_labels(cfg, dataset, train_idx)
 
-    # 3. U-Net, noise schedule, optimizer ----------------------------------------------------------------
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    torch.manual_seed(tc.seed)
-    unet = build_unet(cfg.model, latent_channels=vae.config.latent_channels, latent_size=cfg.data.resolution // f)
-    check_unet_matches_vae(unet, vae, cfg.data.resolution)
+    # 3. Noise schedule, optimizer ------------------------------------------------------------------------
     noise_scheduler = build_noise_scheduler(cfg.diffusion)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
                                   weight_decay=tc.weight_decay)

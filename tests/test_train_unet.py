@@ -1,0 +1,120 @@
+"""Stage B and the whole job end to end on builtin:shapes, through the `ldm` command."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DModel
+from PIL import Image
+
+from ldm_core.cli import main
+from ldm_core.config import load_config
+from pipelines.latent_diffusion import LatentDiffusionPipeline
+from stage_b_diffusion.config import StageBConfig
+from stage_b_diffusion.train import train_unet
+
+STAGE_A = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_a.data.shapes_count=64",
+           "stage_a.data.val_count=8", "stage_a.loss.lpips_trunk=random", "stage_a.train.max_steps=4",
+           "stage_a.train.batch_size=4", "stage_a.train.latent_stats_images=16", "stage_a.train.progress_bar=false"]
+STAGE_B = ["stage_b.model.preset=unet-tiny", "stage_b.data.resolution=32", "stage_b.data.shapes_count=64",
+           "stage_b.data.val_count=8", "stage_b.train.max_steps=4", "stage_b.train.batch_size=4",
+           "stage_b.train.progress_bar=false", "stage_b.sampling.grid_images=4", "stage_b.sampling.num_inference_steps=2",
+           "stage_b.sampling.sample_every=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldm")
+    out = root / "run"
+    rc = main(["train", "--config", "configs/demo.yaml", "--data", "builtin:shapes", "--out", str(out),
+               *STAGE_A, *STAGE_B, f"stage_b.data.cache_dir={root / 'cache'}"])
+    assert rc == 0
+    return out
+
+
+def test_ldm_train_writes_both_stages_and_a_loadable_pipeline(trained):
+    pipe_dir = trained / "stage_b" / "pipeline"
+    assert json.loads((pipe_dir / "model_index.json").read_text())["_class_name"] == "LatentDiffusionPipeline"
+    # every component loads with plain diffusers classes
+    vae = AutoencoderKL.from_pretrained(pipe_dir / "vae")
+    unet = UNet2DModel.from_pretrained(pipe_dir / "unet")
+    assert unet.config.in_channels == vae.config.latent_channels == 4
+    assert unet.config.sample_size == 32 // 8
+    # the VAE in the pipeline carries Stage A's measured scale
+    stats = json.loads((trained / "stage_a" / "vae" / "latent_stats.json").read_text())
+    assert vae.config.scaling_factor == pytest.approx(stats["scaling_factor"])
+    for name in ("samples_step0000002.png", "samples_final.png", "loss_curves.png"):
+        assert (trained / "stage_b" / "images" / name).is_file()
+
+
+def test_generate_and_eval_samples_commands(trained, tmp_path):
+    out = tmp_path / "samples"
+    rc = main(["generate", "--model", str(trained / "stage_b" / "pipeline"), "--num-images", "5", "--steps", "2",
+               "--scheduler", "ddim", "--seed", "3", "--batch-size", "2", "--out", str(out)])
+    assert rc == 0
+    pngs = sorted(out.glob("image_*.png"))
+    assert len(pngs) == 5 and (out / "grid.png").is_file()
+    assert Image.open(pngs[0]).size == (32, 32)
+    # same seed, other batch size: the same images
+    again = tmp_path / "again"
+    main(["generate", "--model", str(trained / "stage_b" / "pipeline"), "--num-images", "5", "--steps", "2",
+          "--scheduler", "ddim", "--seed", "3", "--batch-size", "5", "--out", str(again)])
+    for a, b in zip(pngs, sorted(again.glob("image_*.png"))):
+        diff = np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int))
+        assert diff.max() <= 1
+    assert main(["eval-samples", "--dataset", "builtin:shapes", str(out)]) == 0
+
+
+def _stage_b_cfg(tmp_path, *extra):
+    return load_config(StageBConfig, None, [o.replace("stage_b.", "") for o in STAGE_B] +
+                       [f"data.cache_dir={tmp_path / 'cache'}", "sampling.sample_every=1000", *extra])
+
+
+def test_stage_b_resume_matches_uninterrupted(trained, tmp_path):
+    vae = trained / "stage_a" / "vae"
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_unet(_stage_b_cfg(tmp_path, "train.max_steps=6", "train.lr_schedule=constant"), vae, "builtin:shapes", full)
+    train_unet(_stage_b_cfg(tmp_path, "train.max_steps=3", "train.lr_schedule=constant"), vae, "builtin:shapes", part)
+    train_unet(_stage_b_cfg(tmp_path, "train.max_steps=6", "train.lr_schedule=constant"), vae, "builtin:shapes", part,
+               resume="latest")
+    a = UNet2DModel.from_pretrained(full / "pipeline" / "unet").state_dict()
+    b = UNet2DModel.from_pretrained(part / "pipeline" / "unet").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vae_without_measured_scale_is_measured_and_recorded(trained, tmp_path, caplog):
+    vae_dir = tmp_path / "foreign_vae"
+    shutil.copytree(trained / "stage_a" / "vae", vae_dir)
+    (vae_dir / "latent_stats.json").unlink()  # like a VAE folder from elsewhere
+    out = tmp_path / "run"
+    train_unet(_stage_b_cfg(tmp_path, "train.max_steps=1", "train.latent_stats_images=16"), vae_dir,
+               "builtin:shapes", out)
+    assert "no measured latent scale" in caplog.text
+    info = json.loads((out / "metrics.json").read_text())["latent_scale"]
+    assert info["source"] == "measured"
+    saved = AutoencoderKL.from_pretrained(out / "pipeline" / "vae")
+    assert saved.config.scaling_factor == pytest.approx(info["scaling_factor"])
+
+
+def test_mismatched_unet_and_vae_is_a_clear_error(trained, tmp_path, capsys):
+    rc = main(["train-unet", "--vae", str(trained / "stage_a" / "vae"), "--data", "builtin:shapes",
+               "--out", str(tmp_path / "r"), "model.preset=unet-tiny", "data.resolution=36",
+               f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a multiple of the VAE's downsampling factor f=8" in err
+    assert "Encoding latents" not in err  # refused before any work
+
+
+def test_cli_reports_config_typos_without_a_traceback(tmp_path, capsys):
+    rc = main(["train-vae", "--data", "builtin:shapes", "--out", str(tmp_path / "r"), "train.max_step=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Unknown config key 'train.max_step'" in err and "max_steps" in err
+    assert "Traceback" not in err
+
+
+def test_cli_reports_a_missing_data_folder(tmp_path, capsys):
+    rc = main(["train-vae", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"),
+               "loss.lpips_trunk=random"])
+    assert rc == 2 and str(tmp_path / "missing") in capsys.readouterr().err
