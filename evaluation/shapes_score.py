@@ -248,8 +248,13 @@ def score_images(images: np.ndarray, requested_labels: Optional[np.ndarray] = No
     return result
 
 
+GRID_NAME = "grid.png"
+
+
 def score_folder(folder: str | Path) -> dict:
     """Score the PNG and JPEG files directly inside `folder` (not recursive), in sorted order.
+
+    `grid.png`, the overview `ldm generate` writes beside the images, is not a sample and is left out.
 
     Each file is brought to 64x64 by the dataset loader (shorter side, bicubic, centre crop). Files that
     cannot be decoded are logged, listed under `unreadable_files` and left out of the scores.
@@ -257,7 +262,8 @@ def score_folder(folder: str | Path) -> dict:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder; give the folder that holds the generated images.")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS and p.name != GRID_NAME)
     arrays, unreadable = [], []
     for path in files:
         try:

@@ -132,12 +132,18 @@ class StepBatches:
         return self.indices[chosen], (flips if self.flip else np.zeros_like(flips))
 
 
+def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from numpy's SeedSequence(keys): independent streams for different
+    keys (not consecutive integer seeds), reproducible on any machine."""
+    if any(k < 0 for k in keys):
+        raise ValueError(f"Seed keys must be non-negative, got {keys}.")
+    state = np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & (2 ** 63 - 1))
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator for every random draw of one micro-step on one process."""
-    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-    return gen
+    return seeded_generator(seed, step, rank, device=device)
 
 
 def images_to_batch(images_uint8: np.ndarray, indices: np.ndarray, flips: np.ndarray,

@@ -11,11 +11,11 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ldm_core.imaging import save_grid
+from ldm_core.training import seeded_generator
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
 
@@ -23,12 +23,9 @@ __all__ = ["image_generator", "generate_images", "save_grid", "add_arguments", "
 
 
 def image_generator(base_seed: int, index: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
-    """The generator of image `index`: seeded from numpy's SeedSequence([base_seed, index]), so seeds of
-    different images are independent (not consecutive integers) and reproducible."""
-    if base_seed < 0 or index < 0:
-        raise ValueError(f"seed and image index must be non-negative, got {base_seed} and {index}.")
-    state = np.random.SeedSequence([base_seed, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state) & (2 ** 63 - 1))
+    """The generator of image `index`: seeded from (base_seed, index), so seeds of different images are
+    independent (not consecutive integers) and reproducible."""
+    return seeded_generator(base_seed, index, device=device)
 
 
 def _labels_for(indices: Sequence[int], class_labels, num_images: int, num_classes: int) -> Optional[list]:

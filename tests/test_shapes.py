@@ -136,5 +136,6 @@ def test_score_folder(tmp_path, dataset):
     (tmp_path / "broken.png").write_text("not an image")
     (tmp_path / "sub").mkdir()  # not searched
     Image.fromarray(images[7].transpose(1, 2, 0)).save(tmp_path / "sub" / "x.png")
+    Image.fromarray(np.zeros((130, 130, 3), np.uint8)).save(tmp_path / "grid.png")  # ldm generate's overview
     result = score_folder(tmp_path)
     assert result["n"] == 7 and result["n_valid"] == 6 and result["unreadable_files"] == ["broken.png"]
