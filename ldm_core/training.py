@@ -75,8 +75,14 @@ def fingerprint(*sections: Any) -> str:
 def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True):
     """An Accelerator with mixed precision, gradient accumulation and TensorBoard logging into the run."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
+    # Accelerate keeps one process-wide state; `ldm train` runs two stages (possibly with different
+    # precisions or accumulation) in one process, so the previous stage's settings are dropped here.
+    # The distributed process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
     return Accelerator(mixed_precision=train_cfg.mixed_precision,
                        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
