@@ -166,10 +166,33 @@ class TimeBudget:
     """Stops training once `minutes` have passed (0 = unlimited)."""
 
     def __init__(self, minutes: float):
+        self.minutes = minutes
         self.deadline = time.monotonic() + minutes * 60 if minutes > 0 else math.inf
 
     def exceeded(self) -> bool:
         return time.monotonic() >= self.deadline
+
+    def stops_at(self, step: int, max_steps: int) -> bool:
+        """True (with a log line) when the budget ends the run before `max_steps`."""
+        if step < max_steps and self.exceeded():
+            logger.warning("Time budget of %.1f min reached at step %d of %d; stopping.", self.minutes, step,
+                           max_steps)
+            return True
+        return False
+
+
+def clip_gradients(accelerator, parameters, max_norm: float) -> float:
+    """Clip to `max_norm` (0 = no clipping) and return the pre-clip gradient norm for logging."""
+    return float(accelerator.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf")))
+
+
+def record_scalars(accelerator, history: "MetricHistory", step: int, logs: dict, lr: float) -> dict[str, float]:
+    """Log one step's scalars to TensorBoard and the history; returns them as floats."""
+    scalars = {k: float(v) for k, v in logs.items()}
+    scalars["lr"] = lr
+    history.add(step, scalars)
+    accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+    return scalars
 
 
 class MetricHistory:

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
-from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, environment_info,
-                               fingerprint, images_to_batch, make_accelerator, make_ema, make_lr_scheduler,
-                               prepare_run_dir, step_generator, write_json)
+from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, clip_gradients,
+                               environment_info, fingerprint, images_to_batch, make_accelerator, make_ema,
+                               make_lr_scheduler, prepare_run_dir, record_scalars, step_generator, write_json)
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
@@ -170,7 +170,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
                 check_finite({"loss": ae_loss, **logs}, step)
                 accelerator.backward(ae_loss)
                 if accelerator.sync_gradients:
-                    logs["grad_norm"] = _clip(accelerator, model.parameters(), tc.max_grad_norm)
+                    logs["grad_norm"] = clip_gradients(accelerator, model.parameters(), tc.max_grad_norm)
                 opt_ae.step()
                 opt_ae.zero_grad(set_to_none=True)
                 # Discriminator update on detached reconstructions, only once it is switched on.
@@ -181,7 +181,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
                     check_finite({"d_loss": d_loss}, step)
                     accelerator.backward(d_loss)
                     if accelerator.sync_gradients:
-                        _clip(accelerator, disc_ddp.parameters(), tc.max_grad_norm)
+                        clip_gradients(accelerator, disc_ddp.parameters(), tc.max_grad_norm)
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
@@ -193,18 +193,14 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         step += 1
 
         if step % tc.log_every == 0 or step == tc.max_steps:
-            scalars = {k: float(v) for k, v in logs.items()}
-            scalars["lr"] = sched_ae.get_last_lr()[0]
-            history.add(step, scalars)
-            accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+            scalars = record_scalars(accelerator, history, step, logs, sched_ae.get_last_lr()[0])
             bar.set_postfix({k: f"{scalars[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in scalars})
         bar.update(1)
         if step % tc.validate_every == 0:
             run_validation(f"step{step:07d}")
         if step % tc.checkpoint_every == 0:
             write_checkpoint()
-        if budget.exceeded() and step < tc.max_steps:
-            logger.warning("Time budget of %.1f min reached at step %d; stopping.", tc.time_budget_minutes, step)
+        if budget.stops_at(step, tc.max_steps):
             stopped_early = True
             break
     bar.close()
@@ -235,12 +231,6 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
-
-
-def _clip(accelerator, parameters, max_norm: float) -> float:
-    """Clip to `max_norm` (0 = no clipping) and return the pre-clip gradient norm for logging."""
-    norm = accelerator.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
-    return float(norm)
 
 
 class _ema_weights:

@@ -23,9 +23,9 @@ from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.imaging import save_grid
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats, scale_latents
-from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, environment_info,
-                               fingerprint, make_accelerator, make_ema, make_lr_scheduler, prepare_run_dir,
-                               step_generator, write_json)
+from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, clip_gradients,
+                               environment_info, fingerprint, make_accelerator, make_ema, make_lr_scheduler,
+                               prepare_run_dir, record_scalars, step_generator, write_json)
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.latent_cache import load_or_build_latent_cache
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
@@ -191,8 +191,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
                 check_finite({"loss": loss}, step)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    max_norm = tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")
-                    logs["grad_norm"] = float(accelerator.clip_grad_norm_(unet_ddp.parameters(), max_norm))
+                    logs["grad_norm"] = clip_gradients(accelerator, unet_ddp.parameters(), tc.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         lr_scheduler.step()
@@ -201,18 +200,14 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
         step += 1
 
         if step % tc.log_every == 0 or step == tc.max_steps:
-            scalars = {k: float(v) for k, v in logs.items()}
-            scalars["lr"] = lr_scheduler.get_last_lr()[0]
-            history.add(step, scalars)
-            accelerator.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
+            scalars = record_scalars(accelerator, history, step, logs, lr_scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{scalars['loss']:.4f}")
         bar.update(1)
         if step % cfg.sampling.sample_every == 0:
             sample_grid(f"step{step:07d}")
         if step % tc.checkpoint_every == 0:
             write_checkpoint()
-        if budget.exceeded() and step < tc.max_steps:
-            logger.warning("Time budget of %.1f min reached at step %d; stopping.", tc.time_budget_minutes, step)
+        if budget.stops_at(step, tc.max_steps):
             stopped_early = True
             break
     bar.close()
