@@ -241,6 +241,25 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def shared_checkpoint_state(ema, accelerator, history: "MetricHistory") -> dict[str, Any]:
+    """The parts of a checkpoint's training state both stages have: EMA, grad scaler, metric history."""
+    state: dict[str, Any] = {"history": history.rows}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler.state_dict()
+    return state
+
+
+def restore_shared_state(state: dict[str, Any], ema, accelerator) -> "MetricHistory":
+    """Load what `shared_checkpoint_state` saved; returns the metric history."""
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    if accelerator.scaler is not None and "scaler" in state:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    return MetricHistory(state["history"])
+
+
 def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
     """Stop on a NaN/inf loss, naming the step and the terms, before the optimizer can apply it."""
     bad = {k: float(v) for k, v in losses.items() if torch.is_tensor(v) and not torch.isfinite(v).all()}

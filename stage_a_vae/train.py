@@ -22,7 +22,8 @@ from ldm_core.data import load_dataset, train_val_split
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
 from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, clip_gradients,
                                environment_info, fingerprint, images_to_batch, make_accelerator, make_ema,
-                               make_lr_scheduler, prepare_run_dir, record_scalars, step_generator, write_json)
+                               make_lr_scheduler, prepare_run_dir, record_scalars, restore_shared_state,
+                               shared_checkpoint_state, step_generator, write_json)
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
@@ -101,21 +102,14 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         sched_ae.load_state_dict(ckpt.state["sched_ae"])
         sched_d.load_state_dict(ckpt.state["sched_d"])
         loss_fn.logvar.data.fill_(float(ckpt.state["logvar"]))
-        if ema is not None:
-            ema.load_state_dict(ckpt.state["ema"])
-        if accelerator.scaler is not None and "scaler" in ckpt.state:
-            accelerator.scaler.load_state_dict(ckpt.state["scaler"])
-        step, history = ckpt.step, MetricHistory(ckpt.state["history"])
+        step, history = ckpt.step, restore_shared_state(ckpt.state, ema, accelerator)
         logger.info("Resumed from %s at step %d", ckpt_path, step)
 
     def write_checkpoint() -> None:
         if is_main:
             state = {"opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(), "sched_ae": sched_ae.state_dict(),
-                     "sched_d": sched_d.state_dict(), "logvar": float(loss_fn.logvar), "history": history.rows}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
+                     "sched_d": sched_d.state_dict(), "logvar": float(loss_fn.logvar),
+                     **shared_checkpoint_state(ema, accelerator, history)}
             save_checkpoint(run_dir / "checkpoints", step,
                             {"vae": vae.state_dict(), "discriminator": discriminator.state_dict()},
                             state, {"fingerprint": fp, "stage": "A"}, tc.keep_checkpoints)

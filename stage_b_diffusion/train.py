@@ -25,7 +25,8 @@ from ldm_core.imaging import save_grid
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats, scale_latents
 from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, clip_gradients,
                                environment_info, fingerprint, make_accelerator, make_ema, make_lr_scheduler,
-                               prepare_run_dir, record_scalars, step_generator, write_json)
+                               prepare_run_dir, record_scalars, restore_shared_state, shared_checkpoint_state,
+                               step_generator, write_json)
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.latent_cache import load_or_build_latent_cache
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
@@ -120,21 +121,13 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
         unet.load_state_dict(ckpt.models["unet"])
         optimizer.load_state_dict(ckpt.state["optimizer"])
         lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])
-        if ema is not None:
-            ema.load_state_dict(ckpt.state["ema"])
-        if accelerator.scaler is not None and "scaler" in ckpt.state:
-            accelerator.scaler.load_state_dict(ckpt.state["scaler"])
-        step, history = ckpt.step, MetricHistory(ckpt.state["history"])
+        step, history = ckpt.step, restore_shared_state(ckpt.state, ema, accelerator)
         logger.info("Resumed from %s at step %d", ckpt_path, step)
 
     def write_checkpoint() -> None:
         if is_main:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     "history": history.rows}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
+                     **shared_checkpoint_state(ema, accelerator, history)}
             save_checkpoint(run_dir / "checkpoints", step, {"unet": unet.state_dict()}, state,
                             {"fingerprint": fp, "stage": "B"}, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
