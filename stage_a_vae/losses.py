@@ -97,7 +97,8 @@ class LPIPSWithDiscriminatorLoss(nn.Module):
 
     def autoencoder_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
                          posterior: DiagonalGaussianDistribution, global_step: int,
-                         last_layer: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         last_layer: torch.Tensor, discriminator: Optional[nn.Module] = None
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The autoencoder's loss ``L_AE`` and detached scalars to log.
 
         Parameters:
@@ -107,6 +108,8 @@ class LPIPSWithDiscriminatorLoss(nn.Module):
             global_step (`int`): optimizer steps taken so far; decides whether the GAN terms are on.
             last_layer (`torch.Tensor`): the decoder's last weight (``vae.decoder.conv_out.weight``), used
                 for the adaptive GAN weight.
+            discriminator (`nn.Module`, *optional*): the module to score reconstructions with, when it is not
+                the one given at construction (e.g. the unwrapped module while a DDP wrapper trains it).
 
         Returns:
             ``(loss, logs)`` with logs ``total, rec, p_loss, nll, kl, g_loss, d_weight, disc_factor, logvar``.
@@ -140,7 +143,7 @@ class LPIPSWithDiscriminatorLoss(nn.Module):
         g_loss, d_weight, disc_factor = zero, zero, 0.0
         if self.discriminator_active(global_step):
             # The discriminator network may run under the caller's autocast; its logits are read in fp32.
-            logits_fake = self.discriminator(reconstructions.contiguous()).float()
+            logits_fake = (discriminator or self.discriminator)(reconstructions.contiguous()).float()
             g_loss = -logits_fake.mean()
             disc_factor = float(self.cfg.disc_factor)
             d_weight = self._adaptive_weight(nll_loss, g_loss, last_layer)
@@ -180,8 +183,8 @@ class LPIPSWithDiscriminatorLoss(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Discriminator step
 
-    def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
-                           global_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, global_step: int,
+                           discriminator: Optional[nn.Module] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The discriminator's loss ``L_D`` (hinge or vanilla) times ``disc_factor``, and logs.
 
         Only meaningful while `discriminator_active(global_step)`; calling it earlier raises, because the
@@ -196,8 +199,9 @@ class LPIPSWithDiscriminatorLoss(nn.Module):
                 f"discriminator_loss was called at step {global_step}, but the discriminator is off until "
                 f"loss.disc_start={self.cfg.disc_start} (disc_factor={self.cfg.disc_factor}); check "
                 f"discriminator_active(step) first.")
-        logits_real = self.discriminator(inputs.detach().contiguous()).float()
-        logits_fake = self.discriminator(reconstructions.detach().contiguous()).float()
+        discriminator = discriminator or self.discriminator
+        logits_real = discriminator(inputs.detach().contiguous()).float()
+        logits_fake = discriminator(reconstructions.detach().contiguous()).float()
         with torch.autocast(device_type=inputs.device.type, enabled=False):
             d_loss = self.cfg.disc_factor * self._d_loss_fn(logits_real, logits_fake)
         logs = {

@@ -155,12 +155,13 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
             with accelerator.accumulate(model, disc_ddp):
                 # Autoencoder update. The discriminator only scores reconstructions here, so its
                 # parameters are frozen and its unwrapped module is used (no DDP bookkeeping).
-                discriminator.requires_grad_(False)
+                if disc_on:
+                    discriminator.requires_grad_(False)
                 with accelerator.autocast():
                     recon, mean, logvar = model(x, generator)
                 posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
-                loss_fn.discriminator = discriminator
-                ae_loss, logs = loss_fn.autoencoder_loss(x, recon, posterior, step, last_layer=last_layer)
+                ae_loss, logs = loss_fn.autoencoder_loss(x, recon, posterior, step, last_layer=last_layer,
+                                                         discriminator=discriminator)
                 check_finite({"loss": ae_loss, **logs}, step)
                 accelerator.backward(ae_loss)
                 if accelerator.sync_gradients:
@@ -170,8 +171,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
                 # Discriminator update on detached reconstructions, only once it is switched on.
                 if disc_on:
                     discriminator.requires_grad_(True)
-                    loss_fn.discriminator = disc_ddp
-                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step)
+                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step, discriminator=disc_ddp)
                     check_finite({"d_loss": d_loss}, step)
                     accelerator.backward(d_loss)
                     if accelerator.sync_gradients:
