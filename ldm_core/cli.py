@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 # Commands implemented in their own modules: name -> (module, one-line help).
 _MODULE_COMMANDS = {
@@ -37,8 +39,41 @@ def _user_errors() -> tuple[type, ...]:
     from ldm_core.pretrained import MissingWeightsError
     from ldm_core.training import RunFolderError
 
+    # OSError covers folders that cannot be created or written (a path under a file, no permission, a
+    # full disk): the user fixes those, so they get a message, not a traceback.
     return (ConfigError, DataError, MissingWeightsError, CheckpointError, RunFolderError, FloatingPointError,
-            FileNotFoundError, ValueError)
+            OSError, ValueError)
+
+
+def _message(err: BaseException) -> str:
+    """One line for the user; a bare OSError gets the path and what to check."""
+    if isinstance(err, OSError) and err.strerror and err.filename and str(err).startswith("[Errno"):
+        return (f"{err.strerror}: {err.filename}. Check that the path is right and that its folder can be "
+                f"written, or choose another one.")
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _check_resume(run_dir: Path, resume: Optional[str], expected_fingerprint: str) -> None:
+    """Refuse a `--resume` that cannot work before anything in the run folder is touched.
+
+    The trainers write the new config.yaml when they start; checking here first means a missing
+    checkpoint path, or a checkpoint of another model configuration, leaves the run folder exactly as it was.
+    """
+    from ldm_core.checkpoint import META_FILE, CheckpointError, resolve_resume
+
+    checkpoint = resolve_resume(run_dir, resume)  # raises for a path that does not exist
+    if checkpoint is None:
+        return
+    try:
+        found = json.loads((checkpoint / META_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"--resume {resume}: cannot read {checkpoint / META_FILE} ({err}). Resume from "
+                              f"another checkpoint or start a new --out folder.") from None
+    if found != expected_fingerprint:
+        raise CheckpointError(
+            f"--resume {resume}: checkpoint {checkpoint} was written with a different model configuration "
+            f"(fingerprint {found}; this command's is {expected_fingerprint}). Nothing was changed. Resume with "
+            f"the run's own settings (see {Path(run_dir) / 'config.yaml'}) or train into a new --out folder.")
 
 
 def _add_training_args(p: argparse.ArgumentParser, config_example: str) -> None:
@@ -106,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Interrupted. Resume a training run with the same command plus --resume latest.", file=sys.stderr)
         return 130
     except _user_errors() as err:  # a message for the user, not a traceback
-        print(f"ldm {args.command}: error: {err}", file=sys.stderr)
+        print(f"ldm {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
 
 
@@ -119,21 +154,33 @@ def _dispatch(args: argparse.Namespace) -> int:
         from stage_a_vae.config import StageAConfig
         from stage_a_vae.train import train_vae
 
-        run = train_vae(load_config(StageAConfig, args.config, args.overrides), args.data, args.out, args.resume)
+        cfg = load_config(StageAConfig, args.config, args.overrides)
+        _check_resume(Path(args.out), args.resume, cfg.model_fingerprint())
+        run = train_vae(cfg, args.data, args.out, args.resume)
         print(f"Stage A done: {run / 'vae'}")
     elif args.command == "train-unet":
         from stage_b_diffusion.config import StageBConfig
         from stage_b_diffusion.train import train_unet
 
-        run = train_unet(load_config(StageBConfig, args.config, args.overrides), args.vae, args.data, args.out,
-                         args.resume)
+        cfg = load_config(StageBConfig, args.config, args.overrides)
+        _check_resume(Path(args.out), args.resume, cfg.model_fingerprint())
+        run = train_unet(cfg, args.vae, args.data, args.out, args.resume)
         print(f"Stage B done: {run / 'pipeline'}")
     elif args.command == "train":
+        from ldm_core.checkpoint import LATEST, CheckpointError
         from pipelines.config import LDMConfig
         from pipelines.train_all import train_both_stages
 
-        paths = train_both_stages(load_config(LDMConfig, args.config, args.overrides), args.data, args.out,
-                                  vae=args.vae, resume=args.resume)
+        cfg = load_config(LDMConfig, args.config, args.overrides)
+        if args.resume and args.resume != LATEST:
+            # One checkpoint folder belongs to one stage; `ldm train` resumes each stage from its own.
+            raise CheckpointError(f"--resume {args.resume}: `ldm train` resumes both stages, each from its own "
+                                  f"checkpoints; use --resume latest (or resume one stage with train-vae / "
+                                  f"train-unet and that stage's checkpoint folder).")
+        if args.vae is None:
+            _check_resume(Path(args.out) / "stage_a", args.resume, cfg.stage_a.model_fingerprint())
+        _check_resume(Path(args.out) / "stage_b", args.resume, cfg.stage_b.model_fingerprint())
+        paths = train_both_stages(cfg, args.data, args.out, vae=args.vae, resume=args.resume)
         print(f"Done. Generate with: ldm generate --model {paths['pipeline']} --num-images 16 --out samples")
     elif args.command == "demo":
         from pipelines.demo import run_demo

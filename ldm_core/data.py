@@ -37,7 +37,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 BUILTIN_SHAPES = "builtin:shapes"
 SHAPES_NATIVE_RESOLUTION = 64
 # Bumped whenever decoding changes, so old caches are not reused.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 _DECODE_CHUNK = 64
 
 
@@ -61,8 +61,9 @@ def list_image_files(root: str | Path) -> list[Path]:
     """Every file under `root` whose extension is in IMAGE_EXTENSIONS (case-insensitive).
 
     The search is recursive and follows symbolic links to folders, but visits each real folder once, so
-    a link loop cannot make it run forever. The result is sorted by path relative to `root`, so it is the
-    same on every machine and process.
+    a link loop cannot make it run forever. File names need not be valid UTF-8 (Linux allows any bytes):
+    such names are kept as Python's surrogate-escaped strings, which `open` turns back into the same
+    bytes. The result is sorted by path relative to `root`, so it is the same on every machine and process.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -72,7 +73,12 @@ def list_image_files(root: str | Path) -> list[Path]:
         raise DataError(f"Data path {root} is a file; give the folder that contains the images.")
     found = []
     seen_dirs = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable_folder(err: OSError) -> None:
+        # os.walk drops folders it cannot list; say so instead of silently training on fewer images.
+        logger.warning("cannot list folder %s (%s); its images are skipped", err.filename, err.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable_folder):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
             dirnames[:] = []  # a link back to a folder already walked: do not descend again
@@ -143,7 +149,12 @@ def load_image_uint8(path: str | Path, resolution: int) -> tuple[np.ndarray, boo
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        size = path.stat().st_size  # follows symbolic links
+    except OSError as err:
+        link = " (a broken or looping symbolic link)" if path.is_symlink() else ""
+        raise BadImageError(f"cannot read the file{link}: {err.strerror}", kind="unreadable") from None
+    try:
+        if size == 0:
             raise BadImageError("empty file (0 bytes)", kind="empty")
         with Image.open(path) as image:
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; such a file is refused here.
@@ -170,12 +181,21 @@ def load_image_uint8(path: str | Path, resolution: int) -> tuple[np.ndarray, boo
         raise BadImageError(f"decompression bomb: {err}", kind="decompression bomb") from None
     except UnidentifiedImageError:
         raise BadImageError("not an image Pillow can read", kind="unreadable") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as err:
-        text = str(err) or type(err).__name__
-        if "truncat" in text.lower():
-            raise BadImageError(text, kind="truncated") from None
-        raise BadImageError(f"corrupt file: {text}", kind="corrupt") from None
+    except OSError as err:
+        if err.errno is not None:  # the operating system refused (permissions, I/O error), not the decoder
+            raise BadImageError(f"cannot read the file: {err.strerror}", kind="unreadable") from None
+        raise _decode_failure(err) from None
+    except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as err:
+        raise _decode_failure(err) from None
     return array, upscaled
+
+
+def _decode_failure(err: Exception) -> BadImageError:
+    """A decoder error as a BadImageError: 'truncated' when Pillow says so, else 'corrupt'."""
+    text = str(err) or type(err).__name__
+    if "truncat" in text.lower():
+        return BadImageError(text, kind="truncated")
+    return BadImageError(f"corrupt file: {text}", kind="corrupt")
 
 
 def _decode_stream(paths: Iterable[Path], resolution: int, workers: int) -> Iterator[tuple]:
@@ -283,10 +303,15 @@ def _load_shapes(resolution: int, count: int, seed: int) -> ImageSet:
 
 
 def _cache_key(root: Path, files: list[Path], resolution: int) -> str:
-    digest = hashlib.sha256(f"v{_CACHE_FORMAT}|{root.resolve()}|{resolution}".encode())
+    # os.fsencode gives back the exact bytes of names that are not valid UTF-8 (str.encode would fail).
+    digest = hashlib.sha256(f"v{_CACHE_FORMAT}|".encode() + os.fsencode(root.resolve()) + f"|{resolution}".encode())
     for path in files:
-        st = path.stat()
-        digest.update(f"|{path.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}".encode())
+        try:
+            st = path.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a broken link: it is skipped when decoded; (-1, -1) still changes the key
+            size = mtime = -1
+        digest.update(b"|" + os.fsencode(path.relative_to(root).as_posix()) + f"|{size}|{mtime}".encode())
     return digest.hexdigest()[:24]
 
 

@@ -66,6 +66,54 @@ def load_state_dict(path: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# Model folders (diffusers `save_pretrained` layout) are data. Python files in one are never imported
+# (diffusers would, for custom pipelines and components, given trust_remote_code), and weights are only
+# read from safetensors, because unpickling a .bin/.pt/.ckpt file can run code.
+
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".so")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class UnsafeModelFolderError(ValueError):
+    """A model folder holds code, or weights only in a pickle format; the message says what to do."""
+
+
+def check_model_folder(folder: str | os.PathLike, *, what: str = "model folder") -> Path:
+    """Refuse a model folder that ships code or whose weights are not safetensors; return its path.
+
+    Every file under `folder` is looked at: any Python source or extension module is refused (a folder
+    that needs code to load is not a folder this project loads), and so is any subfolder whose weights
+    exist only as pickle files. Folders with no weights at all (a scheduler's) are fine.
+
+    Parameters:
+        folder: the folder given by the user.
+        what: how to name it in messages (e.g. "pipeline folder", "--vae folder").
+
+    Raises:
+        FileNotFoundError: `folder` is not a folder.
+        UnsafeModelFolderError: code or pickle-only weights were found.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"The {what} {folder} does not exist or is not a folder.")
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    code = sorted(p.relative_to(folder).as_posix() for p in files if p.suffix in CODE_SUFFIXES)
+    if code:
+        raise UnsafeModelFolderError(
+            f"The {what} {folder} contains code ({', '.join(code[:5])}). Model folders are loaded as data "
+            f"only and code in them is never run; remove those files (after checking where they came from).")
+    for sub in sorted({p.parent for p in files}):
+        names = [p for p in files if p.parent == sub]
+        pickled = [p.name for p in names if p.suffix in PICKLE_SUFFIXES]
+        if pickled and not any(p.suffix == ".safetensors" for p in names):
+            raise UnsafeModelFolderError(
+                f"{sub} holds weights only as pickle files ({', '.join(sorted(pickled))}); only safetensors "
+                f"weights are read, because unpickling can run code. Re-save the model with diffusers' "
+                f"save_pretrained (safetensors is its default) in a trusted environment.")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------
 # LPIPS: the lpips package ships its small linear heads but fetches the ImageNet trunk through
 # torchvision when it is built, which is impossible offline. So the module is built with a random trunk
 # (`pnet_rand=True`, nothing is fetched) and torchvision's weights are copied in from a local file.

@@ -10,20 +10,73 @@ subfolder="vae")`. The pipeline itself loads with `LatentDiffusionPipeline.from_
 this package. `diffusers.DiffusionPipeline.from_pretrained(folder)` alone cannot: it looks
 `model_index.json`'s `_class_name` up inside the diffusers package, and its `custom_pipeline=<file>`
 route executes that file as remote code (it demands `trust_remote_code=True`), which this project does not
-rely on. No code is ever stored in, or run from, a model folder.
+rely on. No code is ever stored in, or run from, a model folder: `LatentDiffusionPipeline.from_pretrained`
+reads only local folders, refuses `custom_pipeline` / `trust_remote_code`, refuses a folder holding
+Python files or pickle-only weights, accepts in `model_index.json` only the three stock diffusers
+components, and reads weights with safetensors.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import diffusers
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm_core.latent_stats import unscale_latents
+from ldm_core.pretrained import UnsafeModelFolderError, check_model_folder
+
+# The only components a saved folder may name, each a class of the diffusers package.
+_COMPONENT_BASES = {"vae": AutoencoderKL, "unet": UNet2DModel, "scheduler": SchedulerMixin}
+# from_pretrained options that would load code from the folder or the Hub.
+_CODE_OPTIONS = ("custom_pipeline", "custom_revision", "trust_remote_code")
+
+
+def check_model_index(folder: Union[str, os.PathLike], class_name: str = "LatentDiffusionPipeline") -> dict:
+    """Read `folder/model_index.json` and refuse anything but `class_name` with stock diffusers parts.
+
+    diffusers resolves each `[library, class]` pair of `model_index.json` itself; a pair naming another
+    library, or a file next to the component, is a route to code this project never takes.
+
+    Raises:
+        FileNotFoundError: no model_index.json.
+        UnsafeModelFolderError: another pipeline class, an unknown component, or a component class that
+            is not the expected diffusers class.
+    """
+    index_file = Path(folder) / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a pipeline folder (no model_index.json). Give the 'pipeline' "
+                                f"folder of a Stage B run (it holds model_index.json, vae/, unet/, scheduler/).")
+    try:
+        index = json.loads(index_file.read_text())
+    except ValueError as err:
+        raise UnsafeModelFolderError(f"{index_file} is not valid JSON ({err}); re-save the pipeline.") from None
+    if not isinstance(index, dict) or index.get("_class_name") != class_name:
+        found = index.get("_class_name") if isinstance(index, dict) else index
+        raise UnsafeModelFolderError(f"{index_file} describes {found!r}, not a {class_name}; this loader only "
+                                     f"reads folders saved by {class_name}.save_pretrained.")
+    for name, value in index.items():
+        if name.startswith("_") or name == "class_names":
+            continue
+        base = _COMPONENT_BASES.get(name)
+        stock = isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == "diffusers"
+        cls = getattr(diffusers, value[1], None) if stock and isinstance(value[1], str) else None
+        if base is None or not (isinstance(cls, type) and issubclass(cls, base)):
+            expected = (f'["diffusers", a {base.__name__} class]' if base is not None
+                        else f"no entry (the components are {', '.join(_COMPONENT_BASES)})")
+            raise UnsafeModelFolderError(f"{index_file}: {name!r} is {value!r}; expected {expected}. This loader "
+                                         f"only builds stock diffusers components.")
+    missing = [name for name in _COMPONENT_BASES if name not in index]
+    if missing:
+        raise UnsafeModelFolderError(f"{index_file} lacks the component(s) {', '.join(missing)}; re-save the pipeline.")
+    return index
 
 ClassLabels = Union[int, str, Sequence[Union[int, str]], torch.Tensor, None]
 
@@ -46,12 +99,48 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
                  class_names: Optional[list[str]] = None):
         super().__init__()
+        channels = vae.config.latent_channels
+        if unet.config.in_channels != channels or unet.config.out_channels != channels:
+            # A U-Net is trained on one autoencoder's latents; any other VAE decodes nonsense or fails deep inside.
+            raise ValueError(f"The U-Net takes {unet.config.in_channels} and predicts {unet.config.out_channels} "
+                             f"latent channels but the VAE has latent_channels={channels}: they were not trained together. "
+                             f"Use the VAE the U-Net was trained on (the vae/ folder of the same pipeline).")
         num_embeds = unet.config.num_class_embeds
         if class_names is not None and (num_embeds is None or len(class_names) != num_embeds - 1):
             raise ValueError(f"{len(class_names)} class names given but the U-Net has "
                              f"{'no class embedding' if num_embeds is None else f'{num_embeds - 1} classes'}.")
         self.register_modules(vae=vae, unet=unet, scheduler=scheduler)
         self.register_to_config(class_names=list(class_names) if class_names is not None else None)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
+        """Load a folder written by `save_pretrained`, without running or unpickling anything from it.
+
+        Parameters:
+            pretrained_model_name_or_path: a local pipeline folder (nothing is downloaded).
+            **kwargs: passed to `DiffusionPipeline.from_pretrained` (e.g. `torch_dtype`), except the options
+                that load code (`custom_pipeline`, `custom_revision`, `trust_remote_code`), which are refused,
+                and `use_safetensors`, which is always True.
+
+        Raises:
+            FileNotFoundError: not a pipeline folder.
+            UnsafeModelFolderError: see `check_model_index` and `ldm_core.pretrained.check_model_folder`.
+            ValueError: a code-loading option was passed, or the U-Net does not fit the VAE.
+        """
+        for option in _CODE_OPTIONS:
+            if kwargs.get(option):
+                raise ValueError(f"{option} is not supported: a LatentDiffusionPipeline is built from stock diffusers "
+                                 f"classes only, and no code is loaded from a model folder.")
+            kwargs.pop(option, None)
+        if kwargs.pop("use_safetensors", True) is not True:
+            raise ValueError("use_safetensors must stay True: pickle weight files can run code when loaded.")
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"The pipeline folder {folder} does not exist. Give the 'pipeline' folder of a "
+                                    f"Stage B run; models are never downloaded.")
+        check_model_index(folder, cls.__name__)
+        check_model_folder(folder, what="pipeline folder")
+        return super().from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs)
 
     @property
     def num_classes(self) -> int:

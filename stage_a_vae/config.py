@@ -78,6 +78,13 @@ class StageAConfig:
     train: VAETrainConfig = field(default_factory=VAETrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
+    def model_fingerprint(self) -> str:
+        """Hash of what a Stage A checkpoint's tensors depend on (model, loss, resolution); a checkpoint
+        is only resumed by a config with the same fingerprint."""
+        from ldm_core.training import fingerprint
+
+        return fingerprint(self.model, self.loss, self.data.resolution)
+
     def __post_init__(self) -> None:
         f = self.model.downsample_factor
         if self.data.resolution % f:

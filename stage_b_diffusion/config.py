@@ -83,3 +83,10 @@ class StageBConfig:
     train: UNetTrainConfig = field(default_factory=UNetTrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def model_fingerprint(self) -> str:
+        """Hash of what a Stage B checkpoint's tensors depend on (model, diffusion, resolution); a
+        checkpoint is only resumed by a config with the same fingerprint."""
+        from ldm_core.training import fingerprint
+
+        return fingerprint(self.model, self.diffusion, self.data.resolution)

@@ -139,7 +139,9 @@ def check_unet_matches_vae(unet: UNet2DModel, vae, resolution: int) -> None:
     """Raise ValueError, naming both shapes, unless `unet` denoises exactly the latents `vae` gives at `resolution`."""
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % f:
-        raise ValueError(f"Resolution {resolution} is not a multiple of the VAE's downsampling factor f={f}.")
+        lower, upper = max(f, resolution - resolution % f), resolution - resolution % f + f
+        raise ValueError(f"Resolution {resolution} is not a multiple of the VAE's downsampling factor f={f}. "
+                         f"Set data.resolution to a multiple of {f} (e.g. {lower} or {upper}).")
     c, s = int(vae.config.latent_channels), resolution // f
     sample_size = unet.config.sample_size
     unet_hw = tuple(sample_size) if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
