@@ -38,9 +38,13 @@ class DataConfig:
     shapes_count: int = 4096
     shapes_seed: int = 0
     # Decoded uint8 images are cached here (default: a folder beside the run) so epochs never re-decode.
+    # A relative path is taken inside the run folder and may not climb out of it (see `resolve_run_path`);
+    # an absolute path is an explicit choice of a shared cache.
     cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.cache_dir is not None:
+            check_relative_path("data.cache_dir", self.cache_dir)
         _require(self.resolution > 0, "data.resolution", self.resolution, "a positive integer")
         _require(self.val_count >= 0, "data.val_count", self.val_count, "0 or more")
         _require(self.shapes_count > 0, "data.shapes_count", self.shapes_count, "a positive integer")
@@ -86,8 +90,19 @@ class TrainConfig:
     log_every: int = 10
     validate_every: int = 250
     progress_bar: bool = True
+    # What a NaN or inf loss does: "stop" (after keeping the last good checkpoint) or "skip" the step,
+    # at most `max_nonfinite_skips` times in a run before stopping anyway.
+    nonfinite_loss: str = "stop"
+    max_nonfinite_skips: int = 10
+    # Speed options, each measured by benchmarks/ (README "Performance"): fused Adam kernels and the
+    # channels-last memory format for convolutions.
+    fused_optimizer: bool = True
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
+        _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", self.nonfinite_loss,
+                 "stop or skip")
+        _require(self.max_nonfinite_skips >= 0, "train.max_nonfinite_skips", self.max_nonfinite_skips, "0 or more")
         _require(self.batch_size > 0, "train.batch_size", self.batch_size, "a positive integer")
         _require(self.max_steps > 0, "train.max_steps", self.max_steps, "a positive integer")
         _require(self.lr > 0, "train.lr", self.lr, "a positive number")
@@ -105,6 +120,48 @@ class TrainConfig:
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths named in configs. A config is data that may come from someone else; a relative path in it must
+# not make a run write outside its own folder (`../../somewhere`).
+
+
+def check_relative_path(key: str, value: str) -> None:
+    """Refuse an empty path, a NUL byte, or a relative path with a '..' component (ConfigError)."""
+    if not value or "\0" in value:
+        raise ConfigError(f"{key}={value!r} is not a usable path; give a folder name or leave it unset.")
+    path = Path(value)
+    if not path.is_absolute() and ".." in path.parts:
+        raise ConfigError(f"{key}={value!r} climbs out of the run folder with '..'. Give a path inside the "
+                          f"run folder (e.g. {key}=cache) or an absolute path.")
+
+
+def resolve_run_path(run_dir: str | Path, value: str | Path, key: str) -> Path:
+    """Where a config path points for writing: relative paths are taken inside `run_dir`.
+
+    The resolved path (symbolic links followed) of a relative value must lie inside the resolved run
+    folder, so neither '..' nor a link placed in the run folder can redirect writes elsewhere. Absolute
+    values are returned unchanged: the user named that place explicitly.
+
+    Parameters:
+        run_dir: the run folder (`--out`).
+        value: the path from the config.
+        key: the config key, for the error message.
+
+    Raises:
+        ConfigError: the path escapes the run folder.
+    """
+    check_relative_path(key, str(value))
+    value = Path(value).expanduser()
+    if value.is_absolute():
+        return value
+    root = Path(run_dir).resolve()
+    target = (root / value).resolve()
+    if target != root and root not in target.parents:
+        raise ConfigError(f"{key}={str(value)!r} resolves to {target}, outside the run folder {root} (through "
+                          f"a symbolic link). Give a path inside the run folder or an absolute path.")
+    return target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,15 +210,31 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequ
             schema = OmegaConf.merge(schema, layer)
         except OmegaConfBaseException as err:
             key = getattr(err, "full_key", None) or "?"
-            raise ConfigError(
-                f"Config key {key!r} (from {origin}) has a value of the wrong type: "
-                f"{str(err).splitlines()[0]}. Valid keys: {', '.join(valid_keys(cls))}") from None
+            raise ConfigError(f"Config key {key!r} (from {origin}) has a value of the wrong type: "
+                              f"{str(err).splitlines()[0].rstrip('.')}. {_expected_value(cls, key)}") from None
     try:
         return OmegaConf.to_object(schema)
     except ConfigError:
         raise
     except (OmegaConfBaseException, TypeError, ValueError) as err:
         raise ConfigError(f"Invalid configuration: {err}") from None
+
+
+def _expected_value(cls: Type[Any], dotted: str) -> str:
+    """'It must be an int, e.g. train.max_steps=1000 (the default).' for a dotted key of `cls`."""
+    section, default = cls, None
+    hint: Any = None
+    for name in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(section)} if dataclasses.is_dataclass(section) else {}
+        if name not in fields:
+            return f"Valid keys: {', '.join(valid_keys(cls))}"
+        hint = typing.get_type_hints(section)[name]
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        section = hint
+    type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    example = f" (default {dotted}={default})" if default is not None else ""
+    return f"It must be of type {type_name}{example}."
 
 
 def _check_keys(cls: Type[Any], data: Any, origin: str, prefix: str = "") -> None:
@@ -196,4 +269,4 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 __all__ = ["ConfigError", "DataConfig", "EMAConfig", "TrainConfig", "load_config", "save_config",
-           "to_dict", "valid_keys", "field"]
+           "to_dict", "valid_keys", "field", "check_relative_path", "resolve_run_path"]
