@@ -2,7 +2,15 @@
 
 Both loops are written top to bottom in their own `train.py`; what they share lives here: the run
 folder, the Accelerator, learning-rate schedules, deterministic batches and random draws (so that a
-resumed run continues exactly), EMA, the time budget and the metric history.
+resumed run continues exactly), EMA, the time budget, the metric history, the graceful stop on
+SIGINT/SIGTERM and the policy for non-finite losses.
+
+Several processes (`accelerate launch`): each process draws `train.batch_size` images per micro-step,
+DDP averages the gradients, so one optimizer step sees a global batch of
+`batch_size x processes x gradient_accumulation_steps` images and applies `train.lr` unchanged (no
+automatic scaling by the number of processes, unlike LDM's `scale_lr`). The LR schedules are stepped
+once per optimizer step by the loops, not by Accelerate, so their shape does not depend on the
+number of processes.
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ import logging
 import math
 import os
 import platform
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -84,7 +94,10 @@ def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True)
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
-    return Accelerator(mixed_precision=train_cfg.mixed_precision,
+    # Without CUDA, Accelerate joins the processes of a multi-process launch (gloo, MULTI_CPU) only when
+    # asked for the CPU; otherwise every process would train alone, unaware of the others.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=cpu, mixed_precision=train_cfg.mixed_precision,
                        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
                        log_with="tensorboard" if log else None, project_config=project)
 
@@ -260,11 +273,153 @@ def restore_shared_state(state: dict[str, Any], ema, accelerator) -> "MetricHist
     return MetricHistory(state["history"])
 
 
-def check_finite(losses: dict[str, torch.Tensor], step: int) -> None:
-    """Stop on a NaN/inf loss, naming the step and the terms, before the optimizer can apply it."""
-    bad = {k: float(v) for k, v in losses.items() if torch.is_tensor(v) and not torch.isfinite(v).all()}
-    if bad:
-        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1)
-        raise FloatingPointError(f"Non-finite loss at step {step}: {terms}. The last checkpoint is intact; lower "
-                                 f"train.lr, use train.mixed_precision=no or bf16 instead of fp16, and resume with "
-                                 f"--resume latest.")
+def _format_terms(losses: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={float(v.detach() if torch.is_tensor(v) else v):.4g}" for k, v in losses.items()
+                     if not torch.is_tensor(v) or v.numel() == 1)
+
+
+def _is_finite(value: Any) -> bool:
+    if torch.is_tensor(value):
+        return bool(torch.isfinite(value.detach()).all())
+    return math.isfinite(float(value))
+
+
+_NONFINITE_ADVICE = ("The last checkpoint is intact; lower train.lr, use train.mixed_precision=no or bf16 instead "
+                     "of fp16, and resume with --resume latest.")
+
+
+def _any_process(flag: bool, accelerator) -> bool:
+    """True when `flag` is true on any process (an all-reduce; every process must call it at the same point)."""
+    if accelerator is None or accelerator.num_processes <= 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class NonFiniteLossPolicy:
+    """What a NaN or inf loss (or gradient norm) does: `train.nonfinite_loss` = stop | skip.
+
+    The check runs before `backward` / `optimizer.step`, so a bad value never reaches the weights and
+    the last checkpoint stays the last good state. "stop" raises FloatingPointError naming the step and
+    every loss term. "skip" drops the rest of that optimizer step (no further forward, backward or
+    update; gradients cleared) and continues with the next batch, at most `max_skips` times per run
+    (the count is saved in checkpoints); the next one stops the run.
+
+    Under several processes every process takes the same decision (the flag is all-reduced), so a NaN
+    on one rank cannot leave the others waiting in a gradient all-reduce.
+
+    Parameters:
+        mode: "stop" or "skip".
+        max_skips: how many steps "skip" may drop in one run.
+        skipped: steps already dropped (restored from a checkpoint).
+    """
+
+    def __init__(self, mode: str, max_skips: int, skipped: int = 0):
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"train.nonfinite_loss must be stop or skip, not {mode!r}.")
+        self.mode, self.max_skips, self.skipped = mode, max_skips, skipped
+
+    def ok(self, values: dict[str, Any], step: int, accelerator=None) -> bool:
+        """True when every value is finite on every process; otherwise raise (stop) or return False (skip).
+
+        Parameters:
+            values: name -> scalar tensor or number (the loss and its logged terms).
+            step: the optimizer step being computed (0-based), named in the message.
+            accelerator: the run's Accelerator (None: single process).
+        """
+        local_bad = not all(_is_finite(v) for v in values.values())
+        if not _any_process(local_bad, accelerator):
+            return True
+        terms = _format_terms(values) if local_bad else "finite here, non-finite on another process"
+        if self.mode == "stop":
+            raise FloatingPointError(f"Non-finite loss at step {step}: {terms}. {_NONFINITE_ADVICE} To skip such "
+                                     f"steps instead, set train.nonfinite_loss=skip.")
+        if self.skipped >= self.max_skips:
+            raise FloatingPointError(
+                f"Non-finite loss at step {step}: {terms}. {self.skipped} steps were already skipped "
+                f"(train.max_nonfinite_skips={self.max_skips}), so the run stops. {_NONFINITE_ADVICE}")
+        self.skipped += 1
+        logger.warning("Non-finite loss at step %d: %s. Skipping this step (%d of at most %d, "
+                       "train.max_nonfinite_skips).", step, terms, self.skipped, self.max_skips)
+        return False
+
+
+def drop_gradients(*optimizers) -> None:
+    """Clear the gradients of a skipped step (Accelerate's wrapped `zero_grad` only acts on sync steps)."""
+    for opt in optimizers:
+        getattr(opt, "optimizer", opt).zero_grad(set_to_none=True)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; the message says how to resume.
+
+    A KeyboardInterrupt, so `ldm train` does not go on to the next stage and callers that already
+    handle Ctrl+C handle it.
+    """
+
+
+class GracefulStop:
+    """Context manager: SIGINT and SIGTERM ask the training loop to stop at the next step boundary.
+
+    The loop finishes the optimizer step it is in, writes a checkpoint and raises `TrainingInterrupted`.
+    A second SIGINT aborts at once (plain KeyboardInterrupt; the last checkpoint is still intact).
+    Handlers are installed only in the main thread and the previous ones are restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False
+
+    def _handle(self, signum, frame) -> None:
+        # Only set a flag: the step in flight (and any checkpoint being written) must complete.
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self, accelerator=None) -> bool:
+        """True when any process received a stop signal; all processes agree, so they stop at the same step."""
+        return _any_process(self.signum is not None, accelerator)
+
+    def describe(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a signal on another process"
+
+
+def interrupted(stop: GracefulStop, step: int, max_steps: int, checkpoint: Path) -> TrainingInterrupted:
+    """The exception (and its log line) that ends a run stopped by a signal."""
+    message = (f"Stopped by {stop.describe()} after step {step} of {max_steps}; checkpoint written to "
+               f"{checkpoint}. Resume with the same command plus --resume latest.")
+    logger.warning(message)
+    return TrainingInterrupted(message)
+
+
+def end_run(accelerator) -> None:
+    """Close the trackers but keep the process group: `ldm train` runs Stage B in the same processes.
+
+    (`Accelerator.end_training` would destroy the group.) It is destroyed when the process exits.
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if accelerator.num_processes > 1 and not getattr(end_run, "_registered", False):
+        import atexit
+
+        from accelerate import PartialState
+
+        atexit.register(PartialState().destroy_process_group)
+        end_run._registered = True

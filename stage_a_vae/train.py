@@ -17,13 +17,15 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
-from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir_name
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
-from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, clip_gradients,
-                               environment_info, fingerprint, images_to_batch, make_accelerator, make_ema,
-                               make_lr_scheduler, prepare_run_dir, record_scalars, restore_shared_state,
-                               shared_checkpoint_state, step_generator, write_json)
+from ldm_core.speed import StepTimer, apply_memory_format, make_adam
+from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
+                               clip_gradients, drop_gradients, end_run, environment_info, fingerprint,
+                               images_to_batch, interrupted, make_accelerator, make_ema, make_lr_scheduler,
+                               prepare_run_dir, record_scalars, restore_shared_state, shared_checkpoint_state,
+                               step_generator, write_json)
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
@@ -69,16 +71,14 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
 
     # 3. Models, loss, optimizers ---------------------------------------------------------------------
     torch.manual_seed(tc.seed)  # identical initial weights on every process
-    vae = build_autoencoder(cfg.model)
-    discriminator = NLayerDiscriminator(input_channels=3, channels=lc.disc_channels, num_layers=lc.disc_num_layers,
-                                        norm=lc.disc_norm)
+    vae = apply_memory_format(build_autoencoder(cfg.model), tc)
+    discriminator = apply_memory_format(NLayerDiscriminator(input_channels=3, channels=lc.disc_channels,
+                                                            num_layers=lc.disc_num_layers, norm=lc.disc_norm), tc)
     perceptual = build_lpips(lc.lpips_trunk, lc.lpips_weights) if lc.perceptual_weight > 0 else None
     loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual, discriminator).to(device)
     ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
-    betas = (tc.adam_beta1, tc.adam_beta2)
-    opt_ae = torch.optim.Adam(ae_params, lr=tc.lr, betas=betas, weight_decay=tc.weight_decay)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=tc.disc_lr or tc.lr, betas=betas,
-                             weight_decay=tc.weight_decay)
+    opt_ae = make_adam(ae_params, tc, lr=tc.lr)
+    opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_lr or tc.lr)
     # LR schedules are stepped once per optimizer step by us (not prepared), so their meaning does not
     # change with the number of processes.
     sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc)
@@ -92,6 +92,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     # 4. Resume -------------------------------------------------------------------------------------
     fp = fingerprint(cfg.model, cfg.loss, cfg.data.resolution)
     step, history = 0, MetricHistory()
+    nonfinite = NonFiniteLossPolicy(tc.nonfinite_loss, tc.max_nonfinite_skips)
     ckpt_path = resolve_resume(run_dir, resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, fp)
@@ -102,18 +103,26 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         sched_ae.load_state_dict(ckpt.state["sched_ae"])
         sched_d.load_state_dict(ckpt.state["sched_d"])
         loss_fn.logvar.data.fill_(float(ckpt.state["logvar"]))
+        nonfinite.skipped = int(ckpt.state.get("nonfinite_skips", 0))
         step, history = ckpt.step, restore_shared_state(ckpt.state, ema, accelerator)
         logger.info("Resumed from %s at step %d", ckpt_path, step)
+    saved_step = step if ckpt_path is not None else None
 
-    def write_checkpoint() -> None:
+    def write_checkpoint() -> Path:
+        nonlocal saved_step
+        path = run_dir / "checkpoints" / step_dir_name(step)
+        if saved_step == step:  # already on disk; re-writing the same step would not be atomic
+            return path
         if is_main:
             state = {"opt_ae": opt_ae.state_dict(), "opt_d": opt_d.state_dict(), "sched_ae": sched_ae.state_dict(),
                      "sched_d": sched_d.state_dict(), "logvar": float(loss_fn.logvar),
-                     **shared_checkpoint_state(ema, accelerator, history)}
+                     "nonfinite_skips": nonfinite.skipped, **shared_checkpoint_state(ema, accelerator, history)}
             save_checkpoint(run_dir / "checkpoints", step,
                             {"vae": vae.state_dict(), "discriminator": discriminator.state_dict()},
                             state, {"fingerprint": fp, "stage": "A"}, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
+        saved_step = step
+        return path
 
     # A fixed validation batch, rendered as input | reconstruction | difference.
     val_images = dataset.images[val_idx]
@@ -139,64 +148,90 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     if step == 0:
         run_validation("step0000000")  # the baseline every later validation is compared with
     budget = TimeBudget(tc.time_budget_minutes)
+    timer = StepTimer(device)  # step time alone, logged as step_time
     bar = tqdm(total=tc.max_steps, initial=step, desc="Stage A", disable=not (is_main and tc.progress_bar),
                dynamic_ncols=True)
     model.train()
     disc_ddp.train()
     accum = tc.gradient_accumulation_steps
     stopped_early = False
-    while step < tc.max_steps:
-        disc_on = loss_fn.discriminator_active(step)
-        for micro in range(accum):
-            micro_step = step * accum + micro
-            indices, flips = batches(micro_step)
-            x = images_to_batch(dataset.images, indices, flips, device)
-            generator = step_generator(tc.seed, micro_step, accelerator.process_index, device)
-            with accelerator.accumulate(model, disc_ddp):
-                # Autoencoder update. The discriminator only scores reconstructions here, so its
-                # parameters are frozen and its unwrapped module is used (no DDP bookkeeping).
-                if disc_on:
-                    discriminator.requires_grad_(False)
-                with accelerator.autocast():
-                    recon, mean, logvar = model(x, generator)
-                posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
-                ae_loss, logs = loss_fn.autoencoder_loss(x, recon, posterior, step, last_layer=last_layer,
-                                                         discriminator=discriminator)
-                check_finite({"loss": ae_loss, **logs}, step)
-                accelerator.backward(ae_loss)
-                if accelerator.sync_gradients:
-                    logs["grad_norm"] = clip_gradients(accelerator, model.parameters(), tc.max_grad_norm)
-                opt_ae.step()
-                opt_ae.zero_grad(set_to_none=True)
-                # Discriminator update on detached reconstructions, only once it is switched on.
-                if disc_on:
-                    discriminator.requires_grad_(True)
-                    d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step, discriminator=disc_ddp)
-                    check_finite({"d_loss": d_loss}, step)
-                    accelerator.backward(d_loss)
+    # SIGINT/SIGTERM: finish the step in flight, write a checkpoint, stop (ldm_core.training.GracefulStop).
+    with GracefulStop() as stop:
+        while step < tc.max_steps:
+            timer.start()
+            disc_on = loss_fn.discriminator_active(step)
+            skipped = False  # a non-finite loss under train.nonfinite_loss=skip drops the rest of the step
+            for micro in range(accum):
+                micro_step = step * accum + micro
+                indices, flips = batches(micro_step)
+                x = images_to_batch(dataset.images, indices, flips, device)
+                generator = step_generator(tc.seed, micro_step, accelerator.process_index, device)
+                with accelerator.accumulate(model, disc_ddp):
+                    if skipped:  # still inside `accumulate`, so Accelerate's micro-step count stays in phase
+                        continue
+                    # Autoencoder update. The discriminator only scores reconstructions here, so its
+                    # parameters are frozen and its unwrapped module is used (no DDP bookkeeping).
+                    if disc_on:
+                        discriminator.requires_grad_(False)
+                    with accelerator.autocast():
+                        recon, mean, logvar = model(x, generator)
+                    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+                    ae_loss, logs = loss_fn.autoencoder_loss(x, recon, posterior, step, last_layer=last_layer,
+                                                             discriminator=discriminator)
+                    if not nonfinite.ok({"loss": ae_loss, **logs}, step, accelerator):
+                        skipped = True
+                        continue
+                    accelerator.backward(ae_loss)
                     if accelerator.sync_gradients:
-                        clip_gradients(accelerator, disc_ddp.parameters(), tc.max_grad_norm)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    logs.update(d_logs)
-        sched_ae.step()
-        if disc_on:
-            sched_d.step()
-        if ema is not None:
-            ema.step(vae.parameters())
-        step += 1
+                        logs["grad_norm"] = clip_gradients(accelerator, model.parameters(), tc.max_grad_norm)
+                        # An inf gradient norm is routine under fp16 (the grad scaler skips that step itself).
+                        if accelerator.scaler is None and not nonfinite.ok(
+                                {"grad_norm": logs["grad_norm"], "loss": ae_loss}, step, accelerator):
+                            skipped = True
+                            continue
+                    opt_ae.step()
+                    opt_ae.zero_grad(set_to_none=True)
+                    # Discriminator update on detached reconstructions, only once it is switched on.
+                    if disc_on:
+                        discriminator.requires_grad_(True)
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step, discriminator=disc_ddp)
+                        if not nonfinite.ok({**d_logs, "d_loss": d_loss}, step, accelerator):
+                            skipped = True
+                            continue
+                        accelerator.backward(d_loss)
+                        if accelerator.sync_gradients:
+                            clip_gradients(accelerator, disc_ddp.parameters(), tc.max_grad_norm)
+                        opt_d.step()
+                        opt_d.zero_grad(set_to_none=True)
+                        logs.update(d_logs)
+            if skipped:  # the step counter, schedules and EMA still advance, so the next batch is fresh
+                drop_gradients(opt_ae, opt_d)
+                logs["nonfinite_skips"] = nonfinite.skipped
+            sched_ae.step()
+            if disc_on:
+                sched_d.step()
+            if ema is not None:
+                ema.step(vae.parameters())
+            step += 1
+            timer.stop()
 
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            scalars = record_scalars(accelerator, history, step, logs, sched_ae.get_last_lr()[0])
-            bar.set_postfix({k: f"{scalars[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in scalars})
-        bar.update(1)
-        if step % tc.validate_every == 0:
-            run_validation(f"step{step:07d}")
-        if step % tc.checkpoint_every == 0:
-            write_checkpoint()
-        if budget.stops_at(step, tc.max_steps):
-            stopped_early = True
-            break
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                logs["step_time"] = timer.mean_and_reset()
+                scalars = record_scalars(accelerator, history, step, logs, sched_ae.get_last_lr()[0])
+                bar.set_postfix({k: f"{scalars[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in scalars})
+            bar.update(1)
+            if step % tc.validate_every == 0:
+                run_validation(f"step{step:07d}")
+            if step % tc.checkpoint_every == 0:
+                write_checkpoint()
+            if stop.requested(accelerator):
+                bar.close()
+                checkpoint = write_checkpoint()
+                end_run(accelerator)
+                raise interrupted(stop, step, tc.max_steps, checkpoint)
+            if budget.stops_at(step, tc.max_steps):
+                stopped_early = True
+                break
     bar.close()
 
     # 6. Export: EMA weights, measured latent scale, metrics, pictures -----------------------------
@@ -223,7 +258,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
             "exported_weights": "ema" if (ema is not None and cfg.ema.export_ema) else "raw",
             "processes": accelerator.num_processes, "environment": environment_info()})
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_run(accelerator)
     return run_dir
 
 

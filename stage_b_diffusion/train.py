@@ -19,14 +19,16 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir_name
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.imaging import save_grid
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats, scale_latents
-from ldm_core.training import (MetricHistory, StepBatches, TimeBudget, check_finite, clip_gradients,
-                               environment_info, fingerprint, make_accelerator, make_ema, make_lr_scheduler,
-                               prepare_run_dir, record_scalars, restore_shared_state, shared_checkpoint_state,
-                               step_generator, write_json)
+from ldm_core.speed import StepTimer, apply_memory_format, make_adam
+from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
+                               clip_gradients, drop_gradients, end_run, environment_info, fingerprint,
+                               interrupted, make_accelerator, make_ema, make_lr_scheduler, prepare_run_dir,
+                               record_scalars, restore_shared_state, shared_checkpoint_state, step_generator,
+                               write_json)
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.latent_cache import load_or_build_latent_cache
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
@@ -88,7 +90,8 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     # The U-Net's shape comes from the VAE; check they fit before any image is encoded.
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     torch.manual_seed(tc.seed)
-    unet = build_unet(cfg.model, latent_channels=vae.config.latent_channels, latent_size=cfg.data.resolution // f)
+    unet = apply_memory_format(build_unet(cfg.model, latent_channels=vae.config.latent_channels,
+                                          latent_size=cfg.data.resolution // f), tc)
     check_unet_matches_vae(unet, vae, cfg.data.resolution)
     dataset = load_dataset(data, cfg.data.resolution, shapes_count=cfg.data.shapes_count,
                            shapes_seed=cfg.data.shapes_seed, progress=is_main)
@@ -104,8 +107,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
 
     # 3. Noise schedule, optimizer ------------------------------------------------------------------------
     noise_scheduler = build_noise_scheduler(cfg.diffusion)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  weight_decay=tc.weight_decay)
+    optimizer = make_adam(unet.parameters(), tc, lr=tc.lr, decoupled_weight_decay=True)
     lr_scheduler = make_lr_scheduler(optimizer, tc)
     ema = make_ema(unet, cfg.ema)
     unet_ddp, optimizer = accelerator.prepare(unet, optimizer)
@@ -115,22 +117,31 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     # 4. Resume ---------------------------------------------------------------------------------------
     fp = fingerprint(cfg.model, cfg.diffusion, cfg.data.resolution)
     step, history = 0, MetricHistory()
+    nonfinite = NonFiniteLossPolicy(tc.nonfinite_loss, tc.max_nonfinite_skips)
     ckpt_path = resolve_resume(run_dir, resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, fp)
         unet.load_state_dict(ckpt.models["unet"])
         optimizer.load_state_dict(ckpt.state["optimizer"])
         lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])
+        nonfinite.skipped = int(ckpt.state.get("nonfinite_skips", 0))
         step, history = ckpt.step, restore_shared_state(ckpt.state, ema, accelerator)
         logger.info("Resumed from %s at step %d", ckpt_path, step)
+    saved_step = step if ckpt_path is not None else None
 
-    def write_checkpoint() -> None:
+    def write_checkpoint() -> Path:
+        nonlocal saved_step
+        path = run_dir / "checkpoints" / step_dir_name(step)
+        if saved_step == step:  # already on disk; re-writing the same step would not be atomic
+            return path
         if is_main:
             state = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     **shared_checkpoint_state(ema, accelerator, history)}
+                     "nonfinite_skips": nonfinite.skipped, **shared_checkpoint_state(ema, accelerator, history)}
             save_checkpoint(run_dir / "checkpoints", step, {"unet": unet.state_dict()}, state,
                             {"fingerprint": fp, "stage": "B"}, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
+        saved_step = step
+        return path
 
     def export_unet():
         """A copy of the U-Net carrying the EMA weights (what gets sampled and saved)."""
@@ -159,50 +170,74 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     if is_main:
         accelerator.init_trackers("stage_b")
     budget = TimeBudget(tc.time_budget_minutes)
+    timer = StepTimer(device)  # step time alone, logged as step_time
     bar = tqdm(total=tc.max_steps, initial=step, desc="Stage B", disable=not (is_main and tc.progress_bar),
                dynamic_ncols=True)
     unet_ddp.train()
     accum = tc.gradient_accumulation_steps
     stopped_early = False
     null_class = cfg.model.num_classes  # the extra embedding used for classifier-free guidance
-    while step < tc.max_steps:
-        for micro in range(accum):
-            micro_step = step * accum + micro
-            positions, flips = batches(micro_step)
-            generator = step_generator(tc.seed, micro_step, accelerator.process_index)
-            latents = scale_latents(cache.draw(torch.from_numpy(positions), generator,
-                                               mode=cfg.diffusion.latent_sampling, flip=torch.from_numpy(flips)),
-                                    vae.config).to(device)
-            class_labels = None
-            if labels is not None:
-                class_labels = drop_class_labels(torch.from_numpy(labels[positions]), null_class,
-                                                 cfg.model.class_dropout, generator).to(device)
-            with accelerator.accumulate(unet_ddp):
-                with accelerator.autocast():
-                    loss, logs = diffusion_loss(unet_ddp, latents, noise_scheduler, cfg.diffusion, generator,
-                                                class_labels=class_labels)
-                check_finite({"loss": loss}, step)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    logs["grad_norm"] = clip_gradients(accelerator, unet_ddp.parameters(), tc.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(unet.parameters())
-        step += 1
+    # SIGINT/SIGTERM: finish the step in flight, write a checkpoint, stop (ldm_core.training.GracefulStop).
+    with GracefulStop() as stop:
+        while step < tc.max_steps:
+            timer.start()
+            skipped = False  # a non-finite loss under train.nonfinite_loss=skip drops the rest of the step
+            for micro in range(accum):
+                micro_step = step * accum + micro
+                positions, flips = batches(micro_step)
+                generator = step_generator(tc.seed, micro_step, accelerator.process_index)
+                latents = scale_latents(cache.draw(torch.from_numpy(positions), generator,
+                                                   mode=cfg.diffusion.latent_sampling, flip=torch.from_numpy(flips)),
+                                        vae.config).to(device)
+                class_labels = None
+                if labels is not None:
+                    class_labels = drop_class_labels(torch.from_numpy(labels[positions]), null_class,
+                                                     cfg.model.class_dropout, generator).to(device)
+                with accelerator.accumulate(unet_ddp):
+                    if skipped:  # still inside `accumulate`, so Accelerate's micro-step count stays in phase
+                        continue
+                    with accelerator.autocast():
+                        loss, logs = diffusion_loss(unet_ddp, latents, noise_scheduler, cfg.diffusion, generator,
+                                                    class_labels=class_labels)
+                    if not nonfinite.ok({"loss": loss}, step, accelerator):
+                        skipped = True
+                        continue
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        logs["grad_norm"] = clip_gradients(accelerator, unet_ddp.parameters(), tc.max_grad_norm)
+                        # An inf gradient norm is routine under fp16 (the grad scaler skips that step itself).
+                        if accelerator.scaler is None and not nonfinite.ok(
+                                {"grad_norm": logs["grad_norm"], "loss": loss}, step, accelerator):
+                            skipped = True
+                            continue
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if skipped:  # the step counter, schedule and EMA still advance, so the next batch is fresh
+                drop_gradients(optimizer)
+                logs["nonfinite_skips"] = nonfinite.skipped
+            lr_scheduler.step()
+            if ema is not None:
+                ema.step(unet.parameters())
+            step += 1
+            timer.stop()
 
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            scalars = record_scalars(accelerator, history, step, logs, lr_scheduler.get_last_lr()[0])
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-        bar.update(1)
-        if step % cfg.sampling.sample_every == 0:
-            sample_grid(f"step{step:07d}")
-        if step % tc.checkpoint_every == 0:
-            write_checkpoint()
-        if budget.stops_at(step, tc.max_steps):
-            stopped_early = True
-            break
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                logs["step_time"] = timer.mean_and_reset()
+                scalars = record_scalars(accelerator, history, step, logs, lr_scheduler.get_last_lr()[0])
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+            bar.update(1)
+            if step % cfg.sampling.sample_every == 0:
+                sample_grid(f"step{step:07d}")
+            if step % tc.checkpoint_every == 0:
+                write_checkpoint()
+            if stop.requested(accelerator):
+                bar.close()
+                checkpoint = write_checkpoint()
+                end_run(accelerator)
+                raise interrupted(stop, step, tc.max_steps, checkpoint)
+            if budget.stops_at(step, tc.max_steps):
+                stopped_early = True
+                break
     bar.close()
 
     # 6. Export: the pipeline with EMA weights, metrics, pictures ------------------------------------
@@ -217,7 +252,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
             "stage": "B", "vae": str(vae_path), "data": data, "train_images": len(train_idx),
             "class_names": class_names, "processes": accelerator.num_processes, "environment": environment_info()})
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_run(accelerator)
     return run_dir
 
 

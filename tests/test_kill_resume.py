@@ -1,0 +1,145 @@
+"""SIGKILL at random moments, then `--resume latest`: both stages end bit-identical to an uninterrupted run.
+
+Each training segment runs in a child process (forked from the test process, so it needs no fresh
+imports) that is killed with a real SIGKILL at a moment drawn from a fixed seed: some time after its
+newest checkpoint appeared, so kills land in steps, in checkpoint writes and in start-up. After every
+kill the newest checkpoint must load; a last segment finishes the run.
+"""
+
+import os
+import signal
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from ldm_core.checkpoint import LATEST, list_checkpoints, load_checkpoint, resolve_resume
+from ldm_core.config import load_config
+from stage_a_vae.config import StageAConfig
+from stage_a_vae.train import train_vae
+from stage_b_diffusion.config import StageBConfig
+from stage_b_diffusion.train import train_unet
+
+KILLS = 5
+STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
+           "data.resolution=16", "data.shapes_count=24", "data.val_count=4", "loss.lpips_trunk=random",
+           "loss.perceptual_weight=0", "loss.disc_start=4", "loss.disc_channels=4", "loss.disc_num_layers=2",
+           "train.batch_size=2", "train.log_every=1", "train.validate_every=1000", "train.progress_bar=false",
+           "train.latent_stats_images=4", "train.lr_schedule=cosine", "ema.enabled=true",
+           "train.max_steps=30", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+STAGE_B = ["model.preset=unet-tiny", "data.resolution=16", "data.shapes_count=24", "data.val_count=4",
+           "train.batch_size=2", "train.log_every=1", "train.progress_bar=false", "train.latent_stats_images=4",
+           "sampling.sample_every=1000", "sampling.grid_images=2", "sampling.num_inference_steps=1",
+           "train.lr_schedule=cosine", "ema.enabled=true", "train.gradient_accumulation_steps=2",
+           "train.max_steps=40", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Forked children must not use the parent's OpenMP pool, and the runs compared must use the same kernels.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _latest_step(run):
+    pointer = run / "checkpoints" / LATEST
+    try:
+        return int(pointer.read_text().strip().split("-")[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _segment(train):
+    """Run `train()` in a forked child; returns its pid."""
+    pid = os.fork()
+    if pid == 0:  # the child: train, then leave without running the parent's pytest machinery
+        code = 0
+        try:
+            train()
+        except BaseException:  # noqa: BLE001 - reported through the exit code
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def _kill_and_resume(run, train, seed):
+    """Kill `KILLS` segments with SIGKILL at random moments, check the checkpoint each time, then finish."""
+    rng = np.random.default_rng(seed)
+    events = []
+    for _ in range(KILLS):
+        before = _latest_step(run)
+        pid = _segment(train)
+        deadline = time.monotonic() + 120
+        while _latest_step(run) <= before and time.monotonic() < deadline:  # progress first
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                raise AssertionError(f"segment ended before it was killed (step {_latest_step(run)})")
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the run finished too early"
+        leftovers = sorted(p.name for p in (run / "checkpoints").glob(".*tmp*"))
+        ckpt = load_checkpoint(resolve_resume(run, "latest"))  # never a half-written one
+        assert all(torch.isfinite(t).all() for m in ckpt.models.values() for t in m.values())
+        events.append((ckpt.step, leftovers))
+    pid = _segment(train)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the final resumed segment failed"
+    return events
+
+
+def _assert_same_final_state(run_a, run_b):
+    a = load_checkpoint(list_checkpoints(run_a / "checkpoints")[-1])
+    b = load_checkpoint(list_checkpoints(run_b / "checkpoints")[-1])
+    assert a.step == b.step
+    for name in a.models:
+        assert a.models[name].keys() == b.models[name].keys()
+        assert all(torch.equal(a.models[name][k], b.models[name][k]) for k in a.models[name]), name
+    flat = lambda obj: torch.cat([t.flatten().double() for t in _tensors(obj)])  # noqa: E731
+    assert torch.equal(flat(a.state), flat(b.state))  # optimizers, EMA
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_time"} for r in rows]  # noqa: E731
+    assert strip(a.state["history"]) == strip(b.state["history"])  # every logged loss, step by step
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            yield from _tensors(obj[key])
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+
+
+def test_stage_a_killed_five_times_ends_identical(tmp_path):
+    cfg = load_config(StageAConfig, None, STAGE_A)
+    train_vae(cfg, "builtin:shapes", tmp_path / "full")
+    run = tmp_path / "killed"
+    events = _kill_and_resume(run, lambda: train_vae(cfg, "builtin:shapes", run, resume="latest"), seed=11)
+    assert len(events) == KILLS and events[-1][0] < cfg.train.max_steps
+    _assert_same_final_state(tmp_path / "full", run)
+    full_vae = AutoencoderKL.from_pretrained(tmp_path / "full" / "vae").state_dict()
+    killed_vae = AutoencoderKL.from_pretrained(run / "vae").state_dict()
+    assert all(torch.equal(full_vae[k], killed_vae[k]) for k in full_vae)  # exported EMA weights too
+
+
+def test_stage_b_killed_five_times_ends_identical(tmp_path):
+    vae_dir = tmp_path / "vae"
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(4, 4, 8, 8), layers_per_block=1, norm_num_groups=2, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(vae_dir)
+    cfg = load_config(StageBConfig, None, STAGE_B + [f"data.cache_dir={tmp_path / 'cache'}"])
+    train_unet(cfg, vae_dir, "builtin:shapes", tmp_path / "full")  # also builds the latent cache
+    run = tmp_path / "killed"
+    events = _kill_and_resume(run, lambda: train_unet(cfg, vae_dir, "builtin:shapes", run, resume="latest"),
+                              seed=12)
+    assert len(events) == KILLS and events[-1][0] < cfg.train.max_steps
+    _assert_same_final_state(tmp_path / "full", run)
