@@ -1,7 +1,8 @@
 """`ldm eval-samples`: score a folder of generated images.
 
 - `--dataset builtin:shapes`: the exact shapes scorer (`evaluation.shapes_score.score_folder`):
-  validity, class balance, colour histograms.
+  validity, class balance, colour histograms and, for class-conditional samples (a `labels.json` from
+  `ldm generate` beside the images), the fraction that show the requested class (`class_match`).
 - `--reference DIR|builtin:shapes`: FID of the generated images against the reference images, through
   the same Inception code path as `ldm bench-recon`'s rFID (`evaluation.inception`). Reference images
   are brought to the generated images' size the way every dataset image is (shorter side, bicubic,
@@ -103,6 +104,8 @@ def summary_text(result: dict) -> str:
                      f"(largest deviation from 1/3: {shapes['max_class_deviation']:.1%})")
         if shapes.get("reasons"):
             lines.append("  invalid because: " + ", ".join(f"{k} x{v}" for k, v in shapes["reasons"].items()))
+        if "class_match" in shapes:
+            lines.append(_class_match_line(shapes))
     fid = result["fid"]
     if fid["value"] is not None:
         lines.append(f"FID {fid['value']:.2f} ({fid['n_generated']} generated vs {fid['n_reference']} "
@@ -112,10 +115,27 @@ def summary_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _class_match_line(shapes: dict) -> str:
+    """E.g. `class match (shows the requested class): 83.3% of all images (90.9% of valid ones) at guidance 3;
+    circle 100.0% of 4, square 75.0% of 4, triangle 75.0% of 4`."""
+    guidance = (shapes.get("conditioning") or {}).get("guidance_scale")
+    per_class = ", ".join(f"{name} {_percent(entry['class_match'])} of {entry['n']}"
+                          for name, entry in shapes["class_match_by_class"].items())
+    return (f"class match (shows the requested class): {_percent(shapes['class_match'])} of all images "
+            f"({_percent(shapes['class_match_among_valid'])} of valid ones)"
+            f"{'' if guidance is None else f' at guidance {guidance:g}'}; {per_class}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `ldm eval-samples`."""
     parser.add_argument("folder", help="folder of generated images")
-    parser.add_argument("--dataset", default=None, help=f"{BUILTIN_SHAPES}: run the exact shapes scorer")
+    parser.add_argument("--dataset", default=None,
+                        help=f"{BUILTIN_SHAPES}: run the exact shapes scorer (plus the class match of "
+                             f"class-conditional samples when labels.json is beside them)")
     parser.add_argument("--reference", default=None, metavar="DIR",
                         help=f"reference images for FID: a folder or {BUILTIN_SHAPES}")
     parser.add_argument("--num-reference", type=int, default=None,

@@ -30,6 +30,7 @@ only for what a generative model adds (slight blur and colour error):
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ldm_core.data import BadImageError, DataError, load_image_uint8, resize_center_crop
+from ldm_core.data import BUILTIN_SHAPES, BadImageError, DataError, load_image_uint8, resize_center_crop
 from ldm_core.shapes import PALETTE_ARRAY, PALETTE_NAMES, SHAPE_CLASSES, shape_mask
 
 logger = logging.getLogger("ldm.eval")
@@ -211,8 +212,7 @@ def score_images(images: np.ndarray, requested_labels: Optional[np.ndarray] = No
         dict with `n`, `n_valid`, `validity` (fraction valid), `class_histogram` ({class: fraction of
         the valid images}), `max_class_deviation` (max |fraction - 1/3|), `foreground_colour_histogram`
         and `background_colour_histogram` ({colour: fraction of the valid images}), `reasons` ({reason:
-        count} over invalid images) and, with `requested_labels`, `class_match` (fraction of all images
-        that are valid and show the requested class).
+        count} over invalid images) and, with `requested_labels`, the fields of `class_match_summary`.
     """
     images = np.asarray(images)
     if images.ndim != 4:
@@ -222,6 +222,10 @@ def score_images(images: np.ndarray, requested_labels: Optional[np.ndarray] = No
         if len(requested_labels) != len(images):
             raise ValueError(f"requested_labels has {len(requested_labels)} entries for "
                              f"{len(images)} images; give one class index per image.")
+        integer = np.issubdtype(requested_labels.dtype, np.integer)
+        if not integer or ((requested_labels < 0) | (requested_labels >= len(SHAPE_CLASSES))).any():
+            raise ValueError(f"requested_labels must be integer indices into SHAPE_CLASSES "
+                             f"(0..{len(SHAPE_CLASSES) - 1} for {', '.join(SHAPE_CLASSES)}).")
     verdicts = [score_image(image) for image in images]
     valid = [v for v in verdicts if v.valid]
     n, n_valid = len(verdicts), len(valid)
@@ -242,13 +246,81 @@ def score_images(images: np.ndarray, requested_labels: Optional[np.ndarray] = No
         "reasons": dict(Counter(v.reason for v in verdicts if not v.valid)),
     }
     if requested_labels is not None:
-        hits = sum(v.valid and v.shape == SHAPE_CLASSES[int(label)]
-                   for v, label in zip(verdicts, requested_labels))
-        result["class_match"] = hits / n if n else 0.0
+        result.update(class_match_summary(verdicts, [SHAPE_CLASSES[int(k)] for k in requested_labels]))
     return result
 
 
+def class_match_summary(verdicts: list[ShapeVerdict], requested: list[str]) -> dict:
+    """How often conditional samples show the class they were generated for.
+
+    Parameters:
+        verdicts: `score_image` results, one per image.
+        requested: the SHAPE_CLASSES name each image was asked for, in the same order.
+
+    Returns:
+        `class_match`: fraction of ALL images that are valid and show the requested class (an invalid
+        image counts as a miss, so a model cannot score by drawing nothing recognisable);
+        `class_match_among_valid`: the same among valid images only (None without valid images);
+        `class_match_by_class`: {requested class: {"n", "n_valid", "class_match",
+        "class_match_among_valid", "shown": {class or "invalid": count}}} for each class requested.
+    """
+    def rates(pairs):
+        n, shown = len(pairs), Counter(v.shape if v.valid else "invalid" for v, _ in pairs)
+        hits = sum(v.valid and v.shape == want for v, want in pairs)
+        n_valid = n - shown["invalid"]
+        return {"n": n, "n_valid": n_valid, "class_match": hits / n if n else None,
+                "class_match_among_valid": hits / n_valid if n_valid else None,
+                "shown": {name: shown[name] for name in (*SHAPE_CLASSES, "invalid")}}
+
+    pairs = list(zip(verdicts, requested))
+    overall = rates(pairs)
+    return {
+        "class_match": overall["class_match"],
+        "class_match_among_valid": overall["class_match_among_valid"],
+        "class_match_by_class": {name: rates([p for p in pairs if p[1] == name])
+                                 for name in SHAPE_CLASSES if name in requested},
+    }
+
+
 GRID_NAME = "grid.png"
+LABELS_FILE = "labels.json"  # written by `ldm generate` (pipelines/generate.py) for class-conditional samples
+
+
+def read_requested_classes(folder: str | Path) -> Optional[dict]:
+    """Read `folder/labels.json`, the requested class of each generated image, as SHAPE_CLASSES names.
+
+    Returns None when the folder has no labels.json, else {"labels": {file name: shape class},
+    "guidance_scale", "class_names"}. A label may be a class name or, for a model with unnamed classes,
+    an id into the file's `class_names`.
+
+    Raises:
+        DataError: the file is not valid labels.json, or asks for a class that is not a shapes class (the
+            class names of a model trained on builtin:shapes are the shape classes).
+    """
+    path = Path(folder) / LABELS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        labels, class_names = record["labels"], record.get("class_names")
+        if not isinstance(labels, dict):
+            raise TypeError("'labels' is not an object")
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path} is not a labels file written by `ldm generate` ({err}). Regenerate the "
+                        f"images, or delete {path.name} to score them without their requested classes.") from None
+    resolved = {}
+    for name, label in labels.items():
+        if isinstance(label, int) and not isinstance(label, bool):
+            if not class_names or not 0 <= label < len(class_names):
+                raise DataError(f"{path}: {name} asks for class id {label}, which its class_names "
+                                f"{class_names} do not name; the shapes scorer needs class names.")
+            label = class_names[label]
+        if label not in SHAPE_CLASSES:
+            raise DataError(f"{path}: {name} asks for class {label!r}, which is not a {BUILTIN_SHAPES} class "
+                            f"({', '.join(SHAPE_CLASSES)}). Only a model trained on {BUILTIN_SHAPES} can be scored "
+                            f"with --dataset {BUILTIN_SHAPES}; use --reference for FID instead.")
+        resolved[name] = label
+    return {"labels": resolved, "guidance_scale": record.get("guidance_scale"), "class_names": class_names}
 
 
 def score_folder(folder: str | Path) -> dict:
@@ -258,25 +330,47 @@ def score_folder(folder: str | Path) -> dict:
 
     Each file is brought to 64x64 by the dataset loader (shorter side, bicubic, centre crop). Files that
     cannot be decoded are logged, listed under `unreadable_files` and left out of the scores.
+
+    When the folder holds `labels.json` (class-conditional samples from `ldm generate`), every scored
+    image must be listed there, and the result adds the fields of `class_match_summary` plus
+    `conditioning`: {"labels_file", "guidance_scale", "class_names"}.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder; give the folder that holds the generated images.")
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS and p.name != GRID_NAME)
-    arrays, unreadable = [], []
+    requested = read_requested_classes(folder)
+    if requested is not None:
+        listed = requested["labels"]
+        unlisted = [p.name for p in files if p.name not in listed]
+        missing = sorted(set(listed) - {p.name for p in files})
+        if unlisted or missing:
+            problem = (f"{len(unlisted)} image(s) not listed in it ({', '.join(unlisted[:3])})" if unlisted else
+                       f"{len(missing)} listed image(s) missing ({', '.join(missing[:3])})")
+            raise DataError(f"{folder / LABELS_FILE} does not match the images in {folder}: {problem}. Generate "
+                            f"into an empty folder, or delete {LABELS_FILE} to score without requested classes.")
+    arrays, names, unreadable = [], [], []
     for path in files:
         try:
             arrays.append(load_image_uint8(path, SIZE)[0])
+            names.append(path.name)
         except BadImageError as err:
             logger.warning("skipping %s: %s", path, err)
             unreadable.append(path.name)
     if not arrays:
         raise DataError(f"No readable .png/.jpg image directly inside {folder} "
                         f"({len(files)} candidate files).")
-    result = score_images(np.stack(arrays))
+    wanted = None
+    if requested is not None:
+        wanted = np.array([SHAPE_CLASSES.index(requested["labels"][name]) for name in names], dtype=np.int64)
+    result = score_images(np.stack(arrays), wanted)
     result["unreadable_files"] = unreadable
+    if requested is not None:
+        result["conditioning"] = {"labels_file": LABELS_FILE, "guidance_scale": requested["guidance_scale"],
+                                  "class_names": requested["class_names"]}
     return result
 
 
-__all__ = ["ShapeVerdict", "score_image", "score_images", "score_folder"]
+__all__ = ["ShapeVerdict", "score_image", "score_images", "class_match_summary", "read_requested_classes",
+           "score_folder", "LABELS_FILE"]

@@ -3,11 +3,21 @@
 Image i is a function of (seed, i) alone: its noise comes from its own generator, so the same image
 appears whatever the batch size, the number of processes, or which process draws it. Generators live on
 the CPU (diffusers' `randn_tensor` then moves the noise), so the noise is also the same on every device.
+
+A class-conditional model also gets `labels.json` beside the images: the class each image was asked for,
+the guidance scale and the model's class names, so `ldm eval-samples` can check the images against the
+requested classes:
+
+    {"class_names": ["circle", "square", "triangle"], "guidance_scale": 3.0,
+     "labels": {"image_00000.png": "circle", "image_00001.png": "square", ...}}
+
+A label is the class name, or the class id when the model's classes have no names.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -19,7 +29,10 @@ from ldm_core.training import seeded_generator
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
 
-__all__ = ["image_generator", "generate_images", "save_grid", "add_arguments", "main"]
+__all__ = ["LABELS_FILE", "image_generator", "generate_images", "write_labels_file", "save_grid", "add_arguments",
+           "main"]
+
+LABELS_FILE = "labels.json"  # read by evaluation.shapes_score.score_folder
 
 
 def image_generator(base_seed: int, index: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
@@ -40,6 +53,22 @@ def _labels_for(indices: Sequence[int], class_labels, num_images: int, num_class
     return [class_labels[i] for i in indices]
 
 
+def write_labels_file(out_dir: Union[str, Path], labels: dict[str, Union[str, int]],
+                      class_names: Optional[Sequence[str]], guidance_scale: float) -> Path:
+    """Write `out_dir/labels.json`: the class each image file was generated for.
+
+    Parameters:
+        labels: image file name (inside out_dir) -> requested class name, or class id for unnamed classes.
+        class_names: the model's class names in id order, or None.
+        guidance_scale: the classifier-free guidance weight the images were drawn with.
+    """
+    path = Path(out_dir) / LABELS_FILE
+    record = {"class_names": list(class_names) if class_names is not None else None,
+              "guidance_scale": float(guidance_scale), "labels": dict(sorted(labels.items()))}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
 def generate_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed: int, batch_size: int,
                     num_inference_steps: int, out_dir: Union[str, Path], accelerator=None, class_labels=None,
                     guidance_scale: float = 1.0, eta: float = 0.0) -> list[Path]:
@@ -55,12 +84,24 @@ def generate_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed:
             one id or name for every image, or one per image.
         guidance_scale, eta: passed to the pipeline.
 
+    A class-conditional pipeline also gets `labels.json` (see `write_labels_file`); an unconditional one
+    removes a stale one.
+
     Returns the paths of all num_images PNG files.
     """
     if num_images < 1 or batch_size < 1:
         raise ValueError("num_images and batch_size must be positive.")
+    # Resolve every image's class before any work, so a bad name fails fast with the pipeline's message.
+    requested = _labels_for(range(num_images), class_labels, num_images, pipeline.num_classes)
+    class_ids = pipeline.resolve_class_labels(requested, num_images)
+    if guidance_scale != 1.0 and class_ids is None:
+        raise ValueError("guidance_scale != 1 needs a class-conditional U-Net and class_labels.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    is_main = accelerator is None or accelerator.is_main_process
+    if is_main:
+        # A labels.json left by an earlier run would pair these images with the wrong classes.
+        (out_dir / LABELS_FILE).unlink(missing_ok=True)
     indices = list(range(num_images))
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.split_between_processes(indices) as mine:
@@ -77,12 +118,16 @@ def generate_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed:
             image.save(paths[i])
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    if accelerator is None or accelerator.is_main_process:
+    if is_main:
         grid = []
         for path in paths:
             with Image.open(path) as im:
                 grid.append(im.convert("RGB"))
         save_grid(grid, out_dir / "grid.png")
+        if class_ids is not None:
+            names = pipeline.config.class_names
+            labels = {path.name: (names[k] if names else k) for path, k in zip(paths, class_ids.tolist())}
+            write_labels_file(out_dir, labels, names, guidance_scale)
     return paths
 
 
@@ -131,6 +176,9 @@ def main(args: argparse.Namespace) -> int:
                             num_inference_steps=args.steps, out_dir=args.out, accelerator=accelerator,
                             class_labels=label, guidance_scale=args.guidance_scale, eta=args.eta)
     if accelerator.is_main_process:
-        print(f"Wrote {len(paths)} images ({sampler_name(pipeline.scheduler)}, {args.steps} steps) and "
-              f"{Path(args.out) / 'grid.png'}")
+        labels_file = Path(args.out) / LABELS_FILE
+        classes = f"class {label}" if label is not None else "each class in turn"
+        extra = f" and {labels_file} ({classes}, guidance {args.guidance_scale:g})" if labels_file.is_file() else ""
+        print(f"Wrote {len(paths)} images ({sampler_name(pipeline.scheduler)}, {args.steps} steps), "
+              f"{Path(args.out) / 'grid.png'}{extra}")
     return 0
