@@ -155,6 +155,25 @@ def resolve_resume(run_dir: str | Path, spec: Optional[str]) -> Optional[Path]:
     return path
 
 
+def check_resumable(run_dir: str | Path, spec: Optional[str], expected_fingerprint: str) -> Optional[Path]:
+    """The checkpoint `--resume spec` names, refused before anything in the run folder is touched when it
+    is missing or was written by another model configuration. Returns None when not resuming."""
+    checkpoint = resolve_resume(run_dir, spec)  # raises for a path that does not exist
+    if checkpoint is None:
+        return None
+    try:
+        found = json.loads((checkpoint / META_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"--resume {spec}: cannot read {checkpoint / META_FILE} ({err}). Resume from "
+                              f"another checkpoint or start a new --out folder.") from None
+    if found != expected_fingerprint:
+        raise CheckpointError(
+            f"--resume {spec}: checkpoint {checkpoint} was written with a different model configuration "
+            f"(fingerprint {found}; this run's is {expected_fingerprint}). Nothing was changed. Resume with "
+            f"the run's own settings (see {Path(run_dir) / 'config.yaml'}) or train into a new --out folder.")
+    return checkpoint
+
+
 def load_checkpoint(path: str | Path, expected_fingerprint: Optional[str] = None) -> Checkpoint:
     """Read a checkpoint folder written by `save_checkpoint`.
 

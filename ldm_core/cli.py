@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 # Commands implemented in their own modules: name -> (module, one-line help).
 _MODULE_COMMANDS = {
@@ -51,29 +49,6 @@ def _message(err: BaseException) -> str:
         return (f"{err.strerror}: {err.filename}. Check that the path is right and that its folder can be "
                 f"written, or choose another one.")
     return " ".join(str(err).split()) or type(err).__name__
-
-
-def _check_resume(run_dir: Path, resume: Optional[str], expected_fingerprint: str) -> None:
-    """Refuse a `--resume` that cannot work before anything in the run folder is touched.
-
-    The trainers write the new config.yaml when they start; checking here first means a missing
-    checkpoint path, or a checkpoint of another model configuration, leaves the run folder exactly as it was.
-    """
-    from ldm_core.checkpoint import META_FILE, CheckpointError, resolve_resume
-
-    checkpoint = resolve_resume(run_dir, resume)  # raises for a path that does not exist
-    if checkpoint is None:
-        return
-    try:
-        found = json.loads((checkpoint / META_FILE).read_text()).get("fingerprint")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"--resume {resume}: cannot read {checkpoint / META_FILE} ({err}). Resume from "
-                              f"another checkpoint or start a new --out folder.") from None
-    if found != expected_fingerprint:
-        raise CheckpointError(
-            f"--resume {resume}: checkpoint {checkpoint} was written with a different model configuration "
-            f"(fingerprint {found}; this command's is {expected_fingerprint}). Nothing was changed. Resume with "
-            f"the run's own settings (see {Path(run_dir) / 'config.yaml'}) or train into a new --out folder.")
 
 
 def _add_training_args(p: argparse.ArgumentParser, config_example: str) -> None:
@@ -137,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return _dispatch(args)
-    except KeyboardInterrupt:
-        print("Interrupted. Resume a training run with the same command plus --resume latest.", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a TrainingInterrupted says where its checkpoint went
+        print(str(err) or "Interrupted. Resume a training run with the same command plus --resume latest.",
+              file=sys.stderr)
         return 130
     except _user_errors() as err:  # a message for the user, not a traceback
         print(f"ldm {args.command}: error: {_message(err)}", file=sys.stderr)
@@ -155,7 +131,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         from stage_a_vae.train import train_vae
 
         cfg = load_config(StageAConfig, args.config, args.overrides)
-        _check_resume(Path(args.out), args.resume, cfg.model_fingerprint())
         run = train_vae(cfg, args.data, args.out, args.resume)
         print(f"Stage A done: {run / 'vae'}")
     elif args.command == "train-unet":
@@ -163,11 +138,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from stage_b_diffusion.train import train_unet
 
         cfg = load_config(StageBConfig, args.config, args.overrides)
-        _check_resume(Path(args.out), args.resume, cfg.model_fingerprint())
         run = train_unet(cfg, args.vae, args.data, args.out, args.resume)
         print(f"Stage B done: {run / 'pipeline'}")
     elif args.command == "train":
-        from ldm_core.checkpoint import LATEST, CheckpointError
+        from ldm_core.checkpoint import LATEST, CheckpointError, check_resumable
         from pipelines.config import LDMConfig
         from pipelines.train_all import train_both_stages
 
@@ -177,9 +151,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise CheckpointError(f"--resume {args.resume}: `ldm train` resumes both stages, each from its own "
                                   f"checkpoints; use --resume latest (or resume one stage with train-vae / "
                                   f"train-unet and that stage's checkpoint folder).")
+        # Both stages are checked now, so a Stage B mismatch does not surface only after Stage A has run.
         if args.vae is None:
-            _check_resume(Path(args.out) / "stage_a", args.resume, cfg.stage_a.model_fingerprint())
-        _check_resume(Path(args.out) / "stage_b", args.resume, cfg.stage_b.model_fingerprint())
+            check_resumable(Path(args.out) / "stage_a", args.resume, cfg.stage_a.model_fingerprint())
+        check_resumable(Path(args.out) / "stage_b", args.resume, cfg.stage_b.model_fingerprint())
         paths = train_both_stages(cfg, args.data, args.out, vae=args.vae, resume=args.resume)
         print(f"Done. Generate with: ldm generate --model {paths['pipeline']} --num-images 16 --out samples")
     elif args.command == "demo":

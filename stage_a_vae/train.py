@@ -17,12 +17,12 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
-from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir_name
+from ldm_core.checkpoint import load_checkpoint, save_checkpoint, step_dir_name
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
 from ldm_core.speed import StepTimer, apply_memory_format, make_adam
 from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
-                               clip_gradients, drop_gradients, end_run, environment_info, fingerprint,
+                               clip_gradients, drop_gradients, end_run, environment_info,
                                images_to_batch, interrupted, make_accelerator, make_ema, make_lr_scheduler,
                                prepare_run_dir, record_scalars, restore_shared_state, shared_checkpoint_state,
                                step_generator, write_json)
@@ -56,7 +56,7 @@ class AutoencoderForTraining(torch.nn.Module):
 def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[str] = None) -> Path:
     """Train Stage A and write `out/vae/` (loadable with `AutoencoderKL.from_pretrained`). Returns the run folder."""
     # 1. Run folder, Accelerator, logging ------------------------------------------------------------
-    run_dir = prepare_run_dir(out, cfg, resume)
+    run_dir, ckpt_path = prepare_run_dir(out, cfg, resume)
     accelerator = make_accelerator(cfg.train, run_dir)
     is_main = accelerator.is_main_process
     device = accelerator.device
@@ -90,10 +90,9 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     last_layer = vae.decoder.conv_out.weight  # LDM's adaptive weight is taken at the decoder's last layer
 
     # 4. Resume -------------------------------------------------------------------------------------
-    fp = fingerprint(cfg.model, cfg.loss, cfg.data.resolution)
+    fp = cfg.model_fingerprint()
     step, history = 0, MetricHistory()
     nonfinite = NonFiniteLossPolicy(tc.nonfinite_loss, tc.max_nonfinite_skips)
-    ckpt_path = resolve_resume(run_dir, resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, fp)
         vae.load_state_dict(ckpt.models["vae"])

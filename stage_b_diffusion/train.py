@@ -19,13 +19,13 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ldm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, step_dir_name
+from ldm_core.checkpoint import load_checkpoint, save_checkpoint, step_dir_name
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.imaging import save_grid
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats, scale_latents
 from ldm_core.speed import StepTimer, apply_memory_format, make_adam
 from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
-                               clip_gradients, drop_gradients, end_run, environment_info, fingerprint,
+                               clip_gradients, drop_gradients, end_run, environment_info,
                                interrupted, make_accelerator, make_ema, make_lr_scheduler, prepare_run_dir,
                                record_scalars, restore_shared_state, shared_checkpoint_state, step_generator,
                                write_json)
@@ -81,7 +81,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     from pipelines.latent_diffusion import LatentDiffusionPipeline
 
     # 1. Run folder and Accelerator -----------------------------------------------------------------
-    run_dir = prepare_run_dir(out, cfg, resume)
+    run_dir, ckpt_path = prepare_run_dir(out, cfg, resume)
     accelerator = make_accelerator(cfg.train, run_dir)
     is_main, device, tc = accelerator.is_main_process, accelerator.device, cfg.train
 
@@ -115,10 +115,9 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
         ema.to(device)
 
     # 4. Resume ---------------------------------------------------------------------------------------
-    fp = fingerprint(cfg.model, cfg.diffusion, cfg.data.resolution)
+    fp = cfg.model_fingerprint()
     step, history = 0, MetricHistory()
     nonfinite = NonFiniteLossPolicy(tc.nonfinite_loss, tc.max_nonfinite_skips)
-    ckpt_path = resolve_resume(run_dir, resume)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, fp)
         unet.load_state_dict(ckpt.models["unet"])
