@@ -338,9 +338,10 @@ def _data_source(data: str, resolution: int, batch_size: int, num_images: Option
 def _process_state():
     """accelerate's process state; without CUDA, several processes (torchrun) join over gloo on the CPU."""
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    from ldm_core.training import cpu_only
+
+    return PartialState(cpu=cpu_only())
 
 
 def _default_device() -> torch.device:

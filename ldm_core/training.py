@@ -40,12 +40,19 @@ class RunFolderError(RuntimeError):
     """The output folder cannot be used; the message says what to do."""
 
 
-def prepare_run_dir(out: str | Path, config: Any, resume: Optional[str]) -> Path:
-    """Create the run folder, refuse to overwrite a finished or running one, save the resolved config."""
+def prepare_run_dir(out: str | Path, config: Any, resume: Optional[str]) -> tuple[Path, Optional[Path]]:
+    """Create the run folder, refuse to overwrite a finished or running one, check the checkpoint to resume
+    (before anything is written, see `check_resumable`), save the resolved config.
+
+    Returns the run folder and the checkpoint to resume from (None for a fresh run). `config` is a stage
+    config with `model_fingerprint()`.
+    """
+    from ldm_core.checkpoint import check_resumable
+
     run_dir = Path(out)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # one per process: ranks probe the same folder at once
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -55,8 +62,9 @@ def prepare_run_dir(out: str | Path, config: Any, resume: Optional[str]) -> Path
     if has_checkpoints and not resume:
         raise RunFolderError(f"{run_dir} already holds checkpoints of an earlier run. Continue it with "
                              f"--resume latest, or choose a new --out folder.")
+    checkpoint = check_resumable(run_dir, resume, config.model_fingerprint())
     save_config(config, run_dir / "config.yaml")
-    return run_dir
+    return run_dir, checkpoint
 
 
 def environment_info() -> dict[str, str]:
@@ -82,6 +90,17 @@ def fingerprint(*sections: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def cpu_only() -> bool:
+    """Whether Accelerate must be told `cpu=True`: no CUDA, or the launcher asked for the CPU.
+
+    Without CUDA, Accelerate joins the processes of a multi-process launch (gloo, MULTI_CPU) only when
+    asked for the CPU; otherwise every process would run alone, unaware of the others.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
 def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True):
     """An Accelerator with mixed precision, gradient accumulation and TensorBoard logging into the run."""
     from accelerate import Accelerator
@@ -94,10 +113,7 @@ def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True)
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
-    # Without CUDA, Accelerate joins the processes of a multi-process launch (gloo, MULTI_CPU) only when
-    # asked for the CPU; otherwise every process would train alone, unaware of the others.
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=cpu, mixed_precision=train_cfg.mixed_precision,
+    return Accelerator(cpu=cpu_only(), mixed_precision=train_cfg.mixed_precision,
                        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
                        log_with="tensorboard" if log else None, project_config=project)
 
@@ -112,13 +128,17 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig):
 
 
 def make_ema(model: torch.nn.Module, ema_cfg: EMAConfig):
-    """diffusers `EMAModel` over `model`'s parameters, or None when EMA is off."""
+    """diffusers `EMAModel` over `model`'s parameters, or None when EMA is off.
+
+    `foreach` updates all shadow tensors in a few fused ops instead of a Python loop over them: 5 ms
+    instead of 15 ms per step for unet-small on 2 CPU cores, the same values (tests/test_fast_paths.py).
+    """
     if not ema_cfg.enabled:
         return None
     from diffusers.training_utils import EMAModel
 
     return EMAModel(model.parameters(), decay=ema_cfg.decay, use_ema_warmup=ema_cfg.use_warmup,
-                    inv_gamma=ema_cfg.inv_gamma, power=ema_cfg.power)
+                    inv_gamma=ema_cfg.inv_gamma, power=ema_cfg.power, foreach=True)
 
 
 class StepBatches:

@@ -162,7 +162,9 @@ def main(args: argparse.Namespace) -> int:
     """Run `ldm generate` (launch with `accelerate launch -m ldm_core.cli generate ...` for several GPUs)."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=args.device == "cpu")
+    from ldm_core.training import cpu_only
+
+    accelerator = Accelerator(cpu=args.device == "cpu" or cpu_only())
     device = torch.device(args.device) if args.device else accelerator.device
     pipeline = load_pipeline(args.model)
     if args.scheduler:
