@@ -111,3 +111,25 @@ def test_step_timer_averages_and_resets():
     mean = timer.mean_and_reset()
     assert mean > 0 and timer.count == 0 and timer.total == 0.0
     assert timer.mean_and_reset() == 0.0  # nothing timed since the reset
+
+
+def test_foreach_ema_tracks_the_same_average_as_the_loop(unet):
+    from diffusers.training_utils import EMAModel
+
+    from ldm_core.config import EMAConfig
+    from ldm_core.training import make_ema
+
+    model = copy.deepcopy(unet)
+    fast = make_ema(model, EMAConfig(decay=0.9))
+    assert fast.foreach
+    plain = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=fast.use_ema_warmup, inv_gamma=fast.inv_gamma,
+                     power=fast.power, foreach=False)
+    for i in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        fast.step(model.parameters())
+        plain.step(model.parameters())
+    assert any(not torch.equal(s, p) for s, p in zip(fast.shadow_params, model.parameters()))  # it averages
+    for a, b in zip(fast.shadow_params, plain.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
