@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Speed and sampling quality, ours against the references (README "Performance"). The sampling
+# benchmark uses the demo's model, so the demo runs first if it has not.
+$(DEMO_OUT)/summary.json: | $(STAMP)
+	$(BIN)/ldm demo --out $(DEMO_OUT)
+
+bench: $(STAMP) $(DEMO_OUT)/summary.json
+	$(BIN)/python -m benchmarks.run_all --pipeline $(DEMO_OUT)/stage_b/pipeline --out runs/bench
 
 clean:
 	rm -rf $(VENV) runs
