@@ -94,7 +94,11 @@ class VAEReconstructor(Reconstructor):
     def load(self, device):
         from diffusers import AutoencoderKL
 
-        self.vae = AutoencoderKL.from_pretrained(self.folder, torch_dtype=self.DTYPES[self.dtype])
+        from ldm_core.pretrained import check_model_folder
+
+        check_model_folder(self.folder, what="--vae folder")  # data only: no code, no pickle-only weights
+        self.vae = AutoencoderKL.from_pretrained(self.folder, torch_dtype=self.DTYPES[self.dtype],
+                                                 use_safetensors=True)
         self.vae.to(device).eval().requires_grad_(False)
 
     def unload(self):

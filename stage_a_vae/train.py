@@ -18,6 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from tqdm.auto import tqdm
 
 from ldm_core.checkpoint import load_checkpoint, save_checkpoint, step_dir_name
+from ldm_core.config import resolve_run_path
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
 from ldm_core.speed import StepTimer, apply_memory_format, make_adam
@@ -63,8 +64,10 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     tc, lc = cfg.train, cfg.loss
 
     # 2. Data: decoded once to uint8, split deterministically ----------------------------------------
+    # A relative data.cache_dir lives inside the run folder (config paths never write outside it).
+    cache_dir = resolve_run_path(run_dir, cfg.data.cache_dir, "data.cache_dir") if cfg.data.cache_dir else None
     dataset = load_dataset(data, cfg.data.resolution, shapes_count=cfg.data.shapes_count,
-                           shapes_seed=cfg.data.shapes_seed, cache_dir=cfg.data.cache_dir, progress=is_main)
+                           shapes_seed=cfg.data.shapes_seed, cache_dir=cache_dir, progress=is_main)
     train_idx, val_idx = train_val_split(len(dataset), cfg.data.val_count, cfg.data.split_seed)
     batches = StepBatches(train_idx, tc.batch_size, accelerator.num_processes, accelerator.process_index,
                           tc.seed, cfg.data.flip)

@@ -19,10 +19,12 @@ import torch
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from ldm_core.checkpoint import load_checkpoint, save_checkpoint, step_dir_name
+from ldm_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
+from ldm_core.config import resolve_run_path
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.imaging import save_grid
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats, scale_latents
+from ldm_core.pretrained import check_model_folder
 from ldm_core.speed import StepTimer, apply_memory_format, make_adam
 from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
                                clip_gradients, drop_gradients, end_run, environment_info,
@@ -55,7 +57,8 @@ def load_frozen_vae(vae_path: str | Path) -> tuple[AutoencoderKL, Path]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--vae {vae_path}: no AutoencoderKL config.json there. Give a Stage A run's vae/ "
                                 f"folder or any diffusers AutoencoderKL folder.")
-    vae = AutoencoderKL.from_pretrained(path)
+    check_model_folder(path, what="--vae folder")  # data only: no code, no pickle-only weights
+    vae = AutoencoderKL.from_pretrained(path, use_safetensors=True)
     vae.eval().requires_grad_(False)
     return vae, path
 
@@ -98,9 +101,12 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     train_idx, _ = train_val_split(len(dataset), cfg.data.val_count, cfg.data.split_seed)
     train_images = dataset.images[train_idx]
     scale_info = resolve_latent_scale(vae, vae_dir, train_images, tc.latent_stats_images, tc.seed)
+    # A relative data.cache_dir lives inside the run folder (config paths never write outside it).
+    cache_dir = (resolve_run_path(run_dir, cfg.data.cache_dir, "data.cache_dir") if cfg.data.cache_dir
+                 else default_cache_dir())
     with accelerator.main_process_first():  # one process encodes, the others read the finished file
         cache = load_or_build_latent_cache(vae, train_images, flip=cfg.data.flip,
-                                           cache_dir=cfg.data.cache_dir or default_cache_dir(), progress=is_main)
+                                           cache_dir=cache_dir, progress=is_main)
     batches = StepBatches(np.arange(len(train_idx)), tc.batch_size, accelerator.num_processes,
                           accelerator.process_index, tc.seed, cfg.data.flip)
     labels, class_names = _training_labels(cfg, dataset, train_idx)
@@ -120,7 +126,13 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     nonfinite = NonFiniteLossPolicy(tc.nonfinite_loss, tc.max_nonfinite_skips)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, fp)
-        unet.load_state_dict(ckpt.models["unet"])
+        try:
+            unet.load_state_dict(ckpt.models["unet"])
+        except RuntimeError as err:  # same config, but a VAE with other latent channels fixes other shapes
+            raise CheckpointError(f"--resume {resume}: the checkpoint's U-Net does not fit the U-Net this VAE "
+                                  f"({vae_dir}, {vae.config.latent_channels} latent channels) needs: "
+                                  f"{str(err).splitlines()[1].strip()}. Resume with the VAE the run was "
+                                  f"started with (see {run_dir / 'run_info.json'}).") from None
         optimizer.load_state_dict(ckpt.state["optimizer"])
         lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])
         nonfinite.skipped = int(ckpt.state.get("nonfinite_skips", 0))

@@ -177,3 +177,22 @@ def test_config_paths_stay_inside_the_run_folder(tmp_path):
     os.symlink(tmp_path, run / "link")  # a link inside the run folder pointing out of it
     with pytest.raises(ConfigError, match="outside the run folder"):
         resolve_run_path(run, "link/cache", "data.cache_dir")
+
+
+def test_vae_folders_are_read_as_safetensors_only(tmp_path, capsys):
+    """`--vae` of train-unet and bench-recon: a VAE whose weights exist only as a pickle is refused."""
+    from stage_a_vae.config import VAEModelConfig
+    from stage_a_vae.presets import build_autoencoder
+
+    vae_dir = tmp_path / "vae"
+    build_autoencoder(VAEModelConfig(preset="kl-f8-tiny")).save_pretrained(vae_dir)
+    state = load_state_dict(vae_dir / "diffusion_pytorch_model.safetensors")
+    (vae_dir / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(state, vae_dir / "diffusion_pytorch_model.bin")
+    for command in (["train-unet", "--vae", str(vae_dir), "--data", "builtin:shapes", "--out", str(tmp_path / "b")],
+                    ["bench-recon", "--vae", str(vae_dir), "--data", "builtin:shapes", "--num-images", "2",
+                     "--resolution", "16", "--out", str(tmp_path / "r.json")]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert "only safetensors weights are read" in err and "Traceback" not in err
+    assert not (tmp_path / "b" / "checkpoints").exists() and not (tmp_path / "r.json").exists()

@@ -118,3 +118,18 @@ def test_cli_reports_a_missing_data_folder(tmp_path, capsys):
     rc = main(["train-vae", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"),
                "loss.lpips_trunk=random"])
     assert rc == 2 and str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_resuming_with_a_vae_of_other_latent_channels_is_a_clear_error(trained, tmp_path, capsys):
+    from stage_a_vae.config import VAEModelConfig
+    from stage_a_vae.presets import build_autoencoder
+
+    other = tmp_path / "vae8"
+    build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", latent_channels=8)).save_pretrained(other)
+    run = trained / "stage_b"
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    rc = main(["train-unet", "--config", str(run / "config.yaml"), "--vae", str(other), "--data", "builtin:shapes",
+               "--out", str(run), "--resume", "latest", f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not fit" in err and "8 latent channels" in err and "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
