@@ -55,9 +55,10 @@ def run(pipeline_path: Path, out: Path, num_images: int, batch_size: int, device
     reference = rows[0]
     for row in rows:
         row["speedup"] = row["images_per_s"] / reference["images_per_s"]
+        row["validity_pct"] = 100 * row["validity"]
         row["validity_minus_ddpm_points"] = 100 * (row["validity"] - reference["validity"])
     table = markdown_table(rows, [("sampler", "sampler"), ("steps", "steps"), ("images_per_s", "images/s"),
-                                  ("speedup", "x DDPM-1000"), ("validity", "validity"),
+                                  ("speedup", "x DDPM-1000"), ("validity_pct", "validity %"),
                                   ("validity_minus_ddpm_points", "validity - DDPM (points)")])
     notes = (f"\n\n{num_images} images per sampler, batch {batch_size}, model {pipeline_path}; machine: "
              f"{machine_description(dev)}. Validity is the exact shapes score (`ldm eval-samples --dataset "

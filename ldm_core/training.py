@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -427,6 +427,27 @@ def interrupted(stop: GracefulStop, step: int, max_steps: int, checkpoint: Path)
                f"{checkpoint}. Resume with the same command plus --resume latest.")
     logger.warning(message)
     return TrainingInterrupted(message)
+
+
+def finish_step(step: int, max_steps: int, periodic: list[tuple[int, Callable[[], Any]]], write_checkpoint,
+                stop: GracefulStop, budget: TimeBudget, accelerator, bar) -> bool:
+    """What both loops do after each optimizer step: periodic work, then the signal and time-budget stops.
+
+    Parameters:
+        periodic: (every, action) pairs, e.g. validation and checkpoints, run when `step % every == 0`.
+        write_checkpoint: writes the current state and returns its folder (used on a signal).
+    Returns True when the time budget ends the run; raises TrainingInterrupted (after a checkpoint)
+    on SIGINT/SIGTERM.
+    """
+    for every, action in periodic:
+        if step % every == 0:
+            action()
+    if stop.requested(accelerator):
+        bar.close()
+        checkpoint = write_checkpoint()
+        end_run(accelerator)
+        raise interrupted(stop, step, max_steps, checkpoint)
+    return budget.stops_at(step, max_steps)
 
 
 def end_run(accelerator) -> None:

@@ -24,7 +24,7 @@ from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
 from ldm_core.speed import StepTimer, apply_memory_format, make_adam
 from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
                                clip_gradients, drop_gradients, end_run, environment_info,
-                               images_to_batch, interrupted, make_accelerator, make_ema, make_lr_scheduler,
+                               finish_step, images_to_batch, make_accelerator, make_ema, make_lr_scheduler,
                                prepare_run_dir, record_scalars, restore_shared_state, shared_checkpoint_state,
                                step_generator, write_json)
 from stage_a_vae.config import StageAConfig
@@ -222,16 +222,9 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
                 scalars = record_scalars(accelerator, history, step, logs, sched_ae.get_last_lr()[0])
                 bar.set_postfix({k: f"{scalars[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in scalars})
             bar.update(1)
-            if step % tc.validate_every == 0:
-                run_validation(f"step{step:07d}")
-            if step % tc.checkpoint_every == 0:
-                write_checkpoint()
-            if stop.requested(accelerator):
-                bar.close()
-                checkpoint = write_checkpoint()
-                end_run(accelerator)
-                raise interrupted(stop, step, tc.max_steps, checkpoint)
-            if budget.stops_at(step, tc.max_steps):
+            periodic = [(tc.validate_every, lambda: run_validation(f"step{step:07d}")),
+                        (tc.checkpoint_every, write_checkpoint)]
+            if finish_step(step, tc.max_steps, periodic, write_checkpoint, stop, budget, accelerator, bar):
                 stopped_early = True
                 break
     bar.close()

@@ -28,7 +28,7 @@ from ldm_core.pretrained import check_model_folder
 from ldm_core.speed import StepTimer, apply_memory_format, make_adam
 from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
                                clip_gradients, drop_gradients, end_run, environment_info,
-                               interrupted, make_accelerator, make_ema, make_lr_scheduler, prepare_run_dir,
+                               finish_step, make_accelerator, make_ema, make_lr_scheduler, prepare_run_dir,
                                record_scalars, restore_shared_state, shared_checkpoint_state, step_generator,
                                write_json)
 from stage_b_diffusion.config import StageBConfig
@@ -237,16 +237,9 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
                 scalars = record_scalars(accelerator, history, step, logs, lr_scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
             bar.update(1)
-            if step % cfg.sampling.sample_every == 0:
-                sample_grid(f"step{step:07d}")
-            if step % tc.checkpoint_every == 0:
-                write_checkpoint()
-            if stop.requested(accelerator):
-                bar.close()
-                checkpoint = write_checkpoint()
-                end_run(accelerator)
-                raise interrupted(stop, step, tc.max_steps, checkpoint)
-            if budget.stops_at(step, tc.max_steps):
+            periodic = [(cfg.sampling.sample_every, lambda: sample_grid(f"step{step:07d}")),
+                        (tc.checkpoint_every, write_checkpoint)]
+            if finish_step(step, tc.max_steps, periodic, write_checkpoint, stop, budget, accelerator, bar):
                 stopped_early = True
                 break
     bar.close()

@@ -11,7 +11,6 @@ from PIL import Image
 
 from ldm_core.cli import main
 from ldm_core.config import load_config
-from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.train import train_unet
 
