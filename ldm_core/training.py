@@ -2,8 +2,8 @@
 
 Both loops are written top to bottom in their own `train.py`; what they share lives here: the run
 folder, the Accelerator, learning-rate schedules, deterministic batches and random draws (so that a
-resumed run continues exactly), EMA, the time budget, the metric history, the graceful stop on
-SIGINT/SIGTERM and the policy for non-finite losses.
+resumed run continues exactly), EMA and the metric history. How a run stops (time budget, signals,
+non-finite losses) is in `ldm_core/run_control.py`.
 
 Several processes (`accelerate launch`): each process draws `train.batch_size` images per micro-step,
 DDP averages the gradients, so one optimizer step sees a global batch of
@@ -21,12 +21,9 @@ import logging
 import math
 import os
 import platform
-import signal
-import threading
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
@@ -195,25 +192,6 @@ def images_to_batch(images_uint8: np.ndarray, indices: np.ndarray, flips: np.nda
     return batch.float().div_(127.5).sub_(1.0)
 
 
-class TimeBudget:
-    """Stops training once `minutes` have passed (0 = unlimited)."""
-
-    def __init__(self, minutes: float):
-        self.minutes = minutes
-        self.deadline = time.monotonic() + minutes * 60 if minutes > 0 else math.inf
-
-    def exceeded(self) -> bool:
-        return time.monotonic() >= self.deadline
-
-    def stops_at(self, step: int, max_steps: int) -> bool:
-        """True (with a log line) when the budget ends the run before `max_steps`."""
-        if step < max_steps and self.exceeded():
-            logger.warning("Time budget of %.1f min reached at step %d of %d; stopping.", self.minutes, step,
-                           max_steps)
-            return True
-        return False
-
-
 def clip_gradients(accelerator, parameters, max_norm: float) -> float:
     """Clip to `max_norm` (0 = no clipping) and return the pre-clip gradient norm for logging."""
     return float(accelerator.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf")))
@@ -291,176 +269,3 @@ def restore_shared_state(state: dict[str, Any], ema, accelerator) -> "MetricHist
     if accelerator.scaler is not None and "scaler" in state:
         accelerator.scaler.load_state_dict(state["scaler"])
     return MetricHistory(state["history"])
-
-
-def _format_terms(losses: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={float(v.detach() if torch.is_tensor(v) else v):.4g}" for k, v in losses.items()
-                     if not torch.is_tensor(v) or v.numel() == 1)
-
-
-def _is_finite(value: Any) -> bool:
-    if torch.is_tensor(value):
-        return bool(torch.isfinite(value.detach()).all())
-    return math.isfinite(float(value))
-
-
-_NONFINITE_ADVICE = ("The last checkpoint is intact; lower train.lr, use train.mixed_precision=no or bf16 instead "
-                     "of fp16, and resume with --resume latest.")
-
-
-def _any_process(flag: bool, accelerator) -> bool:
-    """True when `flag` is true on any process (an all-reduce; every process must call it at the same point)."""
-    if accelerator is None or accelerator.num_processes <= 1:
-        return flag
-    import torch.distributed as dist
-
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-class NonFiniteLossPolicy:
-    """What a NaN or inf loss (or gradient norm) does: `train.nonfinite_loss` = stop | skip.
-
-    The check runs before `backward` / `optimizer.step`, so a bad value never reaches the weights and
-    the last checkpoint stays the last good state. "stop" raises FloatingPointError naming the step and
-    every loss term. "skip" drops the rest of that optimizer step (no further forward, backward or
-    update; gradients cleared) and continues with the next batch, at most `max_skips` times per run
-    (the count is saved in checkpoints); the next one stops the run.
-
-    Under several processes every process takes the same decision (the flag is all-reduced), so a NaN
-    on one rank cannot leave the others waiting in a gradient all-reduce.
-
-    Parameters:
-        mode: "stop" or "skip".
-        max_skips: how many steps "skip" may drop in one run.
-        skipped: steps already dropped (restored from a checkpoint).
-    """
-
-    def __init__(self, mode: str, max_skips: int, skipped: int = 0):
-        if mode not in ("stop", "skip"):
-            raise ValueError(f"train.nonfinite_loss must be stop or skip, not {mode!r}.")
-        self.mode, self.max_skips, self.skipped = mode, max_skips, skipped
-
-    def ok(self, values: dict[str, Any], step: int, accelerator=None) -> bool:
-        """True when every value is finite on every process; otherwise raise (stop) or return False (skip).
-
-        Parameters:
-            values: name -> scalar tensor or number (the loss and its logged terms).
-            step: the optimizer step being computed (0-based), named in the message.
-            accelerator: the run's Accelerator (None: single process).
-        """
-        local_bad = not all(_is_finite(v) for v in values.values())
-        if not _any_process(local_bad, accelerator):
-            return True
-        terms = _format_terms(values) if local_bad else "finite here, non-finite on another process"
-        if self.mode == "stop":
-            raise FloatingPointError(f"Non-finite loss at step {step}: {terms}. {_NONFINITE_ADVICE} To skip such "
-                                     f"steps instead, set train.nonfinite_loss=skip.")
-        if self.skipped >= self.max_skips:
-            raise FloatingPointError(
-                f"Non-finite loss at step {step}: {terms}. {self.skipped} steps were already skipped "
-                f"(train.max_nonfinite_skips={self.max_skips}), so the run stops. {_NONFINITE_ADVICE}")
-        self.skipped += 1
-        logger.warning("Non-finite loss at step %d: %s. Skipping this step (%d of at most %d, "
-                       "train.max_nonfinite_skips).", step, terms, self.skipped, self.max_skips)
-        return False
-
-
-def drop_gradients(*optimizers) -> None:
-    """Clear the gradients of a skipped step (Accelerate's wrapped `zero_grad` only acts on sync steps)."""
-    for opt in optimizers:
-        getattr(opt, "optimizer", opt).zero_grad(set_to_none=True)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; the message says how to resume.
-
-    A KeyboardInterrupt, so `ldm train` does not go on to the next stage and callers that already
-    handle Ctrl+C handle it.
-    """
-
-
-class GracefulStop:
-    """Context manager: SIGINT and SIGTERM ask the training loop to stop at the next step boundary.
-
-    The loop finishes the optimizer step it is in, writes a checkpoint and raises `TrainingInterrupted`.
-    A second SIGINT aborts at once (plain KeyboardInterrupt; the last checkpoint is still intact).
-    Handlers are installed only in the main thread and the previous ones are restored on exit.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "GracefulStop":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-        return False
-
-    def _handle(self, signum, frame) -> None:
-        # Only set a flag: the step in flight (and any checkpoint being written) must complete.
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def requested(self, accelerator=None) -> bool:
-        """True when any process received a stop signal; all processes agree, so they stop at the same step."""
-        return _any_process(self.signum is not None, accelerator)
-
-    def describe(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else "a signal on another process"
-
-
-def interrupted(stop: GracefulStop, step: int, max_steps: int, checkpoint: Path) -> TrainingInterrupted:
-    """The exception (and its log line) that ends a run stopped by a signal."""
-    message = (f"Stopped by {stop.describe()} after step {step} of {max_steps}; checkpoint written to "
-               f"{checkpoint}. Resume with the same command plus --resume latest.")
-    logger.warning(message)
-    return TrainingInterrupted(message)
-
-
-def finish_step(step: int, max_steps: int, periodic: list[tuple[int, Callable[[], Any]]], write_checkpoint,
-                stop: GracefulStop, budget: TimeBudget, accelerator, bar) -> bool:
-    """What both loops do after each optimizer step: periodic work, then the signal and time-budget stops.
-
-    Parameters:
-        periodic: (every, action) pairs, e.g. validation and checkpoints, run when `step % every == 0`.
-        write_checkpoint: writes the current state and returns its folder (used on a signal).
-    Returns True when the time budget ends the run; raises TrainingInterrupted (after a checkpoint)
-    on SIGINT/SIGTERM.
-    """
-    for every, action in periodic:
-        if step % every == 0:
-            action()
-    if stop.requested(accelerator):
-        bar.close()
-        checkpoint = write_checkpoint()
-        end_run(accelerator)
-        raise interrupted(stop, step, max_steps, checkpoint)
-    return budget.stops_at(step, max_steps)
-
-
-def end_run(accelerator) -> None:
-    """Close the trackers but keep the process group: `ldm train` runs Stage B in the same processes.
-
-    (`Accelerator.end_training` would destroy the group.) It is destroyed when the process exits.
-    """
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    if accelerator.num_processes > 1 and not getattr(end_run, "_registered", False):
-        import atexit
-
-        from accelerate import PartialState
-
-        atexit.register(PartialState().destroy_process_group)
-        end_run._registered = True

@@ -21,12 +21,12 @@ from ldm_core.checkpoint import load_checkpoint, save_checkpoint, step_dir_name
 from ldm_core.config import resolve_run_path
 from ldm_core.data import load_dataset, train_val_split
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
+from ldm_core.run_control import (GracefulStop, NonFiniteLossPolicy, TimeBudget, drop_gradients, end_run,
+                                  finish_step)
 from ldm_core.speed import StepTimer, apply_memory_format, make_adam
-from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
-                               clip_gradients, drop_gradients, end_run, environment_info,
-                               finish_step, images_to_batch, make_accelerator, make_ema, make_lr_scheduler,
-                               prepare_run_dir, record_scalars, restore_shared_state, shared_checkpoint_state,
-                               step_generator, write_json)
+from ldm_core.training import (MetricHistory, StepBatches, clip_gradients, environment_info, images_to_batch,
+                               make_accelerator, make_ema, make_lr_scheduler, prepare_run_dir, record_scalars,
+                               restore_shared_state, shared_checkpoint_state, step_generator, write_json)
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
@@ -157,7 +157,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     disc_ddp.train()
     accum = tc.gradient_accumulation_steps
     stopped_early = False
-    # SIGINT/SIGTERM: finish the step in flight, write a checkpoint, stop (ldm_core.training.GracefulStop).
+    # SIGINT/SIGTERM: finish the step in flight, write a checkpoint, stop (ldm_core.run_control.GracefulStop).
     with GracefulStop() as stop:
         while step < tc.max_steps:
             timer.start()

@@ -25,12 +25,12 @@ from ldm_core.data import load_dataset, train_val_split
 from ldm_core.imaging import save_grid
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats, scale_latents
 from ldm_core.pretrained import check_model_folder
+from ldm_core.run_control import (GracefulStop, NonFiniteLossPolicy, TimeBudget, drop_gradients, end_run,
+                                  finish_step)
 from ldm_core.speed import StepTimer, apply_memory_format, make_adam
-from ldm_core.training import (GracefulStop, MetricHistory, NonFiniteLossPolicy, StepBatches, TimeBudget,
-                               clip_gradients, drop_gradients, end_run, environment_info,
-                               finish_step, make_accelerator, make_ema, make_lr_scheduler, prepare_run_dir,
-                               record_scalars, restore_shared_state, shared_checkpoint_state, step_generator,
-                               write_json)
+from ldm_core.training import (MetricHistory, StepBatches, clip_gradients, environment_info, make_accelerator,
+                               make_ema, make_lr_scheduler, prepare_run_dir, record_scalars, restore_shared_state,
+                               shared_checkpoint_state, step_generator, write_json)
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.latent_cache import load_or_build_latent_cache
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
@@ -188,7 +188,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     accum = tc.gradient_accumulation_steps
     stopped_early = False
     null_class = cfg.model.num_classes  # the extra embedding used for classifier-free guidance
-    # SIGINT/SIGTERM: finish the step in flight, write a checkpoint, stop (ldm_core.training.GracefulStop).
+    # SIGINT/SIGTERM: finish the step in flight, write a checkpoint, stop (ldm_core.run_control.GracefulStop).
     with GracefulStop() as stop:
         while step < tc.max_steps:
             timer.start()

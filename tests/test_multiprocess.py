@@ -49,14 +49,14 @@ import json, sys
 from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
-import stage_a_vae.train, stage_b_diffusion.train, ldm_core.training
+import stage_a_vae.train, stage_b_diffusion.train, ldm_core.training, ldm_core.run_control
 from ldm_core.cli import main
 
 out = Path(sys.argv[1])
 # As the trainers do: without CUDA, the process group is joined only when asked for the CPU.
 rank = PartialState(cpu=True).process_index
 draws = []
-original_call, original_end = ldm_core.training.StepBatches.__call__, ldm_core.training.end_run
+original_call, original_end = ldm_core.training.StepBatches.__call__, ldm_core.run_control.end_run
 
 def record_call(self, micro_step):
     indices, flips = original_call(self, micro_step)

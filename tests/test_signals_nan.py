@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 
 from ldm_core.checkpoint import list_checkpoints, load_checkpoint, resolve_resume
 from ldm_core.config import load_config
-from ldm_core.training import GracefulStop, NonFiniteLossPolicy, TrainingInterrupted
+from ldm_core.run_control import GracefulStop, NonFiniteLossPolicy, TrainingInterrupted
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
 from stage_a_vae.train import train_vae
