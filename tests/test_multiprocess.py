@@ -39,8 +39,8 @@ STAGE_B = ["model.preset=unet-tiny", "data.resolution=16", "data.shapes_count=24
            "train.batch_size=2", "train.gradient_accumulation_steps=2", "train.log_every=1",
            "train.progress_bar=false", "sampling.sample_every=1000", "sampling.grid_images=2",
            "sampling.num_inference_steps=1", "ema.enabled=false", "train.max_steps=3"]
-GENERATE = ["--num-images", "4", "--steps", "2", "--scheduler", "ddim", "--seed", "3", "--batch-size", "1",
-            "--device", "cpu"]
+# No --device: on a machine without CUDA the processes must still split the images (cpu_only()).
+GENERATE = ["--num-images", "4", "--steps", "2", "--scheduler", "ddim", "--seed", "3", "--batch-size", "1"]
 BENCH = ["--data", "builtin:shapes", "--resolution", "16", "--num-images", "6", "--metrics", "psnr,ssim",
          "--batch-size", "1", "--no-progress"]
 
@@ -87,6 +87,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _launch_two(root: Path, worker_source: str, args: list[str]) -> None:
+    """Run `worker_source` in two processes with `accelerate launch` and fail with their stderr."""
+    (root / "worker.py").write_text(worker_source)
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port()), str(root / "worker.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
@@ -98,13 +109,7 @@ def two_process_run(tmp_path_factory):
         ["bench-recon", "--vae", str(root / "a"), *BENCH, "--out", str(root / "bench2" / "results.json")],
     ]
     (root / "commands.json").write_text(json.dumps(commands))
-    (root / "worker.py").write_text(WORKER)
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), str(root / "worker.py"), str(root), str(root / "commands.json")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _launch_two(root, WORKER, [str(root), str(root / "commands.json")])
     return root
 
 
@@ -181,3 +186,33 @@ def test_benchmark_matches_one_process(two_process_run):
             for key in ("mean", "std", "n"):
                 assert m1["metrics"][metric][key] == m2["metrics"][metric][key], (m1["name"], metric, key)
         assert m2["metrics"]["psnr"]["n"] == 6
+
+
+SIGNAL_WORKER = '''
+import json, os, signal, sys
+from pathlib import Path
+from accelerate import PartialState
+import ldm_core.training
+from ldm_core.cli import main
+
+out = Path(sys.argv[1])
+rank = PartialState(cpu=True).process_index
+original = ldm_core.training.StepBatches.__call__
+
+def call(self, micro_step):
+    if rank == 1 and micro_step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)  # only this process is told to stop, in the middle of step 2
+    return original(self, micro_step)
+
+ldm_core.training.StepBatches.__call__ = call
+(out / f"rc{rank}").write_text(str(main(json.loads(sys.argv[2]))))
+'''
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    run = tmp_path / "run"
+    command = ["train-vae", "--data", "builtin:shapes", "--out", str(run), *STAGE_A, "train.max_steps=8"]
+    _launch_two(tmp_path, SIGNAL_WORKER, [str(tmp_path), json.dumps(command)])
+    assert [(tmp_path / f"rc{r}").read_text() for r in (0, 1)] == ["130", "130"]  # both stopped, none hung
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000003"]
+    assert not (run / "vae").exists()  # a stopped run exports nothing
