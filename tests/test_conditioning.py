@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 
 from evaluation import shapes_score
@@ -20,26 +19,10 @@ from ldm_core.shapes import SHAPE_CLASSES, make_shapes
 from pipelines import generate
 from pipelines.generate import generate_images, image_generator, write_labels_file
 from pipelines.latent_diffusion import LatentDiffusionPipeline
-from stage_b_diffusion.config import DiffusionConfig, StageBConfig, UNetModelConfig
-from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
+from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.objective import drop_class_labels
-from stage_b_diffusion.presets import build_unet
 from stage_b_diffusion.train import _training_labels
-
-
-def make_pipeline(num_classes: int = 0, class_names=None) -> LatentDiffusionPipeline:
-    """A tiny pipeline (32 px images, 4x4 latents) with DDIM; classes named class0.. unless given."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, latent_channels=4,
-                        layers_per_block=1, sample_size=32, scaling_factor=0.7)
-    unet = build_unet(UNetModelConfig(preset="unet-tiny", num_classes=num_classes), latent_channels=4,
-                      latent_size=4)
-    scheduler = make_sampler("ddim", build_noise_scheduler(DiffusionConfig()))
-    names = class_names or [f"class{k}" for k in range(num_classes)] or None
-    pipe = LatentDiffusionPipeline(vae=vae, unet=unet, scheduler=scheduler, class_names=names)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from test_pipeline import make_pipeline  # the tiny pipeline shared with the pipeline tests
 
 
 # ----------------------------------------------------------------------------- labels from data

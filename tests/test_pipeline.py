@@ -16,7 +16,8 @@ from stage_b_diffusion.noise_schedule import SAMPLERS, build_noise_scheduler, ma
 from stage_b_diffusion.presets import build_unet
 
 
-def make_pipeline(num_classes: int = 0, sampler: str = "ddim") -> LatentDiffusionPipeline:
+def make_pipeline(num_classes: int = 0, sampler: str = "ddim", class_names=None) -> LatentDiffusionPipeline:
+    """A tiny pipeline (32 px images, 4x4 latents); classes named class0.. unless `class_names` are given."""
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, latent_channels=4,
@@ -24,7 +25,7 @@ def make_pipeline(num_classes: int = 0, sampler: str = "ddim") -> LatentDiffusio
     unet = build_unet(UNetModelConfig(preset="unet-tiny", num_classes=num_classes), latent_channels=4,
                       latent_size=4)
     scheduler = make_sampler(sampler, build_noise_scheduler(DiffusionConfig()))
-    names = [f"class{k}" for k in range(num_classes)] or None
+    names = class_names or [f"class{k}" for k in range(num_classes)] or None
     pipe = LatentDiffusionPipeline(vae=vae, unet=unet, scheduler=scheduler, class_names=names)
     pipe.set_progress_bar_config(disable=True)
     return pipe
