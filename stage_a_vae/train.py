@@ -158,6 +158,9 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     accum = tc.gradient_accumulation_steps
     stopped_early = False
     # SIGINT/SIGTERM: finish the step in flight, write a checkpoint, stop (ldm_core.run_control.GracefulStop).
+    # Work every N steps; the lambdas read `step` when called, so this list is built once.
+    periodic = [(tc.validate_every, lambda: run_validation(f"step{step:07d}")),
+                (tc.checkpoint_every, write_checkpoint)]
     with GracefulStop() as stop:
         while step < tc.max_steps:
             timer.start()
@@ -222,8 +225,6 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
                 scalars = record_scalars(accelerator, history, step, logs, sched_ae.get_last_lr()[0])
                 bar.set_postfix({k: f"{scalars[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in scalars})
             bar.update(1)
-            periodic = [(tc.validate_every, lambda: run_validation(f"step{step:07d}")),
-                        (tc.checkpoint_every, write_checkpoint)]
             if finish_step(step, tc.max_steps, periodic, write_checkpoint, stop, budget, accelerator, bar):
                 stopped_early = True
                 break

@@ -189,6 +189,9 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     stopped_early = False
     null_class = cfg.model.num_classes  # the extra embedding used for classifier-free guidance
     # SIGINT/SIGTERM: finish the step in flight, write a checkpoint, stop (ldm_core.run_control.GracefulStop).
+    # Work every N steps; the lambdas read `step` when called, so this list is built once.
+    periodic = [(cfg.sampling.sample_every, lambda: sample_grid(f"step{step:07d}")),
+                (tc.checkpoint_every, write_checkpoint)]
     with GracefulStop() as stop:
         while step < tc.max_steps:
             timer.start()
@@ -237,8 +240,6 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
                 scalars = record_scalars(accelerator, history, step, logs, lr_scheduler.get_last_lr()[0])
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
             bar.update(1)
-            periodic = [(cfg.sampling.sample_every, lambda: sample_grid(f"step{step:07d}")),
-                        (tc.checkpoint_every, write_checkpoint)]
             if finish_step(step, tc.max_steps, periodic, write_checkpoint, stop, budget, accelerator, bar):
                 stopped_early = True
                 break
