@@ -21,6 +21,12 @@ class VAEModelConfig:
     block_out_channels: Optional[List[int]] = None
     layers_per_block: Optional[int] = None
     norm_num_groups: Optional[int] = None
+    # Self-attention in the encoder's and decoder's middle block (diffusers `mid_block_add_attention`).
+    mid_block_attention: Optional[bool] = None
+    # Initial log-variance of the posterior: the log-variance half of the encoder's last convolution
+    # starts with zero weights and this bias, so every latent starts with std exp(value / 2). None keeps
+    # diffusers' initialisation, under which the std starts near 1, as large as the latents' signal.
+    posterior_logvar_init: Optional[float] = None
     latent_channels: int = 4
     # Downsampling factor the user expects; it must equal 2 ** (number of blocks - 1).
     downsample_factor: int = 8
@@ -31,6 +37,8 @@ class VAELossConfig:
     """LDM's `LPIPSWithDiscriminator`, term for term (ANCHORS section 1)."""
 
     reconstruction: str = "l1"  # l1 | l2 (pixel term, summed over C,H,W then averaged over the batch)
+    # Squared error instead of `reconstruction` for the first N optimizer steps (0: LDM's loss throughout).
+    l2_warmup_steps: int = 0
     perceptual_weight: float = 1.0
     # vgg: LPIPS with the pretrained VGG16 trunk (a local file is required, see README);
     # random: a randomly initialised trunk, only for demos and tests, and recorded as such.
@@ -57,6 +65,7 @@ class VAELossConfig:
         for key in ("perceptual_weight", "kl_weight", "disc_weight", "disc_factor"):
             _require(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), "0 or more")
         _require(self.disc_start >= 0, "loss.disc_start", self.disc_start, "0 or more")
+        _require(self.l2_warmup_steps >= 0, "loss.l2_warmup_steps", self.l2_warmup_steps, "0 or more")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Reference: CompVis/latent-diffusion ``ldm/modules/losses/contperceptual.py`` with the GAN helpers of
 CompVis/taming-transformers ``taming/modules/losses/vqperceptual.py``::
 
-    rec      = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)      (or (x - x_hat)^2 for l2)
+    rec      = |x - x_hat| + perceptual_weight * LPIPS(x, x_hat)      (or (x - x_hat)^2 for l2, and
+                                                                       during loss.l2_warmup_steps)
     nll_loss = sum_{c,h,w}(rec / exp(logvar) + logvar) / N
     kl_loss  = sum_{c,h,w} KL(q(z|x) || N(0, I)) / N
     g_loss   = -mean(D(x_hat))
@@ -88,6 +89,15 @@ class LPIPSWithDiscriminatorLoss(nn.Module):
             self.perceptual.eval()
         return self
 
+    def pixel_loss(self, global_step: int) -> str:
+        """The pixel term at this step: squared error during ``l2_warmup_steps``, then ``reconstruction``.
+
+        L1's gradient is a sign: on images that are mostly background it pulls a decoder that cannot yet
+        place a shape towards drawing none (the per-pixel median), while squared error weighs each pixel
+        by its error (README, "Why Stage A starts fast").
+        """
+        return "l2" if global_step < self.cfg.l2_warmup_steps else self.cfg.reconstruction
+
     def discriminator_active(self, global_step: int) -> bool:
         """Whether the GAN terms are on at this optimizer step (LDM's hard switch at ``disc_start``)."""
         return global_step >= self.cfg.disc_start and self.cfg.disc_factor > 0
@@ -122,7 +132,7 @@ class LPIPSWithDiscriminatorLoss(nn.Module):
             x = inputs.float()
             x_hat = reconstructions.float()
             diff = x - x_hat
-            rec = diff.abs() if self.cfg.reconstruction == "l1" else diff.pow(2)
+            rec = diff.abs() if self.pixel_loss(global_step) == "l1" else diff.pow(2)
             if self.cfg.perceptual_weight > 0:
                 p_loss = self.perceptual(x.contiguous(), x_hat.contiguous()).float()
                 rec = rec + self.cfg.perceptual_weight * p_loss  # (N,1,1,1) broadcast to every pixel

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
+import torch
 from diffusers import AutoencoderKL
 
 from ldm_core.config import ConfigError
@@ -100,6 +101,8 @@ def build_autoencoder(model_cfg: "VAEModelConfig") -> AutoencoderKL:
         kwargs["layers_per_block"] = int(model_cfg.layers_per_block)
     if model_cfg.norm_num_groups is not None:
         kwargs["norm_num_groups"] = int(model_cfg.norm_num_groups)
+    if model_cfg.mid_block_attention is not None:
+        kwargs["mid_block_add_attention"] = bool(model_cfg.mid_block_attention)
     if model_cfg.latent_channels < 1:
         raise ConfigError(f"model.latent_channels={model_cfg.latent_channels} must be 1 or more.")
     kwargs["latent_channels"] = int(model_cfg.latent_channels)
@@ -118,7 +121,31 @@ def build_autoencoder(model_cfg: "VAEModelConfig") -> AutoencoderKL:
     if bad:
         raise ConfigError(f"model.norm_num_groups={groups} must divide every entry of block_out_channels "
                           f"{list(kwargs['block_out_channels'])} (it does not divide {bad}).")
-    return AutoencoderKL(**kwargs)
+    vae = AutoencoderKL(**kwargs)
+    if model_cfg.posterior_logvar_init is not None:
+        init_posterior_logvar(vae, model_cfg.posterior_logvar_init)
+    return vae
 
 
-__all__ = ["VAE_PRESETS", "PLACEHOLDER_SCALING_FACTOR", "build_autoencoder", "downsample_factor"]
+@torch.no_grad()
+def init_posterior_logvar(vae: AutoencoderKL, logvar: float) -> None:
+    """Start every latent's posterior log-variance at `logvar`.
+
+    The encoder's last convolution outputs the posterior mean and log-variance stacked along channels
+    (`DiagonalGaussianDistribution`); its log-variance half gets zero weights and bias `logvar`. The quant
+    conv (a 1x1 convolution mixing both halves) then passes the log-variance through unchanged and keeps
+    it out of the mean, which would otherwise receive a constant offset of `logvar` times random weights.
+    """
+    latent = vae.config.latent_channels
+    conv = vae.encoder.conv_out
+    conv.weight[latent:].zero_()
+    conv.bias[latent:].fill_(float(logvar))
+    quant = getattr(vae, "quant_conv", None)
+    if quant is not None:
+        quant.weight[latent:].zero_()
+        quant.weight[latent:, latent:, 0, 0] = torch.eye(latent)
+        quant.bias[latent:].zero_()
+        quant.weight[:latent, latent:].zero_()
+
+
+__all__ = ["VAE_PRESETS", "PLACEHOLDER_SCALING_FACTOR", "build_autoencoder", "downsample_factor", "init_posterior_logvar"]

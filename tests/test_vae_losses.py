@@ -125,6 +125,19 @@ def test_autoencoder_loss_matches_the_ldm_formula(vae, lpips_random, reconstruct
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+def test_l2_warmup_uses_squared_error_until_its_last_step_then_the_configured_term(vae, lpips_random):
+    warm = make_loss(small_cfg(reconstruction="l1", l2_warmup_steps=5), lpips_random)
+    x, posterior, z, x_hat = encode_decode(vae)
+    last = vae.decoder.conv_out.weight
+    for step, equivalent in ((0, "l2"), (4, "l2"), (5, "l1"), (DISC_START, "l1")):
+        reference = make_loss(small_cfg(reconstruction=equivalent), lpips_random)
+        reference.discriminator = warm.discriminator
+        got, _ = warm.autoencoder_loss(x, x_hat, posterior, step, last)
+        want, _ = reference.autoencoder_loss(x, x_hat, posterior, step, last)
+        torch.testing.assert_close(got, want)
+    assert warm.pixel_loss(4) == "l2" and warm.pixel_loss(5) == "l1"
+
+
 def test_closed_form_kl_agrees_with_monte_carlo():
     g = torch.Generator().manual_seed(1)
     mean = torch.randn(2, 4, 2, 2, generator=g)

@@ -80,3 +80,28 @@ def test_unknown_preset_lists_the_known_ones():
 def test_norm_groups_that_do_not_divide_the_widths_are_rejected():
     with pytest.raises(ConfigError, match=r"norm_num_groups=3"):
         build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", norm_num_groups=3))
+
+
+def test_posterior_logvar_init_sets_the_starting_std_through_the_quant_conv():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    default = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny"))
+    with torch.no_grad():
+        assert default.encode(x).latent_dist.std.mean() > 0.3  # diffusers' init: std of order 1
+    torch.manual_seed(0)
+    vae = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", posterior_logvar_init=-6.0))
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+    torch.testing.assert_close(posterior.logvar, torch.full_like(posterior.logvar, -6.0))
+    # The mean still reads the image, and not the log-variance half.
+    assert posterior.mean.std() > 0.05
+    assert torch.count_nonzero(vae.quant_conv.weight[:4, 4:]) == 0
+
+
+def test_mid_block_attention_can_be_switched_off():
+    with torch.device("meta"):
+        with_attention = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny"))
+        without = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", mid_block_attention=False))
+    assert with_attention.decoder.mid_block.attentions[0] is not None
+    assert without.decoder.mid_block.attentions[0] is None and without.encoder.mid_block.attentions[0] is None
+    assert without.config.mid_block_add_attention is False
