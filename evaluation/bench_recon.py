@@ -1,6 +1,6 @@
-"""`ldm bench-recon`: reconstruction fidelity of one or more KL autoencoders, by the ANCHORS protocol.
+"""`ldm bench-recon`: reconstruction fidelity of one or more KL autoencoders.
 
-Protocol (ANCHORS section 5): each reference is resized (shorter side) and centre-cropped once to a
+Protocol (docs/reconstruction-protocol.md): each reference is resized (shorter side) and centre-cropped once to a
 uint8 image; `x = ref / 127.5 - 1` is encoded, the posterior mode (or a seeded sample) is decoded in
 fp32 (by default) and quantised to uint8; every metric then reads only the two uint8 tensors. A
 no-learning row, `bicubic-f<f>` (bicubic down- and up-sampling by the autoencoder's factor f), is always

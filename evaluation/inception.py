@@ -5,8 +5,8 @@ torchmetrics' `NoTrainInceptionV3`, built from a local weights file found with
 `ldm_core.pretrained.find_weights`; `feature_extractor_weights_path` is always given, so neither
 library ever tries its download URL. Resizing to 299 uses torch-fidelity's TF1-compatible bilinear
 interpolation (`antialias=False`): torchmetrics >= 1.8 defaults to an antialiased resize that gives
-numbers not comparable with published FIDs (ANCHORS section 5). Images are fed as uint8, because
-torchmetrics' `normalize=True` path truncates floats instead of rounding them.
+numbers not comparable with published FIDs (docs/reconstruction-protocol.md). Images are fed as
+uint8, because torchmetrics' `normalize=True` path truncates floats instead of rounding them.
 
 Statistics are running sums (torchmetrics' FID states: feature sum, outer-product sum, count, in
 float64), so memory does not grow with the number of images, and shards computed by several processes

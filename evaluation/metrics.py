@@ -1,6 +1,6 @@
 """Per-image fidelity metrics that read only two uint8 image tensors.
 
-The protocol follows ANCHORS section 5: every number is computed from a uint8 reference and a uint8
+The protocol follows docs/reconstruction-protocol.md: every number is computed from a uint8 reference and a uint8
 reconstruction (N, 3, H, W), so it can be reproduced from saved PNGs, and every metric is reported
 per image (mean, std and n are taken afterwards, never a pooled number).
 
@@ -36,7 +36,7 @@ DATA_RANGE = 255.0
 # MS-SSIM needs the short side to exceed (kernel - 1) * 2 ** (scales - 1) = 10 * 16 (torchmetrics' check).
 MSSSIM_MIN_SIDE = (SSIM_KERNEL - 1) * 2 ** 4
 
-# The lpips package's trunks and the torchvision files they are built from (ANCHORS section 6).
+# The lpips package's trunks and the torchvision files they are built from (README, "Pretrained weights on an offline machine").
 LPIPS_BACKBONES = LPIPS_TRUNK_FILES
 
 PSNR_IMPL = f"per image, float64 on [0,255], MSE 0 capped at {PSNR_CAP_DB:g} dB"

@@ -1,6 +1,6 @@
 """Reading image datasets: a folder of images (searched recursively) or the built-in `shapes` set.
 
-Every image is brought to the working resolution once, the way ANCHORS section 5 asks: resize the
+Every image is brought to the working resolution once, the way docs/reconstruction-protocol.md asks: resize the
 shorter side to R with Pillow's antialiased bicubic filter and centre-crop to R x R, keep it as uint8,
 and convert to the model's [-1, 1] range only when a batch is fed (`to_model_input`). Model outputs go
 back through `to_uint8`, so every metric reads two uint8 tensors.
@@ -548,7 +548,7 @@ def to_model_input(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] back to uint8 as round((clamp(y, -1, 1) + 1) * 127.5) (ANCHORS section 5)."""
+    """[-1, 1] back to uint8 as round((clamp(y, -1, 1) + 1) * 127.5) (docs/reconstruction-protocol.md)."""
     return ((images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 

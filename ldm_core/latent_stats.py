@@ -3,7 +3,7 @@
 LDM's `scale_by_std` (CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py, `on_train_batch_start`)
 sets `scale_factor = 1 / z.flatten().std()` from the posterior *samples* of the first training batch;
 Stable Diffusion's 0.18215 is that number for its VAE. It must be measured again for every new
-autoencoder. Here it is measured over many images (ANCHORS section 3) and stored in the VAE's own config
+autoencoder. Here it is measured over many images (CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py, `scale_by_std`) and stored in the VAE's own config
 (`AutoencoderKL.config.scaling_factor`) so the model folder carries it.
 
 Convention (the one diffusers' SD3/Flux pipelines use): scaled = (z - shift_factor) * scaling_factor,

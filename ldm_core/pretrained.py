@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-# ANCHORS section 6: the files, with the names their upstream loaders expect.
+# README "Pretrained weights on an offline machine": the files, with the names their upstream loaders expect.
 VGG16_FILE = "vgg16-397923af.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 INCEPTION_FID_FILE = "weights-inception-2015-12-05-6726825d.pth"

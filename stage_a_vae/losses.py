@@ -1,4 +1,4 @@
-"""The Stage A objective: LDM's `LPIPSWithDiscriminator`, term for term (ANCHORS section 1).
+"""The Stage A objective: LDM's `LPIPSWithDiscriminator`, term for term (CompVis/latent-diffusion: ldm/modules/losses/contperceptual.py).
 
 Reference: CompVis/latent-diffusion ``ldm/modules/losses/contperceptual.py`` with the GAN helpers of
 CompVis/taming-transformers ``taming/modules/losses/vqperceptual.py``::

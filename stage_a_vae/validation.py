@@ -1,6 +1,6 @@
 """Held-out reconstruction quality during Stage A training.
 
-Uses the benchmark's protocol (ANCHORS section 5): posterior mode, fp32, reconstructions quantised to
+Uses the benchmark's protocol (docs/reconstruction-protocol.md): posterior mode, fp32, reconstructions quantised to
 uint8, PSNR and SSIM per image on the two uint8 tensors, then averaged.
 """
 

@@ -1,7 +1,7 @@
 """Stage B configuration: the latent U-Net, the DDPM objective, sampling during training.
 
 Defaults follow LDM's KL-8 unconditional config (`configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml`)
-for the noise schedule; see ANCHORS section 3 for the CompVis/diffusers naming trap on betas.
+for the noise schedule; see stage_b_diffusion/noise_schedule.py for the CompVis/diffusers naming trap on betas.
 """
 
 from __future__ import annotations

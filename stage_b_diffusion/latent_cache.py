@@ -2,9 +2,9 @@
 
 diffusers' text-to-image trainer runs the encoder on every batch; its SDXL trainer caches one fixed
 posterior sample. Caching the posterior mean and std instead keeps LDM's reparameterised sampling
-(a fresh z = mean + std * eps every time an image is drawn) while the encoder leaves the training step
-(ANCHORS section 3). Horizontal flips are encoded as separate entries, since the encoder is not
-flip-equivariant.
+(a fresh z = mean + std * eps every time an image is drawn, as LDM's `DiagonalGaussianDistribution.sample`
+does in CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py) while the encoder leaves the training
+step. Horizontal flips are encoded as separate entries, since the encoder is not flip-equivariant.
 
 The file name carries a hash of everything the latents depend on (VAE weights and config, the image
 bytes, the flip setting), so a changed autoencoder or dataset can never reuse stale latents.

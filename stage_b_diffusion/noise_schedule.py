@@ -1,6 +1,6 @@
 """The training noise schedule (diffusers `DDPMScheduler`) and the samplers built from it.
 
-Naming trap (ANCHORS section 3): CompVis "linear" betas are `linspace(sqrt(beta_start), sqrt(beta_end),
+Naming trap (CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py, `scale_by_std`): CompVis "linear" betas are `linspace(sqrt(beta_start), sqrt(beta_end),
 T) ** 2` (`ldm/modules/diffusionmodules/util.py: make_beta_schedule`), which diffusers calls
 `"scaled_linear"`; diffusers' own `"linear"` is a plain `linspace(beta_start, beta_end, T)`. LDM's KL-8
 schedule (1000 steps, 0.0015 -> 0.0155) is therefore `beta_schedule="scaled_linear"` here.
