@@ -8,6 +8,7 @@ wrong type names the key and lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,7 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequ
             raise ConfigError(f"Config file {path} does not exist. Presets live in configs/ "
                               f"(for example configs/vae/kl-f8-small.yaml).")
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            data = yaml.load(fh, Loader=_YAML12Loader) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of keys to values.")
         layers.append((str(path), OmegaConf.create(data)))
@@ -203,7 +204,7 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequ
         raise ConfigError(f"Override {bad[0]!r} is not of the form key=value "
                           f"(for example train.max_steps=2000).")
     if overrides:
-        layers.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+        layers.append(("command line", OmegaConf.create(_dotlist_to_dict(overrides))))
     for origin, layer in layers:
         _check_keys(cls, OmegaConf.to_container(layer), origin)
         try:
@@ -218,6 +219,42 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequ
         raise
     except (OmegaConfBaseException, TypeError, ValueError) as err:
         raise ConfigError(f"Invalid configuration: {err}") from None
+
+
+class _YAML12Loader(yaml.SafeLoader):
+    """YAML as YAML 1.2 reads booleans: only true/false. YAML 1.1 (PyYAML's and OmegaConf's default) also
+    turns yes/no/on/off into booleans, so `train.mixed_precision=no`, a documented value, would arrive
+    as False."""
+
+
+_YAML12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "tTfF":
+    _YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                        [_first])
+
+
+# PyYAML's float pattern needs a dot ("1.0e-6"); "1e-6", which every config example uses, is a float too.
+_YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
+
+
+def _dotlist_to_dict(overrides: Sequence[str]) -> dict:
+    """`a.b=value` overrides as a nested dict, each value read as YAML 1.2 (numbers, lists, null, strings)."""
+    tree: dict = {}
+    for item in overrides:
+        key, _, text = item.partition("=")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r} sets a key inside {name!r}, which another override sets "
+                                  f"to a value.")
+        node[leaf] = yaml.load(text, Loader=_YAML12Loader) if text.strip() else ""
+    return tree
 
 
 def _expected_value(cls: Type[Any], dotted: str) -> str:

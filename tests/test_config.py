@@ -85,3 +85,18 @@ def test_valid_keys_are_dotted_and_complete():
     keys = valid_keys(LDMConfig)
     assert "stage_a.loss.kl_weight" in keys and "stage_b.diffusion.beta_end" in keys
     assert all(not k.endswith(".") for k in keys)
+
+
+def test_no_off_yes_stay_strings_so_mixed_precision_no_works_unquoted(tmp_path):
+    from stage_a_vae.config import StageAConfig
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("train:\n  mixed_precision: no\n  progress_bar: false\n")
+    from_file = load_config(StageAConfig, preset)
+    assert from_file.train.mixed_precision == "no" and from_file.train.progress_bar is False
+    from_override = load_config(StageAConfig, None, ["train.mixed_precision=no", "train.progress_bar=true",
+                                                     "model.block_out_channels=[8,16,32,32]",
+                                                     "model.posterior_logvar_init=null"])
+    assert from_override.train.mixed_precision == "no" and from_override.train.progress_bar is True
+    assert from_override.model.block_out_channels == [8, 16, 32, 32]
+    assert from_override.model.posterior_logvar_init is None
