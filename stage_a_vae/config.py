@@ -24,9 +24,14 @@ class VAEModelConfig:
     # Self-attention in the encoder's and decoder's middle block (diffusers `mid_block_add_attention`).
     mid_block_attention: Optional[bool] = None
     # Initial log-variance of the posterior: the log-variance half of the encoder's last convolution
-    # starts with zero weights and this bias, so every latent starts with std exp(value / 2). None keeps
-    # diffusers' initialisation, under which the std starts near 1, as large as the latents' signal.
-    posterior_logvar_init: Optional[float] = None
+    # starts with zero weights and this bias, so every latent starts with std exp(value / 2) (0.05 for
+    # -6). None keeps diffusers' initialisation, under which the std starts near 1, as large as the
+    # latents' signal, so the decoder first learns from noise.
+    posterior_logvar_init: Optional[float] = -6.0
+    # Start every residual block (and attention block) as the identity: the last convolution of each
+    # residual branch starts at zero (Goyal et al. 2017, "zero-gamma"; Zhang et al. 2019, Fixup), so the
+    # untrained autoencoder is a shallow network of its shortcut, sampling and in/out convolutions.
+    zero_init_residual: bool = True
     latent_channels: int = 4
     # Downsampling factor the user expects; it must equal 2 ** (number of blocks - 1).
     downsample_factor: int = 8
@@ -34,7 +39,7 @@ class VAEModelConfig:
 
 @dataclass
 class VAELossConfig:
-    """LDM's `LPIPSWithDiscriminator`, term for term (ANCHORS section 1)."""
+    """LDM's `LPIPSWithDiscriminator`, term for term (CompVis/latent-diffusion: ldm/modules/losses/contperceptual.py)."""
 
     reconstruction: str = "l1"  # l1 | l2 (pixel term, summed over C,H,W then averaged over the batch)
     # Squared error instead of `reconstruction` for the first N optimizer steps (0: LDM's loss throughout).

@@ -2,8 +2,15 @@
 
 Read top to bottom: set-up, data, models, optimizers, resume, the loop, export. The step semantics
 follow CompVis latent-diffusion `ldm/models/autoencoder.py` (an autoencoder update and, once the
-discriminator is on, a discriminator update on every batch), with one deliberate difference: before
-`disc_start` nothing of the discriminator runs (LDM evaluates it and the adaptive weight anyway).
+discriminator is on, a discriminator update on every batch). Departures, one line each, measured on
+builtin:shapes by `benchmarks/stage_a_factors.py` (README "Why Stage A starts fast"):
+- residual branches start at zero (`model.zero_init_residual`): the largest gain in held-out PSNR;
+- the posterior log-variance starts at -6 (`model.posterior_logvar_init`), not near 0;
+- optional squared error before LDM's L1 (`loss.l2_warmup_steps`); the run ends on LDM's loss;
+- gradients are clipped at `train.max_grad_norm` (LDM does not clip);
+- an EMA of the autoencoder is kept and exported (`ema`; LDM has none);
+- before `disc_start` nothing of the discriminator runs (LDM evaluates it and the adaptive weight
+  anyway), its Adam starts then, and its step reuses this step's reconstruction.
 """
 
 from __future__ import annotations

@@ -105,3 +105,22 @@ def test_mid_block_attention_can_be_switched_off():
     assert with_attention.decoder.mid_block.attentions[0] is not None
     assert without.decoder.mid_block.attentions[0] is None and without.encoder.mid_block.attentions[0] is None
     assert without.config.mid_block_add_attention is False
+
+
+def test_zero_init_residual_makes_every_block_its_shortcut():
+    torch.manual_seed(0)
+    vae = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", zero_init_residual=True))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = [m for m in vae.modules() if isinstance(m, ResnetBlock2D)]
+    assert len(blocks) == sum(1 for _ in vae.modules() if isinstance(_, ResnetBlock2D)) > 10
+    with torch.no_grad():
+        for block in blocks:
+            h = torch.randn(1, block.in_channels, 8, 8)
+            shortcut = block.conv_shortcut(h) if block.conv_shortcut is not None else h
+            torch.testing.assert_close(block(h, None), shortcut / block.output_scale_factor)
+        y = vae(x).sample
+    assert y.shape == x.shape and torch.isfinite(y).all() and y.std() > 0  # the signal still flows through
+    default = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny"))
+    assert all(m.conv2.weight.abs().sum() > 0 for m in default.modules() if isinstance(m, ResnetBlock2D))
