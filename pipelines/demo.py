@@ -1,9 +1,10 @@
 """`ldm demo`: the whole job on built-in data, with a summary that names every output.
 
-builtin:shapes -> Stage A (kl-f8-small) -> Stage B (unet-small) -> 64 images from noise -> exact
-validity/coverage scores -> reconstruction benchmark of the trained VAE against `bicubic-f8` on
-shapes it never saw. The preset is `configs/demo.yaml`; time budgets there keep training under
-about 15 minutes on a 2-core CPU.
+builtin:shapes -> Stage A (kl-f8-mini) -> Stage B (unet-small) -> images from noise, scored by the exact
+shapes scorer twice: through the project's pipeline and through plain diffusers models with the
+independent DPM-Solver++ loop of `evaluation/reference_sampler.py` -> reconstruction benchmark of the
+trained VAE against `bicubic-f8` on shapes it never saw. The preset is `configs/demo.yaml`, in fixed step
+counts, so the same command gives the same result on any machine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Sequence
 
 from ldm_core.config import load_config
 from ldm_core.presets import config_path
-from ldm_core.training import write_json
+from ldm_core.data import to_uint8
+from ldm_core.training import MetricHistory, write_json
 from pipelines.config import LDMConfig
 from pipelines.train_all import train_both_stages
 
@@ -27,7 +29,7 @@ DATA = "builtin:shapes"
 def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     """Run the demo into `out` and return the summary (also written to out/summary.json and summary.md)."""
     from evaluation.bench_recon import run_bench_recon
-    from evaluation.shapes_score import score_folder
+    from evaluation.shapes_score import score_folder, score_images
     from pipelines.generate import generate_images
     from pipelines.latent_diffusion import LatentDiffusionPipeline
     from stage_b_diffusion.noise_schedule import make_sampler
@@ -54,6 +56,9 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
                     out_dir=samples_dir)
     scores = score_folder(samples_dir)
     write_json(samples_dir / "scores.json", scores)
+    # The same noise through plain diffusers classes and a hand-written sampler (README, "The demo").
+    plain = score_images(_plain_diffusers_samples(paths["pipeline"], pipe, ev))
+    write_json(samples_dir / "scores_plain_diffusers.json", plain)
 
     # 3. Reconstruction fidelity on shapes the autoencoder never saw (another seed of the generator).
     bench_dir = out / "bench_recon"
@@ -63,14 +68,19 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     # 4. Summary.
     a_metrics = json.loads((out / "stage_a" / "metrics.json").read_text())
     b_metrics = json.loads((out / "stage_b" / "metrics.json").read_text())
+    psnr = {m["name"]: m["metrics"]["psnr"]["mean"] for m in bench["models"]}
     summary = {
         "wall_minutes": round((time.monotonic() - started) / 60, 2),
         "training_minutes": round(train_minutes, 2),
         "stage_a": {"steps": a_metrics["steps"], "val_psnr": a_metrics["validation"].get("psnr"),
                     "val_ssim": a_metrics["validation"].get("ssim"),
+                    "heldout_psnr": next(v for k, v in psnr.items() if not k.startswith("bicubic")),
+                    "bicubic_psnr": psnr.get("bicubic-f8"),
                     "scaling_factor": a_metrics["latent_stats"]["scaling_factor"]},
-        "stage_b": {"steps": b_metrics["steps"], "final_loss": _last(b_metrics["history"], "loss")},
-        "samples": {k: scores[k] for k in ("n", "validity", "class_histogram", "max_class_deviation")},
+        "stage_b": {"steps": b_metrics["steps"], "final_loss": MetricHistory(b_metrics["history"]).last("loss")},
+        "samples": {k: scores[k] for k in ("n", "validity", "class_histogram", "max_class_deviation", "reasons")},
+        "samples_plain_diffusers": {k: plain[k] for k in ("n", "validity", "class_histogram", "max_class_deviation")},
+        "sampler": f"{ev.scheduler}, {ev.num_inference_steps} steps",
         "bench_recon": bench.get("table_markdown"),
         "outputs": {
             "vae": str(paths["vae"]),
@@ -92,23 +102,42 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     return summary
 
 
-def _last(rows: list[dict], key: str):
-    return next((r[key] for r in reversed(rows) if key in r), None)
+def _plain_diffusers_samples(folder: Path, pipe, ev) -> "np.ndarray":
+    """uint8 (N, 3, H, W) images from the saved folder through plain diffusers models and the hand-written
+    DPM-Solver++(2M) loop, from the same per-image noise as `generate_images`."""
+    import numpy as np
+    import torch
+
+    from evaluation.reference_sampler import sample_saved_pipeline
+    from pipelines.generate import image_generator
+
+    size = pipe.unet.config.sample_size
+    shape = (1, pipe.unet.config.in_channels, size, size)
+    noise = torch.cat([torch.randn(shape, generator=image_generator(ev.seed, i)) for i in range(ev.num_images)])
+    images = sample_saved_pipeline(folder, noise, num_steps=ev.num_inference_steps)
+    return np.asarray(to_uint8(images * 2 - 1))
 
 
 def _summary_markdown(s: dict) -> str:
-    a, b, sm = s["stage_a"], s["stage_b"], s["samples"]
-    classes = ", ".join(f"{k} {v:.0%}" for k, v in sm["class_histogram"].items())
+    a, b, sm, pl = s["stage_a"], s["stage_b"], s["samples"], s["samples_plain_diffusers"]
+
+    def classes(scores):
+        return ", ".join(f"{k} {v:.0%}" for k, v in scores["class_histogram"].items())
+
     lines = [
         "# two-stage-ldm demo",
         "",
         f"Wall time {s['wall_minutes']:.1f} min (training {s['training_minutes']:.1f} min).",
         "",
-        f"- Stage A: {a['steps']} steps, held-out PSNR {a['val_psnr']:.2f} dB, SSIM {a['val_ssim']:.4f}, "
-        f"latent scaling factor {a['scaling_factor']:.4f}",
+        f"- Stage A: {a['steps']} steps, held-out PSNR {a['val_psnr']:.2f} dB, SSIM {a['val_ssim']:.4f}; on 256 "
+        f"unseen shapes {a['heldout_psnr']:.2f} dB against {a['bicubic_psnr']:.2f} dB for bicubic-f8; latent "
+        f"scaling factor {a['scaling_factor']:.4f}",
         f"- Stage B: {b['steps']} steps, final loss {b['final_loss']:.4f}",
-        f"- {sm['n']} generated images: {sm['validity']:.1%} valid shapes; classes {classes} "
-        f"(largest deviation from 1/3: {sm['max_class_deviation']:.1%})",
+        f"- {sm['n']} generated images ({s['sampler']}): {sm['validity']:.1%} valid shapes; classes {classes(sm)} "
+        f"(largest deviation from 1/3: {sm['max_class_deviation']:.1%}); invalid because: "
+        + (", ".join(f"{k} {v}" for k, v in sm["reasons"].items()) or "none"),
+        f"- the same noise through plain diffusers models and a hand-written DPM-Solver++(2M): "
+        f"{pl['validity']:.1%} valid; classes {classes(pl)}",
         "",
         "## Reconstruction benchmark (held-out shapes)",
         "",

@@ -8,7 +8,8 @@ from ldm_core.cli import main
 TINY = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_a.data.shapes_count=48",
         "stage_a.data.val_count=8", "stage_a.train.max_steps=2", "stage_a.train.batch_size=4",
         "stage_a.train.latent_stats_images=8", "stage_a.train.progress_bar=false",
-        "stage_b.model.preset=unet-tiny", "stage_b.data.resolution=32", "stage_b.data.shapes_count=48",
+        "stage_b.model.preset=unet-tiny", "stage_b.model.block_out_channels=null", "stage_b.data.resolution=32",
+        "stage_b.data.shapes_count=48",
         "stage_b.data.val_count=8", "stage_b.train.max_steps=2", "stage_b.train.batch_size=4",
         "stage_b.train.progress_bar=false", "stage_b.sampling.grid_images=2", "stage_b.sampling.num_inference_steps=2",
         "evaluation.num_images=4", "evaluation.num_inference_steps=2"]
@@ -21,6 +22,10 @@ def test_demo_writes_every_output_its_summary_names_and_does_not_rerun(tmp_path,
     assert summary["stage_a"]["steps"] == 2 and summary["stage_b"]["steps"] == 2
     assert summary["samples"]["n"] == 4 and 0.0 <= summary["samples"]["validity"] <= 1.0
     assert "| vae |" in summary["bench_recon"] and "bicubic-f8" in summary["bench_recon"]
+    assert summary["stage_a"]["bicubic_psnr"] > 0 and summary["stage_a"]["heldout_psnr"] > 0
+    # The plain-diffusers path scored the same number of images from the same noise.
+    plain = json.loads((out / "samples" / "scores_plain_diffusers.json").read_text())
+    assert plain["n"] == summary["samples_plain_diffusers"]["n"] == 4
     for name, path in summary["outputs"].items():
         if name != "tensorboard":
             assert Path(path).exists(), name

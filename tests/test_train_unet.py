@@ -17,7 +17,8 @@ from stage_b_diffusion.train import train_unet
 STAGE_A = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_a.data.shapes_count=64",
            "stage_a.data.val_count=8", "stage_a.loss.lpips_trunk=random", "stage_a.train.max_steps=4",
            "stage_a.train.batch_size=4", "stage_a.train.latent_stats_images=16", "stage_a.train.progress_bar=false"]
-STAGE_B = ["stage_b.model.preset=unet-tiny", "stage_b.data.resolution=32", "stage_b.data.shapes_count=64",
+STAGE_B = ["stage_b.model.preset=unet-tiny", "stage_b.model.block_out_channels=null", "stage_b.data.resolution=32",
+           "stage_b.data.shapes_count=64",
            "stage_b.data.val_count=8", "stage_b.train.max_steps=4", "stage_b.train.batch_size=4",
            "stage_b.train.progress_bar=false", "stage_b.sampling.grid_images=4", "stage_b.sampling.num_inference_steps=2",
            "stage_b.sampling.sample_every=2"]
