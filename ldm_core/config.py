@@ -195,7 +195,7 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequ
             raise ConfigError(f"Config file {path} does not exist. Presets live in configs/ "
                               f"(for example configs/vae/kl-f8-small.yaml).")
         with open(path) as fh:
-            data = yaml.load(fh, Loader=_YAML12Loader) or {}
+            data = _read_yaml(fh) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"Config file {path} must hold a mapping of keys to values.")
         layers.append((str(path), OmegaConf.create(data)))
@@ -241,6 +241,15 @@ _YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                     list("-+0123456789"))
 
 
+def _read_yaml(stream) -> Any:
+    """One YAML document through `_YAML12Loader`, a SafeLoader: plain data only, never Python objects."""
+    loader = _YAML12Loader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _dotlist_to_dict(overrides: Sequence[str]) -> dict:
     """`a.b=value` overrides as a nested dict, each value read as YAML 1.2 (numbers, lists, null, strings)."""
     tree: dict = {}
@@ -253,7 +262,7 @@ def _dotlist_to_dict(overrides: Sequence[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {item!r} sets a key inside {name!r}, which another override sets "
                                   f"to a value.")
-        node[leaf] = yaml.load(text, Loader=_YAML12Loader) if text.strip() else ""
+        node[leaf] = _read_yaml(text) if text.strip() else ""
     return tree
 
 
