@@ -65,6 +65,10 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     bench = run_bench_recon([str(paths["vae"])], DATA, cfg.stage_a.data.resolution, num_images=256,
                             shapes_seed=cfg.stage_a.data.shapes_seed + 1, out_dir=bench_dir)
 
+    # How many held-out shapes survive a round trip through the autoencoder: no Stage B can be more valid.
+    round_trip = _reconstruction_validity(paths["vae"], cfg.stage_a.data.shapes_seed + 1, num_images=256,
+                                          size=cfg.stage_a.data.resolution)
+
     # 4. Summary.
     a_metrics = json.loads((out / "stage_a" / "metrics.json").read_text())
     b_metrics = json.loads((out / "stage_b" / "metrics.json").read_text())
@@ -75,7 +79,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
         "stage_a": {"steps": a_metrics["steps"], "val_psnr": a_metrics["validation"].get("psnr"),
                     "val_ssim": a_metrics["validation"].get("ssim"),
                     "heldout_psnr": next(v for k, v in psnr.items() if not k.startswith("bicubic")),
-                    "bicubic_psnr": psnr.get("bicubic-f8"),
+                    "bicubic_psnr": psnr.get("bicubic-f8"), "reconstructions_valid": round_trip["validity"],
                     "scaling_factor": a_metrics["latent_stats"]["scaling_factor"]},
         "stage_b": {"steps": b_metrics["steps"], "final_loss": MetricHistory(b_metrics["history"]).last("loss")},
         "samples": {k: scores[k] for k in ("n", "validity", "class_histogram", "max_class_deviation", "reasons")},
@@ -100,6 +104,22 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     (out / "summary.md").write_text(_summary_markdown(summary))
     print(_summary_markdown(summary))
     return summary
+
+
+def _reconstruction_validity(vae_folder: Path, seed: int, num_images: int, size: int) -> dict:
+    """The shapes scorer on the autoencoder's reconstructions of `num_images` shapes of generator `seed`."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from evaluation.shapes_score import score_images
+    from ldm_core.shapes import make_shapes
+    from stage_a_vae.validation import reconstruct_uint8
+
+    images, labels, _ = make_shapes(num_images, seed, size=size)
+    vae = AutoencoderKL.from_pretrained(vae_folder, use_safetensors=True)
+    reconstructions = torch.cat([reconstruct_uint8(vae, torch.from_numpy(chunk)) for chunk in
+                                 (images[i:i + 32] for i in range(0, num_images, 32))])
+    return score_images(reconstructions.numpy(), labels)
 
 
 def _plain_diffusers_samples(folder: Path, pipe, ev) -> "np.ndarray":
@@ -130,8 +150,9 @@ def _summary_markdown(s: dict) -> str:
         f"Wall time {s['wall_minutes']:.1f} min (training {s['training_minutes']:.1f} min).",
         "",
         f"- Stage A: {a['steps']} steps, held-out PSNR {a['val_psnr']:.2f} dB, SSIM {a['val_ssim']:.4f}; on 256 "
-        f"unseen shapes {a['heldout_psnr']:.2f} dB against {a['bicubic_psnr']:.2f} dB for bicubic-f8; latent "
-        f"scaling factor {a['scaling_factor']:.4f}",
+        f"unseen shapes {a['heldout_psnr']:.2f} dB against {a['bicubic_psnr']:.2f} dB for bicubic-f8, and "
+        f"{a['reconstructions_valid']:.1%} of their reconstructions valid shapes; latent scaling factor "
+        f"{a['scaling_factor']:.4f}",
         f"- Stage B: {b['steps']} steps, final loss {b['final_loss']:.4f}",
         f"- {sm['n']} generated images ({s['sampler']}): {sm['validity']:.1%} valid shapes; classes {classes(sm)} "
         f"(largest deviation from 1/3: {sm['max_class_deviation']:.1%}); invalid because: "

@@ -23,6 +23,7 @@ def test_demo_writes_every_output_its_summary_names_and_does_not_rerun(tmp_path,
     assert summary["samples"]["n"] == 4 and 0.0 <= summary["samples"]["validity"] <= 1.0
     assert "| vae |" in summary["bench_recon"] and "bicubic-f8" in summary["bench_recon"]
     assert summary["stage_a"]["bicubic_psnr"] > 0 and summary["stage_a"]["heldout_psnr"] > 0
+    assert 0.0 <= summary["stage_a"]["reconstructions_valid"] <= 1.0
     # The plain-diffusers path scored the same number of images from the same noise.
     plain = json.loads((out / "samples" / "scores_plain_diffusers.json").read_text())
     assert plain["n"] == summary["samples_plain_diffusers"]["n"] == 4
