@@ -54,7 +54,6 @@ def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-@torch.no_grad()
 def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = "trailing") -> np.ndarray:
     """The training timesteps a `num_steps` sampler visits, highest first (Lin et al. 2023, Table 2).
 

@@ -33,7 +33,8 @@ from ldm_core.config import ConfigError
 if TYPE_CHECKING:
     from stage_a_vae.config import VAEModelConfig
 
-# SD's value; replaced by the measured 1/std(z) once a model has been trained (CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py, `scale_by_std`).
+# SD's value; replaced by the measured 1/std(z) once a model has been trained
+# (CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py, `scale_by_std`).
 PLACEHOLDER_SCALING_FACTOR = 0.18215
 
 
