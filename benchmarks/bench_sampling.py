@@ -25,7 +25,7 @@ SAMPLER_PLAN = [("ddpm", 1000), ("ddim", 50), ("dpmsolver++", 20), ("unipc", 20)
 
 def run(pipeline_path: Path, out: Path, num_images: int, batch_size: int, device: str) -> list[dict]:
     from evaluation.shapes_score import score_folder
-    from pipelines.generate import generate_images
+    from workflows.generate import generate_images
     from pipelines.latent_diffusion import LatentDiffusionPipeline
     from stage_b_diffusion.noise_schedule import make_sampler
 

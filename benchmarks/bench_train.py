@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.harness import (count_flops, machine_description, markdown_table, matmul_peak_flops,
                                 peak_memory_mib, pick_device, run_isolated, seconds_per_call, write_results)
+from ldm_core.image_values import to_model_input
 
 WORKER = "benchmarks.bench_train"
 NEVER = 10 ** 9  # a step count no benchmark reaches: validation/checkpoints off, discriminator never on
@@ -37,7 +38,7 @@ NEVER = 10 ** 9  # a step count no benchmark reaches: validation/checkpoints off
 
 def _stage_a_config(disc_on: bool, steps: int, images: int):
     from ldm_core.config import load_config
-    from ldm_core.presets import config_path
+    from ldm_core.preset_files import config_path
     from stage_a_vae.config import StageAConfig
 
     return load_config(StageAConfig, config_path("vae/kl-f8-small.yaml"), [
@@ -50,14 +51,14 @@ def _stage_a_config(disc_on: bool, steps: int, images: int):
 
 def _stage_b_config(steps: int, images: int, cache_dir: str):
     from ldm_core.config import load_config
-    from ldm_core.presets import config_path
+    from ldm_core.preset_files import config_path
     from stage_b_diffusion.config import StageBConfig
 
     return load_config(StageBConfig, config_path("unet/unet-small.yaml"), [
         f"train.max_steps={steps}", "train.time_budget_minutes=0", "train.log_every=1",
         f"train.checkpoint_every={NEVER}", f"sampling.sample_every={NEVER}", "sampling.grid_images=1",
         "sampling.num_inference_steps=1", "train.latent_stats_images=8", f"data.shapes_count={images}",
-        f"data.cache_dir={cache_dir}", "train.progress_bar=false", "train.lr_warmup_steps=0"])
+        f"data.latent_cache_dir={cache_dir}", "train.progress_bar=false", "train.lr_warmup_steps=0"])
 
 
 def _random_vae(folder: Path) -> Path:
@@ -78,7 +79,7 @@ def _run_ours(stage: str, disc_on: bool, steps: int, images: int, tmp: Path) -> 
         cfg = _stage_a_config(disc_on, steps, images)
         run = train_vae(cfg, "builtin:shapes", tmp / f"a{steps}")
     else:
-        from stage_b_diffusion.train import train_unet
+        from workflows.train_unet import train_unet
 
         cfg = _stage_b_config(steps, images, str(tmp / "cache"))
         run = train_unet(cfg, _random_vae(tmp / "vae"), "builtin:shapes", tmp / f"b{steps}")
@@ -92,9 +93,10 @@ def worker_ours(args) -> dict[str, Any]:
         if args.stage == "b":  # the one-time latent encoding, reported next to the step rate
             import time
 
-            from ldm_core.data import load_dataset, train_val_split
+            from ldm_core.batches import train_val_split
+            from ldm_core.image_sets import load_dataset
             from stage_b_diffusion.latent_cache import load_or_build_latent_cache
-            from stage_b_diffusion.train import load_frozen_vae
+            from ldm_core.autoencoder_folders import load_frozen_vae
 
             cfg = _stage_b_config(1, args.images, str(tmp / "cache"))
             vae, _ = load_frozen_vae(_random_vae(tmp / "vae"))
@@ -124,7 +126,7 @@ def worker_ours(args) -> dict[str, Any]:
 
 def worker_reference(args) -> dict[str, Any]:
     from benchmarks.reference_loops import ldm_stage_a_step, text_to_image_stage_b_step
-    from ldm_core.data import load_dataset
+    from ldm_core.image_sets import load_dataset
 
     device = pick_device(args.device)
     torch.manual_seed(0)
@@ -150,7 +152,7 @@ def worker_reference(args) -> dict[str, Any]:
     else:
         from stage_b_diffusion.noise_schedule import build_noise_scheduler
         from stage_b_diffusion.presets import build_unet
-        from stage_b_diffusion.train import load_frozen_vae
+        from ldm_core.autoencoder_folders import load_frozen_vae
 
         with tempfile.TemporaryDirectory() as tmp:
             vae, _ = load_frozen_vae(_random_vae(Path(tmp) / "vae"))
@@ -177,7 +179,7 @@ def _batch(images, counter: list, batch_size: int, device) -> torch.Tensor:
     start = (counter[0] * batch_size) % (len(images) - batch_size)
     counter[0] += 1
     x = torch.from_numpy(images[start:start + batch_size].copy()).to(device)
-    return x.float().div_(127.5).sub_(1.0)
+    return to_model_input(x)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -85,9 +85,9 @@ def measure(stage: str, steps: int, early: int, root: Path) -> dict:
             train_vae(load_config(StageAConfig, None, STAGE_A + overrides), "builtin:shapes", root / "stage_a")
         else:
             from stage_b_diffusion.config import StageBConfig
-            from stage_b_diffusion.train import train_unet
+            from workflows.train_unet import train_unet
 
-            cfg = load_config(StageBConfig, None, STAGE_B + overrides + [f"data.cache_dir={root / 'cache'}"])
+            cfg = load_config(StageBConfig, None, STAGE_B + overrides + [f"data.latent_cache_dir={root / 'cache'}"])
             train_unet(cfg, _tiny_vae_folder(root / "vae"), "builtin:shapes", root / "stage_b")
     seconds = time.perf_counter() - start
     a, b = probe.samples[early], probe.samples[steps]

@@ -50,8 +50,8 @@ def run_row(overrides: list[str], folder: Path) -> dict:
     import json
 
     from ldm_core.config import load_config
-    from ldm_core.presets import config_path
-    from pipelines.config import LDMConfig
+    from ldm_core.preset_files import config_path
+    from workflows.config import LDMConfig
     from stage_a_vae.train import train_vae
 
     settings = [f"train.max_steps={STEPS}", "train.validate_every=250", f"train.checkpoint_every={STEPS}",

@@ -15,7 +15,6 @@ the results; `run_bench_recon` does both and writes the report.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +25,15 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from evaluation import metrics as M
+from ldm_core import image_metrics as M
 from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
 from evaluation.reconstructors import (BicubicReconstructor, PeakMemory, Reconstructor,
-                                       VAEReconstructor, latent_stats)
+                                       VAEReconstructor)
 from evaluation.report import markdown_table, run_meta, save_pngs, write_outputs
 from ldm_core.config import DataConfig
-from ldm_core.data import iter_image_batches, to_model_input, to_uint8
+from ldm_core.image_streams import iter_image_batches
+from ldm_core.image_values import to_model_input, to_uint8
+from ldm_core.latent_stats import LatentMoments
 from ldm_core.pretrained import MissingWeightsError
 
 ALL_METRICS = ("psnr", "ssim", "msssim", "lpips", "rfid")
@@ -75,7 +76,7 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
         metrics: a subset of psnr, ssim, msssim, lpips, rfid.
         latent: "mode" (the protocol's default) or "sample" (seeded per image from `seed`).
         dtype: fp32 (default), bf16 or fp16 for the autoencoders.
-        lpips_backbone / lpips_weights / fid_weights: see `evaluation.metrics.load_lpips` and
+        lpips_backbone / lpips_weights / fid_weights: see `ldm_core.image_metrics.load_lpips` and
             `evaluation.inception.load_fid_inception`; a missing file makes that metric null.
         batch_source: `(rank, world_size) -> batches`, replacing the data reader (Python API only).
         fid_feature_net: replaces the Inception network (structural tests only; never reported).
@@ -153,7 +154,7 @@ def collect_shard(plan: BenchPlan, rank: int = 0, world_size: int = 1, progress:
     shards = []
     for position, model in enumerate(plan.models):
         fid = FIDStatistics(plan.fid_net, plan.device) if plan.fid_net is not None else None
-        rows, seconds, sums, warmup = [], 0.0, None, None
+        rows, seconds, moments, warmup = [], 0.0, LatentMoments(), None
         memory = PeakMemory(plan.device)
         with memory.loading():
             model.load(plan.device)
@@ -175,14 +176,15 @@ def collect_shard(plan: BenchPlan, rank: int = 0, world_size: int = 1, progress:
                 if position == 0:  # reference statistics once, during the cheap baseline pass
                     fid.update(ref, real=True)
             if latents is not None:
-                sums = latent_stats(latents, sums)
+                moments.add(latents)
             if plan.save_recon is not None:
                 save_pngs(plan.save_recon, model.name, indices, names, ref, rec, with_reference=position == 0)
             bar.update(len(indices))
         bar.close()
         model.unload()
         fid_state = fid.state() if fid is not None else None
-        shards.append({"name": model.name, "rows": rows, "fid": fid_state, "latent_sums": sums,
+        latent_sums = moments.to_state() if moments.count else None
+        shards.append({"name": model.name, "rows": rows, "fid": fid_state, "latent_sums": latent_sums,
                        "seconds": seconds, "warmup": warmup or (0, 0.0),
                        "peak_memory_bytes": memory.peak_bytes})
     return shards
@@ -256,19 +258,15 @@ def _rfid(plan: BenchPlan, parts, reference_states, n: int) -> dict:
     return entry
 
 
-def _merge_latent_sums(sums: list[Optional[dict]]) -> Optional[dict]:
-    sums = [s for s in sums if s is not None]
-    if not sums:
+def _merge_latent_sums(states: list[Optional[dict]]) -> Optional[dict]:
+    states = [s for s in states if s is not None]
+    if not states:
         return None
-    total = {k: sum(np.asarray(s[k], dtype=np.float64) for s in sums) for k in ("sum", "sumsq", "count")}
-    mean = total["sum"] / total["count"]
-    std = np.sqrt(np.maximum(total["sumsq"] / total["count"] - mean ** 2, 0.0))
-    count = float(total["count"].sum())
-    all_mean = total["sum"].sum() / count
-    all_std = math.sqrt(max(total["sumsq"].sum() / count - all_mean ** 2, 0.0))
-    return {"channel_mean": mean.tolist(), "channel_std": std.tolist(), "mean": float(all_mean),
-            "std": float(all_std), "implied_scaling_factor": 1.0 / all_std if all_std > 0 else None,
-            "n_values": int(count),
+    moments = LatentMoments.merge(states)
+    std = moments.std()
+    return {"channel_mean": moments.channel_mean().tolist(), "channel_std": moments.channel_std().tolist(),
+            "mean": moments.mean(), "std": std, "implied_scaling_factor": 1.0 / std if std > 0 else None,
+            "n_values": moments.values(),
             "note": "raw latents (before any scaling factor); implied factor = 1 / std over all values, "
                     "as LDM's scale_by_std"}
 
@@ -339,7 +337,7 @@ def _process_state():
     """accelerate's process state; without CUDA, several processes (torchrun) join over gloo on the CPU."""
     from accelerate import PartialState
 
-    from ldm_core.training import cpu_only
+    from ldm_core.accelerator import cpu_only
 
     return PartialState(cpu=cpu_only())
 
@@ -390,7 +388,7 @@ def main(args: argparse.Namespace) -> int:
     """Run `ldm bench-recon` and print the Markdown table."""
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     # Bad input raises ValueError / FileNotFoundError / MissingWeightsError, which `ldm` prints as a
-    # one-line error (ldm_core/cli.py).
+    # one-line error (workflows/cli.py).
     results = run_bench_recon(
         args.vae, args.data, args.resolution, out=args.out, progress=not args.no_progress,
         num_images=args.num_images, metrics=metrics, latent=args.latent, seed=args.seed,

@@ -22,7 +22,8 @@ from PIL import Image
 
 from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
 from ldm_core.config import DataConfig
-from ldm_core.data import BUILTIN_SHAPES, DataError, iter_image_batches, list_image_files
+from ldm_core.image_files import BUILTIN_SHAPES, DataError, list_image_files
+from ldm_core.image_streams import iter_image_batches
 from ldm_core.pretrained import MissingWeightsError
 
 

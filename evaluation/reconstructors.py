@@ -14,9 +14,11 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ldm_core.autoencoder_folders import resolve_vae_folder, vae_downsampling_factor
+from ldm_core.randomness import image_generator
 
 
 class Reconstructor:
@@ -82,7 +84,7 @@ class VAEReconstructor(Reconstructor):
         if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ValueError(f"{self.folder} holds a {config['_class_name']}, not an AutoencoderKL.")
         self.config = config
-        self.factor = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
+        self.factor = vae_downsampling_factor(config)
         self.name = self.path.resolve().name
         self.dtype, self.latent, self.seed = dtype, latent, seed
         self.weights = sorted(p for p in self.folder.iterdir() if p.suffix in (".safetensors", ".bin"))
@@ -109,7 +111,7 @@ class VAEReconstructor(Reconstructor):
         if self.latent == "mode":
             z = posterior.mode()
         else:
-            generators = [torch.Generator().manual_seed(per_image_seed(self.seed, i)) for i in indices]
+            generators = [image_generator(self.seed, int(i)) for i in indices]
             z = posterior.sample(generator=generators)
         return self.vae.decode(z).sample.float(), z.float()
 
@@ -120,21 +122,8 @@ class VAEReconstructor(Reconstructor):
                 "weights_sha256": {p.name: sha256_file(p) for p in self.weights}}
 
 
-def resolve_vae_folder(path: Path) -> Path:
-    """The folder holding the autoencoder's config.json: `path/vae` for run folders, else `path`."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"--vae {path}: no such folder. Give a run folder (holding vae/) or a "
-                                f"diffusers AutoencoderKL folder (holding config.json).")
-    for candidate in (path / "vae", path):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"--vae {path} is neither a run folder (no vae/config.json) nor a diffusers "
-                            f"AutoencoderKL folder (no config.json).")
 
 
-def per_image_seed(seed: int, index: int) -> int:
-    """An independent seed for each (run seed, image index) pair."""
-    return int(np.random.SeedSequence([seed, int(index)]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -146,14 +135,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def latent_stats(latents: torch.Tensor, sums: Optional[dict] = None) -> dict:
-    """Add a batch of latents (B, C, h, w) to running per-channel sums (float64)."""
-    z = latents.detach().to(torch.float64).transpose(0, 1).flatten(1)  # (C, B*h*w)
-    batch = {"sum": z.sum(1).cpu().numpy(), "sumsq": z.square().sum(1).cpu().numpy(),
-             "count": np.full(z.shape[0], z.shape[1], dtype=np.float64)}
-    if sums is None:
-        return batch
-    return {k: sums[k] + batch[k] for k in batch}
 
 
 class PeakMemory:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from evaluation.reconstructors import sha256_file
-from ldm_core.imaging import save_reconstruction_grid
+from ldm_core.image_grids import save_reconstruction_grid
 
 CSV_COLUMNS = ("model", "index", "name", "psnr", "ssim", "msssim", "lpips")
 DIFFERENCE_GAIN = 4.0
@@ -51,7 +51,7 @@ def run_meta(*, models, metrics, device, data: str, num_images, resolution: int,
     `lpips_file` is the LPIPS trunk file in use (None when LPIPS is unavailable); `fid` is "inception",
     "injected" (a test network) or None (unavailable). Weight files are identified by sha256.
     """
-    from evaluation import metrics as M
+    from ldm_core import image_metrics as M
     from evaluation.inception import FID_IMPL
     from ldm_core.pretrained import INCEPTION_FID_FILE, find_weights
 
@@ -63,7 +63,7 @@ def run_meta(*, models, metrics, device, data: str, num_images, resolution: int,
         "data": data, "shapes_seed": shapes_seed if data.startswith("builtin:") else None,
         "num_images_requested": num_images, "resolution": resolution,
         "crop": f"shorter side resized to {resolution} (Pillow bicubic, antialiased) then centre-cropped "
-                f"to {resolution}x{resolution}, once, kept as uint8 (ldm_core.data)",
+                f"to {resolution}x{resolution}, once, kept as uint8 (ldm_core.image_files)",
         "latent": latent, "seed": seed, "dtype": dtype, "device": str(device),
         "quantisation": "round((clamp(y, -1, 1) + 1) * 127.5) to uint8",
         "psnr_cap_db": M.PSNR_CAP_DB, "std": "population standard deviation over images (ddof=0)",

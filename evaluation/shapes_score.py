@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ldm_core.data import BUILTIN_SHAPES, BadImageError, DataError, load_image_uint8, resize_center_crop
+from ldm_core.image_files import BadImageError, BUILTIN_SHAPES, DataError, load_image_uint8, resize_center_crop
 from ldm_core.shapes import PALETTE_ARRAY, PALETTE_NAMES, SHAPE_CLASSES, shape_mask
 
 logger = logging.getLogger("ldm.eval")
@@ -91,7 +91,7 @@ def _as_64(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
         raise ValueError(f"score_image expects a uint8 numpy array of shape (3, H, W), got "
                          f"{type(image).__name__} {getattr(image, 'dtype', '')}; quantise model "
-                         f"outputs with ldm_core.data.to_uint8 first.")
+                         f"outputs with ldm_core.image_values.to_uint8 first.")
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"score_image expects channels-first (3, H, W), got shape {image.shape}; "
                          f"transpose HWC images with image.transpose(2, 0, 1).")
@@ -308,7 +308,7 @@ def class_match_summary(verdicts: list[ShapeVerdict], requested: list[str]) -> d
 
 
 GRID_NAME = "grid.png"
-LABELS_FILE = "labels.json"  # written by `ldm generate` (pipelines/generate.py) for class-conditional samples
+LABELS_FILE = "labels.json"  # written by `ldm generate` (workflows/generate.py) for class-conditional samples
 
 
 def read_requested_classes(folder: str | Path) -> Optional[dict]:

@@ -8,6 +8,8 @@ wrong type names the key and lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -38,14 +40,8 @@ class DataConfig:
     # Number of images drawn when `--data builtin:shapes` is used.
     shapes_count: int = 4096
     shapes_seed: int = 0
-    # Decoded uint8 images are cached here (default: a folder beside the run) so epochs never re-decode.
-    # A relative path is taken inside the run folder and may not climb out of it (see `resolve_run_path`);
-    # an absolute path is an explicit choice of a shared cache.
-    cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.cache_dir is not None:
-            check_relative_path("data.cache_dir", self.cache_dir)
         _require(self.resolution > 0, "data.resolution", self.resolution, "a positive integer")
         _require(self.val_count >= 0, "data.val_count", self.val_count, "0 or more")
         _require(self.shapes_count > 0, "data.shapes_count", self.shapes_count, "a positive integer")
@@ -182,23 +178,48 @@ def valid_keys(cls: Type[Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def _open_config(path: str | Path) -> tuple[str, Any]:
+    """(origin for messages, binary file object) of what `--config` names.
+
+    An existing file wins; otherwise `path` is looked up as a preset shipped with the package, so
+    `configs/vae/kl-f8-small.yaml`, `vae/kl-f8-small.yaml` and `vae/kl-f8-small` work from any folder.
+
+    Raises:
+        ConfigError: neither a file nor a preset; the message lists the presets.
+    """
+    candidate = Path(path)
+    if candidate.is_file():
+        return str(candidate), open(candidate, "rb")
+    # Imported here: preset_files imports ConfigError from this module.
+    from ldm_core import preset_files
+
+    found = preset_files.find_preset(str(path))
+    if found is not None:
+        name, resource = found
+        return f"preset {name}", resource.open("rb")
+    what = "is not a file" if candidate.exists() else "does not exist"
+    raise ConfigError(f"Config file {path} {what}, and no preset has that name. Give the path of a YAML file "
+                      f"or a preset name, with or without configs/ and .yaml (for example vae/kl-f8-small). "
+                      f"Presets: {preset_files.describe_presets()}.")
+
+
 def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, in that order.
+
+    `path` is a YAML file or, when no such file exists, the name of a shipped preset
+    (`configs/vae/kl-f8-small.yaml`, `vae/kl-f8-small.yaml`, `vae/kl-f8-small`).
 
     Raises ConfigError naming the offending key and listing the valid keys of its section.
     """
     schema = OmegaConf.structured(cls)
     layers = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist. Presets live in configs/ "
-                              f"(for example configs/vae/kl-f8-small.yaml).")
-        with open(path) as fh:
+        origin, stream = _open_config(path)
+        with stream as fh:
             data = _read_yaml(fh) or {}
         if not isinstance(data, dict):
-            raise ConfigError(f"Config file {path} must hold a mapping of keys to values.")
-        layers.append((str(path), OmegaConf.create(data)))
+            raise ConfigError(f"Config file {origin} must hold a mapping of keys to values.")
+        layers.append((origin, OmegaConf.create(data)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"Override {bad[0]!r} is not of the form key=value "
@@ -316,3 +337,10 @@ def save_config(config: Any, path: str | Path) -> None:
 
 __all__ = ["ConfigError", "DataConfig", "EMAConfig", "TrainConfig", "load_config", "save_config",
            "to_dict", "valid_keys", "field", "check_relative_path", "resolve_run_path"]
+
+
+def fingerprint(*sections: Any) -> str:
+    """A short hash of the config sections that define a checkpoint's shapes and semantics."""
+    blob = json.dumps([dataclasses.asdict(s) if hasattr(s, "__dataclass_fields__") else s for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+

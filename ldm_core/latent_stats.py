@@ -13,14 +13,19 @@ decoding.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm_core.data import to_model_input
+from ldm_core.image_values import to_model_input
+
+logger = logging.getLogger("ldm.latent_stats")
 
 
 @dataclass
@@ -42,6 +47,56 @@ class LatentStats:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+class LatentMoments:
+    """Running per-channel sums of latents in float64: the one estimator of latent mean and std here.
+
+    Streaming sums are exact enough for millions of elements without holding them all; `merge` combines
+    the sums of several processes. Standard deviations are unbiased (n - 1), as `torch.std` and LDM's
+    `scale_by_std` (`z.flatten().std()`, CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py) compute them.
+    """
+
+    def __init__(self, total: Optional[torch.Tensor] = None, sq_total: Optional[torch.Tensor] = None, count: int = 0):
+        self.total, self.sq_total, self.count = total, sq_total, count  # count: values per channel
+
+    def add(self, latents: torch.Tensor) -> None:
+        """Add a batch of latents (B, C, h, w)."""
+        z = latents.detach().to("cpu", torch.float64)
+        per_channel = z.sum(dim=(0, 2, 3)), z.pow(2).sum(dim=(0, 2, 3))
+        self.total = per_channel[0] if self.total is None else self.total + per_channel[0]
+        self.sq_total = per_channel[1] if self.sq_total is None else self.sq_total + per_channel[1]
+        self.count += z.shape[0] * z.shape[2] * z.shape[3]
+
+    def to_state(self) -> dict:
+        """Plain lists, to send between processes (`accelerate.utils.gather_object`)."""
+        return {"sum": self.total.tolist(), "sumsq": self.sq_total.tolist(), "count": self.count}
+
+    @classmethod
+    def merge(cls, states: list[dict]) -> "LatentMoments":
+        """The moments of all values that several `to_state()` summaries describe."""
+        as_tensor = lambda key: torch.tensor([s[key] for s in states], dtype=torch.float64).sum(0)  # noqa: E731
+        return cls(as_tensor("sum"), as_tensor("sumsq"), sum(int(s["count"]) for s in states))
+
+    def channel_mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    def channel_std(self) -> torch.Tensor:
+        var = (self.sq_total - self.count * self.channel_mean().pow(2)) / (self.count - 1)
+        return var.clamp_min(0).sqrt()
+
+    def values(self) -> int:
+        return self.count * len(self.total)
+
+    def mean(self) -> float:
+        return float(self.total.sum() / self.values())
+
+    def std(self) -> float:
+        """Over every latent element, all channels together."""
+        n_all = self.values()
+        global_mean = self.total.sum() / n_all
+        global_var = (self.sq_total.sum() - n_all * global_mean.pow(2)) / (n_all - 1)
+        return float(global_var.clamp_min(0).sqrt())
 
 
 def _vae_device(vae) -> torch.device:
@@ -95,28 +150,14 @@ def measure_latent_stats(vae, images_uint8: np.ndarray, *, max_images: int = 102
     if len(images) < 1:
         raise ValueError("No images to measure latent statistics on.")
     generator = torch.Generator().manual_seed(seed)
-    # Streaming sums in float64: exact enough for millions of elements without holding them all.
-    total = sq_total = None
-    count = 0
+    moments = LatentMoments()
     for mean, std in iter_posteriors(vae, images, batch_size):
-        z = mean + std * torch.randn(mean.shape, generator=generator) if sample else mean
-        z = z.double()
-        per_channel = z.sum(dim=(0, 2, 3)), z.pow(2).sum(dim=(0, 2, 3))
-        total = per_channel[0] if total is None else total + per_channel[0]
-        sq_total = per_channel[1] if sq_total is None else sq_total + per_channel[1]
-        count += z.shape[0] * z.shape[2] * z.shape[3]
-    channel_mean = total / count
-    # Unbiased (n - 1) variances, as torch.std computes them.
-    channel_var = (sq_total - count * channel_mean.pow(2)) / (count - 1)
-    n_all = count * len(total)
-    global_mean = total.sum() / n_all
-    global_var = (sq_total.sum() - n_all * global_mean.pow(2)) / (n_all - 1)
-    std = float(global_var.clamp_min(0).sqrt())
+        moments.add(mean + std * torch.randn(mean.shape, generator=generator) if sample else mean)
+    std = moments.std()
     if not np.isfinite(std) or std <= 0:
         raise ValueError(f"The latents have standard deviation {std}; the autoencoder is degenerate "
                          f"(check that Stage A trained and its weights loaded).")
-    return LatentStats(channel_mean=[float(v) for v in channel_mean],
-                       channel_std=[float(v) for v in channel_var.clamp_min(0).sqrt()],
+    return LatentStats(channel_mean=moments.channel_mean().tolist(), channel_std=moments.channel_std().tolist(),
                        std=std, scaling_factor=1.0 / std, num_images=len(images))
 
 
@@ -140,3 +181,18 @@ def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """The inverse of `scale_latents`: z = scaled / scaling_factor + shift_factor."""
     shift = getattr(vae_config, "shift_factor", None) or 0.0
     return latents / vae_config.scaling_factor + shift
+
+
+def resolve_latent_scale(vae, vae_path: Path, images: np.ndarray, max_images: int, seed: int):
+    """Use the VAE folder's measured scale (latent_stats.json); otherwise measure 1/std, say so, and write it
+    into `vae.config.scaling_factor` (so the saved pipeline carries it). Returns what was used, for metrics.json."""
+    stats_file = Path(vae_path) / "latent_stats.json"
+    if stats_file.is_file():
+        stats = json.loads(stats_file.read_text())
+        return {"source": str(stats_file), **stats}
+    stats = measure_latent_stats(vae, images, max_images=max_images, seed=seed)
+    logger.warning("%s has no measured latent scale (latent_stats.json); measured 1/std = %.5f over %d images "
+                   "(its config says %.5f). Using the measured value.", vae_path, stats.scaling_factor,
+                   stats.num_images, float(vae.config.scaling_factor))
+    apply_scaling_factor(vae, stats)
+    return {"source": "measured", **stats.to_json()}

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ldm_core.accelerator import end_run
+
 logger = logging.getLogger("ldm.train")
 
 
@@ -113,12 +115,6 @@ class NonFiniteLossPolicy:
         return False
 
 
-def drop_gradients(*optimizers) -> None:
-    """Clear the gradients of a skipped step (Accelerate's wrapped `zero_grad` only acts on sync steps)."""
-    for opt in optimizers:
-        getattr(opt, "optimizer", opt).zero_grad(set_to_none=True)
-
-
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM after writing a checkpoint; the message says how to resume.
 
@@ -175,38 +171,23 @@ def interrupted(stop: GracefulStop, step: int, max_steps: int, checkpoint: Path)
     return TrainingInterrupted(message)
 
 
-def finish_step(step: int, max_steps: int, periodic: list[tuple[int, Callable[[], Any]]], write_checkpoint,
+def finish_step(step: int, max_steps: int, periodic: list[tuple[int, Callable[[int], Any]]], write_checkpoint,
                 stop: GracefulStop, budget: TimeBudget, accelerator, bar) -> bool:
     """What both loops do after each optimizer step: periodic work, then the signal and time-budget stops.
 
     Parameters:
-        periodic: (every, action) pairs, e.g. validation and checkpoints, run when `step % every == 0`.
+        periodic: (every, action) pairs, e.g. validation and checkpoints: action(step) runs when
+            `step % every == 0`.
         write_checkpoint: writes the current state and returns its folder (used on a signal).
     Returns True when the time budget ends the run; raises TrainingInterrupted (after a checkpoint)
     on SIGINT/SIGTERM.
     """
     for every, action in periodic:
         if step % every == 0:
-            action()
+            action(step)
     if stop.requested(accelerator):
         bar.close()
         checkpoint = write_checkpoint()
         end_run(accelerator)
         raise interrupted(stop, step, max_steps, checkpoint)
     return _any_process(budget.stops_at(step, max_steps), accelerator)  # clocks differ between processes
-
-
-def end_run(accelerator) -> None:
-    """Close the trackers but keep the process group: `ldm train` runs Stage B in the same processes.
-
-    (`Accelerator.end_training` would destroy the group.) It is destroyed when the process exits.
-    """
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    if accelerator.num_processes > 1 and not getattr(end_run, "_registered", False):
-        import atexit
-
-        from accelerate import PartialState
-
-        atexit.register(PartialState().destroy_process_group)
-        end_run._registered = True

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config import ConfigError, DataConfig, EMAConfig, TrainConfig, _require
+from ldm_core.config import ConfigError, DataConfig, EMAConfig, TrainConfig, _require, check_relative_path
 
 
 @dataclass
@@ -74,6 +74,20 @@ class VAELossConfig:
 
 
 @dataclass
+class VAEDataConfig(DataConfig):
+    # A folder dataset's decoded uint8 images are kept here as .npy, so later runs on the same files skip
+    # the decode (keyed by the files' paths, sizes and times and the resolution). Unset: decoded in memory
+    # by every run. A relative path lies inside the run folder (see `resolve_run_path`); an absolute one
+    # is a cache shared by runs.
+    image_cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_cache_dir is not None:
+            check_relative_path("data.image_cache_dir", self.image_cache_dir)
+
+
+@dataclass
 class VAETrainConfig(TrainConfig):
     # LDM: Adam betas (0.5, 0.9) for both the autoencoder and the discriminator.
     adam_beta1: float = 0.5
@@ -88,14 +102,14 @@ class VAETrainConfig(TrainConfig):
 class StageAConfig:
     model: VAEModelConfig = field(default_factory=VAEModelConfig)
     loss: VAELossConfig = field(default_factory=VAELossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: VAEDataConfig = field(default_factory=VAEDataConfig)
     train: VAETrainConfig = field(default_factory=VAETrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def model_fingerprint(self) -> str:
         """Hash of what a Stage A checkpoint's tensors depend on (model, loss, resolution); a checkpoint
         is only resumed by a config with the same fingerprint."""
-        from ldm_core.training import fingerprint
+        from ldm_core.config import fingerprint
 
         return fingerprint(self.model, self.loss, self.data.resolution)
 

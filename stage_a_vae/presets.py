@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
+from ldm_core.autoencoder_folders import downsampling_factor
 from ldm_core.config import ConfigError
 
 if TYPE_CHECKING:
@@ -68,10 +69,6 @@ VAE_PRESETS: dict[str, dict] = {
     "kl-f8-tiny": _kl_f8_preset((8, 16, 32, 32), layers_per_block=1, norm_num_groups=4, sample_size=32),
 }
 
-
-def downsample_factor(vae: AutoencoderKL) -> int:
-    """Spatial downsampling factor f of an `AutoencoderKL`: every block but the last halves H and W."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def build_autoencoder(model_cfg: "VAEModelConfig") -> AutoencoderKL:
@@ -118,7 +115,7 @@ def build_autoencoder(model_cfg: "VAEModelConfig") -> AutoencoderKL:
         raise ConfigError(f"model.latent_channels={model_cfg.latent_channels} must be 1 or more.")
     kwargs["latent_channels"] = int(model_cfg.latent_channels)
 
-    factor = 2 ** (len(kwargs["block_out_channels"]) - 1)
+    factor = downsampling_factor(kwargs["block_out_channels"])
     if factor != model_cfg.downsample_factor:
         raise ConfigError(
             f"model.downsample_factor={model_cfg.downsample_factor} does not match the architecture: "
@@ -183,5 +180,5 @@ def init_posterior_logvar(vae: AutoencoderKL, logvar: float) -> None:
         quant.weight[:latent, latent:].zero_()
 
 
-__all__ = ["VAE_PRESETS", "PLACEHOLDER_SCALING_FACTOR", "build_autoencoder", "downsample_factor", "init_posterior_logvar",
+__all__ = ["VAE_PRESETS", "PLACEHOLDER_SCALING_FACTOR", "build_autoencoder", "init_posterior_logvar",
            "zero_init_residual_branches"]

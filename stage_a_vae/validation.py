@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evaluation.metrics import psnr_per_image, ssim_per_image
-from ldm_core.data import to_model_input, to_uint8
+from ldm_core.image_metrics import psnr_per_image, ssim_per_image
+from ldm_core.image_values import to_model_input, to_uint8
 
 
 @torch.no_grad()

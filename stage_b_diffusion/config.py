@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config import DataConfig, EMAConfig, TrainConfig, _require
+from ldm_core.config import DataConfig, EMAConfig, TrainConfig, _require, check_relative_path
 
 
 @dataclass
@@ -68,6 +68,19 @@ class SamplingConfig:
 
 
 @dataclass
+class UNetDataConfig(DataConfig):
+    # The frozen VAE's posteriors of the training images (mean and std, encoded once). The file name
+    # carries a hash of the VAE, the images and the flip setting, so stale latents are never read. A
+    # relative path lies inside the run folder (the default: RUN/latents); an absolute one is a cache
+    # shared by runs, which then skip the encoding (delete its files to reclaim the space).
+    latent_cache_dir: str = "latents"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_relative_path("data.latent_cache_dir", self.latent_cache_dir)
+
+
+@dataclass
 class UNetTrainConfig(TrainConfig):
     lr: float = 2e-4
     lr_warmup_steps: int = 100
@@ -79,7 +92,7 @@ class UNetTrainConfig(TrainConfig):
 class StageBConfig:
     model: UNetModelConfig = field(default_factory=UNetModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: UNetDataConfig = field(default_factory=UNetDataConfig)
     train: UNetTrainConfig = field(default_factory=UNetTrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -87,6 +100,6 @@ class StageBConfig:
     def model_fingerprint(self) -> str:
         """Hash of what a Stage B checkpoint's tensors depend on (model, diffusion, resolution); a
         checkpoint is only resumed by a config with the same fingerprint."""
-        from ldm_core.training import fingerprint
+        from ldm_core.config import fingerprint
 
         return fingerprint(self.model, self.diffusion, self.data.resolution)

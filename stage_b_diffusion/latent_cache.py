@@ -30,6 +30,7 @@ from ldm_core.latent_stats import iter_posteriors
 _FORMAT = "1"
 
 
+
 class LatentCache:
     """Posterior mean and std of every training image: float32 tensors (M, C, h, w).
 

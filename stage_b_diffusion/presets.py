@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from diffusers import UNet2DModel
 
+from ldm_core.autoencoder_folders import vae_downsampling_factor
 from ldm_core.config import ConfigError
 
 if TYPE_CHECKING:
     from stage_b_diffusion.config import UNetModelConfig
 
 # Keys that come from the autoencoder, never from a preset.
-_VAE_KEYS = ("in_channels", "out_channels", "sample_size")
 
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests only: a few thousand parameters, one attention level.
@@ -137,7 +137,7 @@ def build_unet(model_cfg: "UNetModelConfig", *, latent_channels: int, latent_siz
 
 def check_unet_matches_vae(unet: UNet2DModel, vae, resolution: int) -> None:
     """Raise ValueError, naming both shapes, unless `unet` denoises exactly the latents `vae` gives at `resolution`."""
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = vae_downsampling_factor(vae)
     if resolution % f:
         lower, upper = max(f, resolution - resolution % f), resolution - resolution % f + f
         raise ValueError(f"Resolution {resolution} is not a multiple of the VAE's downsampling factor f={f}. "

@@ -21,9 +21,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from ldm_core.cli import main
+from workflows.cli import main
 from ldm_core.config import ConfigError, load_config
-from ldm_core.data import BadImageError, load_dataset, load_image_uint8
+from ldm_core.image_files import BadImageError, load_image_uint8
+from ldm_core.image_sets import load_dataset
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_a_vae.config import StageAConfig
 from stage_b_diffusion.config import DiffusionConfig, UNetModelConfig
@@ -280,7 +281,7 @@ def test_ldm_train_refuses_an_explicit_checkpoint_path(finished_run, tmp_path, c
 
 def test_config_path_climbing_out_of_the_run_folder_is_refused(tmp_path, capsys):
     line = cli_error(capsys, ["train-vae", "--data", "builtin:shapes", "--out", str(tmp_path / "r"),
-                              "data.cache_dir=../../elsewhere"])
+                              "data.image_cache_dir=../../elsewhere"])
     assert "climbs out of the run folder" in line
     with pytest.raises(ConfigError, match="not a usable path"):
-        load_config(StageAConfig, None, ["data.cache_dir=''"])
+        load_config(StageAConfig, None, ["data.image_cache_dir=''"])

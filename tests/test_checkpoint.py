@@ -8,7 +8,8 @@ import torch
 
 from ldm_core.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, resolve_resume,
                                  save_checkpoint)
-from ldm_core.training import StepBatches, step_generator
+from ldm_core.batches import StepBatches
+from ldm_core.randomness import step_generator
 
 
 def _save(root, step, keep=2, fp="abc"):

@@ -12,12 +12,14 @@ from PIL import Image
 from evaluation import shapes_score
 from evaluation.eval_samples import run_eval_samples, summary_text
 from evaluation.shapes_score import read_requested_classes, score_folder, score_image
-from ldm_core.cli import main
+from workflows.cli import main
 from ldm_core.config import load_config
-from ldm_core.data import DataError, load_dataset
+from ldm_core.image_files import DataError
+from ldm_core.image_sets import load_dataset
 from ldm_core.shapes import SHAPE_CLASSES, make_shapes
-from pipelines import generate
-from pipelines.generate import generate_images, image_generator, write_labels_file
+from workflows import generate
+from ldm_core.randomness import image_generator
+from workflows.generate import generate_images, write_labels_file
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.objective import drop_class_labels

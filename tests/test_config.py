@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from ldm_core.config import ConfigError, load_config, save_config, valid_keys
-from ldm_core.presets import CONFIG_DIR
-from pipelines.config import LDMConfig
+from ldm_core.preset_files import available_presets, config_path
+from workflows.config import LDMConfig
 from stage_a_vae.config import StageAConfig
 from stage_b_diffusion.config import StageBConfig
 
@@ -74,11 +74,11 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_every_shipped_preset_loads():
     schema = {"vae": StageAConfig, "unet": StageBConfig}
-    presets = sorted(CONFIG_DIR.rglob("*.yaml"))
-    assert presets
-    for path in presets:
-        cls = schema.get(path.parent.name, LDMConfig)
-        load_config(cls, path)
+    presets = available_presets()
+    assert {"demo.yaml", "vae/kl-f8-small.yaml", "unet/unet-small.yaml"} <= set(presets)
+    for name in presets:
+        cls = schema.get(name.split("/")[0], LDMConfig)
+        load_config(cls, config_path(name))
 
 
 def test_valid_keys_are_dotted_and_complete():

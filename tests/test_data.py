@@ -10,9 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_core import data as data_module
-from ldm_core.data import (BadImageError, DataError, iter_image_batches, list_image_files,
-                           load_dataset, load_image_uint8, to_model_input, to_uint8, train_val_split)
+from ldm_core import image_files as data_module
+from ldm_core.batches import train_val_split
+from ldm_core.image_files import BadImageError, DataError, list_image_files, load_image_uint8
+from ldm_core.image_sets import load_dataset
+from ldm_core.image_streams import iter_image_batches
+from ldm_core.image_values import to_model_input, to_uint8
 from ldm_core.shapes import make_shapes
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from ldm_core.cli import main
+from workflows.cli import main
 
 TINY = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_a.data.shapes_count=48",
         "stage_a.data.val_count=8", "stage_a.train.max_steps=2", "stage_a.train.batch_size=4",
@@ -17,7 +17,7 @@ TINY = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_
 
 def test_demo_writes_every_output_its_summary_names_and_does_not_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), *TINY, f"stage_b.data.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert main(["demo", "--out", str(out), *TINY, f"stage_b.data.latent_cache_dir={tmp_path / 'cache'}"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stage_a"]["steps"] == 2 and summary["stage_b"]["steps"] == 2
     assert summary["samples"]["n"] == 4 and 0.0 <= summary["samples"]["validity"] <= 1.0

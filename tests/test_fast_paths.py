@@ -12,7 +12,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from ldm_core.config import TrainConfig
-from ldm_core.speed import StepTimer, apply_memory_format, make_adam
+from ldm_core.accelerator import apply_memory_format
+from ldm_core.optimization import make_adam
+from ldm_core.step_timer import StepTimer
 from stage_a_vae.config import VAEModelConfig
 from stage_a_vae.presets import build_autoencoder
 from stage_b_diffusion.config import UNetModelConfig
@@ -117,7 +119,7 @@ def test_foreach_ema_tracks_the_same_average_as_the_loop(unet):
     from diffusers.training_utils import EMAModel
 
     from ldm_core.config import EMAConfig
-    from ldm_core.training import make_ema
+    from ldm_core.ema import make_ema
 
     model = copy.deepcopy(unet)
     fast = make_ema(model, EMAConfig(decay=0.9))

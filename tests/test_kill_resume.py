@@ -21,7 +21,7 @@ from ldm_core.config import load_config
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.train import train_vae
 from stage_b_diffusion.config import StageBConfig
-from stage_b_diffusion.train import train_unet
+from workflows.train_unet import train_unet
 
 KILLS = 5
 STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
@@ -136,7 +136,7 @@ def test_stage_b_killed_five_times_ends_identical(tmp_path):
     AutoencoderKL(block_out_channels=(4, 4, 8, 8), layers_per_block=1, norm_num_groups=2, latent_channels=4,
                   down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(vae_dir)
-    cfg = load_config(StageBConfig, None, STAGE_B + [f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(StageBConfig, None, STAGE_B + [f"data.latent_cache_dir={tmp_path / 'cache'}"])
     train_unet(cfg, vae_dir, "builtin:shapes", tmp_path / "full")  # also builds the latent cache
     run = tmp_path / "killed"
     events = _kill_and_resume(run, lambda: train_unet(cfg, vae_dir, "builtin:shapes", run, resume="latest"),

@@ -8,9 +8,9 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from evaluation import metrics as M
+from ldm_core import image_metrics as M
 from evaluation.inception import FIDStatistics, load_fid_inception
-from ldm_core.data import to_model_input, to_uint8
+from ldm_core.image_values import to_model_input, to_uint8
 from ldm_core.pretrained import INCEPTION_FID_FILE, MissingWeightsError
 
 

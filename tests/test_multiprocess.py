@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from evaluation.bench_recon import run_bench_recon
-from ldm_core.cli import main
+from workflows.cli import main
 from ldm_core.config import load_config
-from ldm_core.training import StepBatches
+from ldm_core.batches import StepBatches
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.presets import build_autoencoder
@@ -49,14 +49,14 @@ import json, sys
 from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
-import stage_a_vae.train, stage_b_diffusion.train, ldm_core.training, ldm_core.run_control
-from ldm_core.cli import main
+import ldm_core.training_run, ldm_core.batches, ldm_core.accelerator
+from workflows.cli import main
 
 out = Path(sys.argv[1])
 # As the trainers do: without CUDA, the process group is joined only when asked for the CPU.
 rank = PartialState(cpu=True).process_index
 draws = []
-original_call, original_end = ldm_core.training.StepBatches.__call__, ldm_core.run_control.end_run
+original_call, original_end = ldm_core.batches.StepBatches.__call__, ldm_core.accelerator.end_run
 
 def record_call(self, micro_step):
     indices, flips = original_call(self, micro_step)
@@ -74,8 +74,8 @@ def record_end(accelerator, _stage=[0]):
     draws.clear()
     original_end(accelerator)
 
-ldm_core.training.StepBatches.__call__ = record_call
-stage_a_vae.train.end_run = stage_b_diffusion.train.end_run = record_end
+ldm_core.batches.StepBatches.__call__ = record_call
+ldm_core.training_run.end_run = record_end
 for command in json.loads(Path(sys.argv[2]).read_text()):
     assert main(command) == 0, command
 '''
@@ -104,7 +104,7 @@ def two_process_run(tmp_path_factory):
     commands = [
         ["train-vae", "--data", "builtin:shapes", "--out", str(root / "a"), *STAGE_A],
         ["train-unet", "--vae", str(root / "a" / "vae"), "--data", "builtin:shapes", "--out", str(root / "b"),
-         *STAGE_B, f"data.cache_dir={root / 'cache'}"],
+         *STAGE_B, f"data.latent_cache_dir={root / 'cache'}"],
         ["generate", "--model", str(root / "b" / "pipeline"), "--out", str(root / "gen2"), *GENERATE],
         ["bench-recon", "--vae", str(root / "a"), *BENCH, "--out", str(root / "bench2" / "results.json")],
     ]
@@ -192,19 +192,19 @@ SIGNAL_WORKER = '''
 import json, os, signal, sys
 from pathlib import Path
 from accelerate import PartialState
-import ldm_core.training
-from ldm_core.cli import main
+import ldm_core.batches
+from workflows.cli import main
 
 out = Path(sys.argv[1])
 rank = PartialState(cpu=True).process_index
-original = ldm_core.training.StepBatches.__call__
+original = ldm_core.batches.StepBatches.__call__
 
 def call(self, micro_step):
     if rank == 1 and micro_step == 2:
         os.kill(os.getpid(), signal.SIGTERM)  # only this process is told to stop, in the middle of step 2
     return original(self, micro_step)
 
-ldm_core.training.StepBatches.__call__ = call
+ldm_core.batches.StepBatches.__call__ = call
 (out / f"rc{rank}").write_text(str(main(json.loads(sys.argv[2]))))
 '''
 

@@ -9,7 +9,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from PIL import Image
 
-from pipelines.generate import generate_images, image_generator
+from ldm_core.randomness import image_generator
+from workflows.generate import generate_images
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.config import DiffusionConfig, UNetModelConfig
 from stage_b_diffusion.noise_schedule import SAMPLERS, build_noise_scheduler, make_sampler

@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_core.cli import main
+from workflows.cli import main
 from ldm_core.config import ConfigError, resolve_run_path
 from ldm_core.pretrained import UnsafeModelFolderError, check_model_folder, load_state_dict
 from pipelines.latent_diffusion import LatentDiffusionPipeline
@@ -167,16 +167,16 @@ def test_pickle_only_weights_are_refused(saved_pipeline, capsys):
 def test_config_paths_stay_inside_the_run_folder(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    assert resolve_run_path(run, "cache", "data.cache_dir") == (run / "cache").resolve()
-    assert resolve_run_path(run, "a/b", "data.cache_dir") == (run / "a" / "b").resolve()
+    assert resolve_run_path(run, "cache", "data.latent_cache_dir") == (run / "cache").resolve()
+    assert resolve_run_path(run, "a/b", "data.latent_cache_dir") == (run / "a" / "b").resolve()
     absolute = tmp_path / "shared"
-    assert resolve_run_path(run, str(absolute), "data.cache_dir") == absolute  # an explicit choice
+    assert resolve_run_path(run, str(absolute), "data.latent_cache_dir") == absolute  # an explicit choice
     for escape in ("..", "../x", "a/../../x"):
         with pytest.raises(ConfigError, match="climbs out of the run folder"):
-            resolve_run_path(run, escape, "data.cache_dir")
+            resolve_run_path(run, escape, "data.latent_cache_dir")
     os.symlink(tmp_path, run / "link")  # a link inside the run folder pointing out of it
     with pytest.raises(ConfigError, match="outside the run folder"):
-        resolve_run_path(run, "link/cache", "data.cache_dir")
+        resolve_run_path(run, "link/cache", "data.latent_cache_dir")
 
 
 def test_vae_folders_are_read_as_safetensors_only(tmp_path, capsys):

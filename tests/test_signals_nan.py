@@ -16,7 +16,7 @@ from stage_a_vae.config import StageAConfig
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
 from stage_a_vae.train import train_vae
 from stage_b_diffusion.config import StageBConfig
-from stage_b_diffusion.train import train_unet
+from workflows.train_unet import train_unet
 
 STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
            "data.resolution=16", "data.shapes_count=24", "data.val_count=4", "loss.lpips_trunk=random",
@@ -53,7 +53,7 @@ def _a(*extra):
 
 
 def _b(cache, *extra):
-    return load_config(StageBConfig, None, STAGE_B + [f"data.cache_dir={cache}", *extra])
+    return load_config(StageBConfig, None, STAGE_B + [f"data.latent_cache_dir={cache}", *extra])
 
 
 def _signal_at_micro_step(monkeypatch, module, micro_step, signum):
@@ -77,7 +77,7 @@ def _same(a, b):
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_identically(tmp_path, monkeypatch):
-    import stage_a_vae.train as module
+    import ldm_core.training_run as module  # both stages draw every micro-step's generator through it
 
     full = train_vae(_a("train.max_steps=6"), "builtin:shapes", tmp_path / "full")
     handler_before = signal.getsignal(signal.SIGTERM)
@@ -96,7 +96,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_identically(tmp_path,
 
 
 def test_sigint_stops_stage_b_after_the_step(tmp_path, monkeypatch, vae_dir):
-    import stage_b_diffusion.train as module
+    import ldm_core.training_run as module
 
     _signal_at_micro_step(monkeypatch, module, 1, signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match=r"SIGINT after step 2 of 5"):
@@ -200,9 +200,9 @@ def test_policy_checks_numbers_and_tensors():
 
 
 def test_cli_reports_the_stop_and_how_to_resume(tmp_path, monkeypatch, capsys):
-    import stage_a_vae.train as module
+    import ldm_core.training_run as module
 
-    from ldm_core.cli import main
+    from workflows.cli import main
 
     _signal_at_micro_step(monkeypatch, module, 1, signal.SIGINT)
     rc = main(["train-vae", "--data", "builtin:shapes", "--out", str(tmp_path / "run"), *STAGE_A,

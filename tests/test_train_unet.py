@@ -9,10 +9,10 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel
 from PIL import Image
 
-from ldm_core.cli import main
+from workflows.cli import main
 from ldm_core.config import load_config
 from stage_b_diffusion.config import StageBConfig
-from stage_b_diffusion.train import train_unet
+from workflows.train_unet import train_unet
 
 STAGE_A = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_a.data.shapes_count=64",
            "stage_a.data.val_count=8", "stage_a.loss.lpips_trunk=random", "stage_a.train.max_steps=4",
@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ldm")
     out = root / "run"
     rc = main(["train", "--config", "configs/demo.yaml", "--data", "builtin:shapes", "--out", str(out),
-               *STAGE_A, *STAGE_B, f"stage_b.data.cache_dir={root / 'cache'}"])
+               *STAGE_A, *STAGE_B, f"stage_b.data.latent_cache_dir={root / 'cache'}"])
     assert rc == 0
     return out
 
@@ -69,7 +69,7 @@ def test_generate_and_eval_samples_commands(trained, tmp_path):
 
 def _stage_b_cfg(tmp_path, *extra):
     return load_config(StageBConfig, None, [o.replace("stage_b.", "") for o in STAGE_B] +
-                       [f"data.cache_dir={tmp_path / 'cache'}", "sampling.sample_every=1000", *extra])
+                       [f"data.latent_cache_dir={tmp_path / 'cache'}", "sampling.sample_every=1000", *extra])
 
 
 def test_stage_b_resume_matches_uninterrupted(trained, tmp_path):
@@ -101,7 +101,7 @@ def test_vae_without_measured_scale_is_measured_and_recorded(trained, tmp_path, 
 def test_mismatched_unet_and_vae_is_a_clear_error(trained, tmp_path, capsys):
     rc = main(["train-unet", "--vae", str(trained / "stage_a" / "vae"), "--data", "builtin:shapes",
                "--out", str(tmp_path / "r"), "model.preset=unet-tiny", "data.resolution=36",
-               f"data.cache_dir={tmp_path / 'cache'}"])
+               f"data.latent_cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err
     assert rc == 2 and "not a multiple of the VAE's downsampling factor f=8" in err
     assert "Encoding latents" not in err  # refused before any work
@@ -129,7 +129,7 @@ def test_resuming_with_a_vae_of_other_latent_channels_is_a_clear_error(trained, 
     run = trained / "stage_b"
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     rc = main(["train-unet", "--config", str(run / "config.yaml"), "--vae", str(other), "--data", "builtin:shapes",
-               "--out", str(run), "--resume", "latest", f"data.cache_dir={tmp_path / 'cache'}"])
+               "--out", str(run), "--resume", "latest", f"data.latent_cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not fit" in err and "8 latent channels" in err and "Traceback" not in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints

@@ -5,7 +5,8 @@ import torch
 
 from ldm_core.config import ConfigError
 from stage_a_vae.config import VAEModelConfig
-from stage_a_vae.presets import VAE_PRESETS, build_autoencoder, downsample_factor
+from ldm_core.autoencoder_folders import vae_downsampling_factor as downsample_factor
+from stage_a_vae.presets import VAE_PRESETS, build_autoencoder
 
 
 def test_kl_f8_is_stable_diffusions_autoencoder():

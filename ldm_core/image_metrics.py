@@ -26,6 +26,7 @@ from torchmetrics.functional.image import (
     structural_similarity_index_measure,
 )
 
+from ldm_core.image_values import to_model_input
 from ldm_core.pretrained import LPIPS_TRUNK_FILES, build_pretrained_lpips
 
 # PSNR of two identical images is infinite; a finite cap keeps means and stds defined.
@@ -53,7 +54,7 @@ def _check_pair(reference: torch.Tensor, reconstruction: torch.Tensor) -> None:
         if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 4 or t.shape[1] != 3:
             raise ValueError(f"The {name} must be a uint8 tensor of shape (N, 3, H, W); got "
                              f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}. "
-                             f"Quantise with ldm_core.data.to_uint8 first.")
+                             f"Quantise with ldm_core.image_values.to_uint8 first.")
     if reference.shape != reconstruction.shape:
         raise ValueError(f"Reference {tuple(reference.shape)} and reconstruction "
                          f"{tuple(reconstruction.shape)} must have the same shape.")
@@ -153,8 +154,8 @@ def lpips_per_image(model, reference: torch.Tensor, reconstruction: torch.Tensor
     """LPIPS distance of each pair; uint8 inputs are mapped to [-1, 1] as the lpips package expects."""
     _check_pair(reference, reconstruction)
     device = next(model.parameters()).device
-    ref = reference.to(device, torch.float32) / 127.5 - 1.0
-    rec = reconstruction.to(device, torch.float32) / 127.5 - 1.0
+    ref = to_model_input(reference.to(device))
+    rec = to_model_input(reconstruction.to(device))
     return model(rec, ref).flatten().to(torch.float64).cpu()
 
 

@@ -24,21 +24,15 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from ldm_core.imaging import save_grid
-from ldm_core.training import seeded_generator
+from ldm_core.image_grids import save_grid
+from ldm_core.randomness import image_generator
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
 
-__all__ = ["LABELS_FILE", "image_generator", "generate_images", "write_labels_file", "save_grid", "add_arguments",
+__all__ = ["LABELS_FILE", "generate_images", "write_labels_file", "save_grid", "add_arguments",
            "main"]
 
 LABELS_FILE = "labels.json"  # read by evaluation.shapes_score.score_folder
-
-
-def image_generator(base_seed: int, index: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
-    """The generator of image `index`: seeded from (base_seed, index), so seeds of different images are
-    independent (not consecutive integers) and reproducible."""
-    return seeded_generator(base_seed, index, device=device)
 
 
 def _labels_for(indices: Sequence[int], class_labels, num_images: int, num_classes: int) -> Optional[list]:
@@ -159,10 +153,10 @@ def load_pipeline(model_dir: Union[str, Path]) -> LatentDiffusionPipeline:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run `ldm generate` (launch with `accelerate launch -m ldm_core.cli generate ...` for several GPUs)."""
+    """Run `ldm generate` (launch with `accelerate launch -m workflows.cli generate ...` for several GPUs)."""
     from accelerate import Accelerator
 
-    from ldm_core.training import cpu_only
+    from ldm_core.accelerator import cpu_only
 
     accelerator = Accelerator(cpu=args.device == "cpu" or cpu_only())
     device = torch.device(args.device) if args.device else accelerator.device

@@ -9,6 +9,7 @@ counts, so the same command gives the same result on any machine.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Sequence
 
 from ldm_core.config import load_config
-from ldm_core.presets import config_path
-from ldm_core.data import to_uint8
-from ldm_core.training import MetricHistory, write_json
-from pipelines.config import LDMConfig
-from pipelines.train_all import train_both_stages
+from ldm_core.preset_files import config_path
+from ldm_core.image_values import to_uint8
+from ldm_core.metric_history import MetricHistory
+from ldm_core.run_folder import write_json
+from workflows.config import LDMConfig
+from workflows.train_all import train_both_stages
 
 logger = logging.getLogger("ldm.demo")
 DATA = "builtin:shapes"
@@ -30,7 +32,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     """Run the demo into `out` and return the summary (also written to out/summary.json and summary.md)."""
     from evaluation.bench_recon import run_bench_recon
     from evaluation.shapes_score import score_folder, score_images
-    from pipelines.generate import generate_images
+    from workflows.generate import generate_images
     from pipelines.latent_diffusion import LatentDiffusionPipeline
     from stage_b_diffusion.noise_schedule import make_sampler
 
@@ -122,14 +124,14 @@ def _reconstruction_validity(vae_folder: Path, seed: int, num_images: int, size:
     return score_images(reconstructions.numpy(), labels)
 
 
-def _plain_diffusers_samples(folder: Path, pipe, ev) -> "np.ndarray":
+def _plain_diffusers_samples(folder: Path, pipe, ev):
     """uint8 (N, 3, H, W) images from the saved folder through plain diffusers models and the hand-written
     DPM-Solver++(2M) loop, from the same per-image noise as `generate_images`."""
     import numpy as np
     import torch
 
     from evaluation.reference_sampler import sample_saved_pipeline
-    from pipelines.generate import image_generator
+    from ldm_core.randomness import image_generator
 
     size = pipe.unet.config.sample_size
     shape = (1, pipe.unet.config.in_channels, size, size)
@@ -169,3 +171,15 @@ def _summary_markdown(s: dict) -> str:
     ]
     lines += [f"- {name}: {path}" for name, path in s["outputs"].items()]
     return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Train both stages on builtin:shapes with configs/demo.yaml, generate images, score them, "
+                          "benchmark the VAE's reconstructions, and print a summary.")
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/demo.yaml")
+
+
+def main(args: argparse.Namespace) -> int:
+    run_demo(Path(args.out), args.overrides)
+    return 0

@@ -1,0 +1,82 @@
+"""The Accelerator a run uses: device, mixed precision, gradient accumulation, trackers, processes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ldm_core.config import TrainConfig
+
+logger = logging.getLogger("ldm.train")
+
+
+def cpu_only() -> bool:
+    """Whether Accelerate must be told `cpu=True`: no CUDA, or the launcher asked for the CPU.
+
+    Without CUDA, Accelerate joins the processes of a multi-process launch (gloo, MULTI_CPU) only when
+    asked for the CPU; otherwise every process would run alone, unaware of the others.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True):
+    """An Accelerator with mixed precision, gradient accumulation and TensorBoard logging into the run."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    # Accelerate keeps one process-wide state; `ldm train` runs two stages (possibly with different
+    # precisions or accumulation) in one process, so the previous stage's settings are dropped here.
+    # The distributed process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
+    accelerator = Accelerator(cpu=cpu_only(), mixed_precision=train_cfg.mixed_precision,
+                              gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+                              log_with="tensorboard" if log else None, project_config=project)
+    if accelerator.device.type == "cpu" and train_cfg.mixed_precision == "bf16" and not cpu_has_native_bf16():
+        logger.warning("train.mixed_precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 convolutions are "
+                       "emulated there and ran about 20x slower than fp32 on a 2-core AVX2 CPU. Use "
+                       "train.mixed_precision=no on this machine.")
+    return accelerator
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
+    cpu = getattr(torch._C, "_cpu", None)
+    return bool(cpu is not None and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                                     or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
+
+
+
+def apply_memory_format(module: torch.nn.Module, train_cfg: TrainConfig) -> torch.nn.Module:
+    """Store conv weights channels-last (NHWC) when `train.channels_last`; inputs follow through the first conv.
+
+    oneDNN on CPU and cuDNN on tensor-core GPUs pick faster convolution kernels for NHWC; the values are
+    the same (tests/test_fast_paths.py).
+    """
+    if train_cfg.channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+
+def end_run(accelerator) -> None:
+    """Close the trackers but keep the process group: `ldm train` runs Stage B in the same processes.
+
+    (`Accelerator.end_training` would destroy the group.) It is destroyed when the process exits.
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if accelerator.num_processes > 1 and not getattr(end_run, "_registered", False):
+        import atexit
+
+        from accelerate import PartialState
+
+        atexit.register(PartialState().destroy_process_group)
+        end_run._registered = True
+

@@ -1,0 +1,33 @@
+"""`ldm train-unet`: Stage B with the project's pipeline class, from Python or the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+from ldm_core.config import load_config
+from pipelines.latent_diffusion import LatentDiffusionPipeline
+from stage_b_diffusion import train as stage_b
+from stage_b_diffusion.config import StageBConfig
+from workflows.arguments import add_training_args
+
+
+def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Path,
+               resume: Optional[str] = None) -> Path:
+    """Stage B (`stage_b_diffusion.train.train_unet`) saving a `LatentDiffusionPipeline` in `out/pipeline/`."""
+    return stage_b.train_unet(cfg, vae_path, data, out, resume, build_pipeline=LatentDiffusionPipeline)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Train a UNet2DModel on the scaled latents of a frozen AutoencoderKL. Writes OUT/pipeline/ "
+                          "(a LatentDiffusionPipeline) and the same run files as train-vae.")
+    parser.add_argument("--vae", required=True, help="a Stage A vae/ folder or any diffusers AutoencoderKL folder")
+    add_training_args(parser, "configs/unet/unet-small.yaml")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(StageBConfig, args.config, args.overrides)
+    run = train_unet(cfg, args.vae, args.data, args.out, args.resume)
+    print(f"Stage B done: {run / 'pipeline'}")
+    return 0
