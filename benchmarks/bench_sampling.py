@@ -43,7 +43,8 @@ def run(pipeline_path: Path, out: Path, num_images: int, batch_size: int, device
             generate_images(pipe, 2, seed=1, batch_size=2, num_inference_steps=min(steps, 5), out_dir=tmp)
         folder = out / "samples" / f"{name}-{steps}"
         start = time.perf_counter()
-        generate_images(pipe, num_images, seed=0, batch_size=batch_size, num_inference_steps=steps, out_dir=folder)
+        generate_images(pipe, num_images, seed=0, batch_size=batch_size, num_inference_steps=steps, out_dir=folder,
+                        overwrite=True)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start

@@ -6,6 +6,11 @@ fp32 (by default) and quantised to uint8; every metric then reads only the two u
 no-learning row, `bicubic-f<f>` (bicubic down- and up-sampling by the autoencoder's factor f), is always
 included so a table shows what the learned latent buys over plain resampling.
 
+Images smaller than the resolution are enlarged before encoding (the protocol's single resize); how many
+were is counted, recorded in results.json (`meta.upscaled`), noted under the table and logged once.
+Every option, the data and each autoencoder folder (config and weights) are checked before the first
+image is read, and the results files appear only once all of them are written (`evaluation.report`).
+
 The work is split in three steps so that 1 and N processes give the same numbers:
 `collect_shard` runs this process's share of the images through every model and keeps only per-image
 rows and running sums; `finalize` merges the shards (gathered with accelerate's `gather_object`) into
@@ -15,6 +20,11 @@ the results; `run_bench_recon` does both and writes the report.
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import numbers
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +39,20 @@ from ldm_core import image_metrics as M
 from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
 from evaluation.reconstructors import (BicubicReconstructor, PeakMemory, Reconstructor,
                                        VAEReconstructor)
-from evaluation.report import markdown_table, run_meta, save_pngs, write_outputs
+from evaluation.report import markdown_table, printable_name, run_meta, save_pngs, write_outputs
 from ldm_core.config import DataConfig
+from ldm_core.image_files import DataError, require_image_files
+from ldm_core.image_sets import SHAPES_NATIVE_RESOLUTION, builtin_name
 from ldm_core.image_streams import iter_image_batches
 from ldm_core.image_values import to_model_input, to_uint8
 from ldm_core.latent_stats import LatentMoments
 from ldm_core.pretrained import MissingWeightsError
 
+logger = logging.getLogger("ldm.bench")
+
 ALL_METRICS = ("psnr", "ssim", "msssim", "lpips", "rfid")
-# A batch: global image indices, uint8 images (B, 3, R, R), and image names.
+# A batch: global image indices, uint8 images (B, 3, R, R), image names, and optionally whether each image
+# was smaller than R and enlarged (sources without that fourth item count as not enlarged).
 Batch = tuple[Sequence[int], np.ndarray, Sequence[str]]
 BatchSource = Callable[[int, int], Iterator[Batch]]
 
@@ -81,6 +96,12 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
         batch_source: `(rank, world_size) -> batches`, replacing the data reader (Python API only).
         fid_feature_net: replaces the Inception network (structural tests only; never reported).
     """
+    for flag, value, low in (("--resolution", resolution, 1), ("--batch-size", batch_size, 1), ("--seed", seed, 0),
+                             ("--shapes-seed", shapes_seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{flag} must be a whole number of at least {low}, got {value!r}.")
+    if not metrics:
+        raise ValueError(f"--metrics names no metric; give a comma-separated subset of {','.join(ALL_METRICS)}.")
     unknown = sorted(set(metrics) - set(ALL_METRICS))
     if unknown:
         raise ValueError(f"Unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}.")
@@ -92,7 +113,12 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
         raise ValueError("Give at least one autoencoder with --vae PATH.")
     if num_images is not None and num_images < 2:
         raise ValueError("--num-images must be at least 2 (standard deviations and FID need 2 images).")
-    device = torch.device(device) if device else _default_device()
+    try:
+        device = torch.device(device) if device else _default_device()
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N.") from None
+    if batch_source is None:
+        _check_data(data)
 
     vaes = [p if isinstance(p, Reconstructor) else VAEReconstructor(p, dtype=dtype, latent=latent, seed=seed)
             for p in vae_paths]
@@ -159,7 +185,10 @@ def collect_shard(plan: BenchPlan, rank: int = 0, world_size: int = 1, progress:
         with memory.loading():
             model.load(plan.device)
         bar = tqdm(desc=f"{model.name}", unit="img", disable=not progress)
-        for indices, images, names in plan.batches(rank, world_size):
+        for batch in plan.batches(rank, world_size):
+            indices, images, names = batch[:3]
+            upscaled = list(batch[3]) if len(batch) > 3 else [False] * len(indices)
+            names = [printable_name(name) for name in names]  # valid text for JSON, CSV and PNG names
             ref = torch.from_numpy(np.ascontiguousarray(images))
             x = to_model_input(ref.to(plan.device))
             start = time.perf_counter()
@@ -168,9 +197,13 @@ def collect_shard(plan: BenchPlan, rank: int = 0, world_size: int = 1, progress:
                 if plan.device.type == "cuda":
                     torch.cuda.synchronize(plan.device)
             seconds += time.perf_counter() - start
+            if not torch.isfinite(y).all():
+                # Quantising would turn NaN into plausible-looking pixel values and scores.
+                raise FloatingPointError(f"{model.name} gave NaN or infinite reconstructions for image(s) "
+                                         f"{', '.join(names[:3])}; with --dtype fp16 or bf16 try --dtype fp32.")
             warmup = warmup or (len(indices), seconds)  # first batch: kernel selection, allocator growth
             rec = to_uint8(y.float()).cpu()
-            rows.extend(_rows(plan, indices, names, ref, rec))
+            rows.extend(_rows(plan, indices, names, upscaled, ref, rec))
             if fid is not None:
                 fid.update(rec, real=False)
                 if position == 0:  # reference statistics once, during the cheap baseline pass
@@ -190,12 +223,12 @@ def collect_shard(plan: BenchPlan, rank: int = 0, world_size: int = 1, progress:
     return shards
 
 
-def _rows(plan: BenchPlan, indices, names, ref: torch.Tensor, rec: torch.Tensor) -> list[dict]:
+def _rows(plan: BenchPlan, indices, names, upscaled, ref: torch.Tensor, rec: torch.Tensor) -> list[dict]:
     psnr = M.psnr_per_image(ref, rec)
     ssim = M.ssim_per_image(ref, rec)
     msssim = M.msssim_per_image(ref, rec) if "msssim" not in plan.unavailable else None
     lp = M.lpips_per_image(plan.lpips_model, ref, rec) if plan.lpips_model is not None else None
-    return [{"index": int(idx), "name": str(name), "psnr": float(psnr[i]),
+    return [{"index": int(idx), "name": str(name), "upscaled": bool(upscaled[i]), "psnr": float(psnr[i]),
              "ssim": float(ssim[i]) if "ssim" not in plan.unavailable else None,
              "msssim": float(msssim[i]) if msssim is not None else None,
              "lpips": float(lp[i]) if lp is not None else None}
@@ -209,6 +242,12 @@ def _rows(plan: BenchPlan, indices, names, ref: torch.Tensor, rec: torch.Tensor)
 def finalize(plan: BenchPlan, shards_per_process: Sequence[list[dict]]) -> dict:
     """Merge every process's shards into the results dict (the JSON written by `ldm bench-recon`)."""
     results = {"meta": dict(plan.meta), "models": []}
+    first = sorted((row for shards in shards_per_process for row in shards[0]["rows"]), key=lambda r: r["index"])
+    results["meta"]["upscaled"] = {
+        "count": sum(bool(r.get("upscaled")) for r in first), "n": len(first),
+        "names": [r["name"] for r in first if r.get("upscaled")][:20],
+        "note": f"images whose shorter side was below {plan.meta.get('resolution')} px, enlarged (Pillow "
+                f"bicubic) before encoding; names lists at most 20"}
     reference_states = [shards[0]["fid"] for shards in shards_per_process if shards[0]["fid"]]
     for position, model in enumerate(plan.models):
         parts = [shards[position] for shards in shards_per_process]
@@ -247,6 +286,9 @@ def _throughput(parts: list[dict]) -> dict:
 def _rfid(plan: BenchPlan, parts, reference_states, n: int) -> dict:
     entry = {"mean": None, "std": None, "n": 0, "impl": FID_IMPL, "reason": plan.unavailable.get("rfid")}
     if plan.fid_net is None:
+        return entry
+    if n < 2:  # a folder with one usable image: report it instead of failing after the whole run
+        entry["reason"] = f"FID needs at least 2 images; {n} could be read"
         return entry
     stats = FIDStatistics(plan.fid_net)
     for part in parts:
@@ -287,28 +329,105 @@ def run_bench_recon(vae_paths: Sequence[str], data: str, resolution: int, *,
         options: those of `make_plan`.
 
     Under `accelerate launch` the images are sharded over the processes and the main process writes
-    the report; the numbers equal a one-process run.
+    the report; the numbers equal a one-process run. The output paths are checked before any work, the
+    report files are renamed into place together once all are written (`evaluation.report.write_outputs`),
+    and `save_recon` is filled through a staging folder beside it, so a failed run leaves neither.
     """
     state = _process_state()
     options.setdefault("device", state.device)
+    out = Path(out_dir) / "results.json" if out is None and out_dir is not None else out
+    if out is not None:
+        _check_writable(Path(out), "--out", is_file=True)
+    save_recon = options.get("save_recon")
+    if save_recon:
+        _check_writable(Path(save_recon), "--save-recon", is_file=False)
+        # Reconstructions are written into a staging folder beside it and moved in when the run is complete.
+        options["save_recon"] = _staging(Path(save_recon))
     plan = make_plan(vae_paths, data, resolution, **options)
     plan.meta["world_size"] = state.num_processes
-    shard = collect_shard(plan, state.process_index, state.num_processes,
-                          progress=progress and state.is_main_process)
-    shards = gather_object([shard]) if state.num_processes > 1 else [shard]
-    results = finalize(plan, shards)
-    results["table_markdown"] = markdown_table(results)
-    out = Path(out_dir) / "results.json" if out is None and out_dir is not None else out
-    if state.is_main_process and out is not None:
-        write_outputs(results, Path(out), example_source=lambda wanted: _examples(plan, wanted))
+    if plan.save_recon is not None and state.is_main_process:
+        shutil.rmtree(plan.save_recon, ignore_errors=True)  # what a crashed earlier run left
+    if plan.save_recon is not None and state.num_processes > 1:
+        state.wait_for_everyone()  # nobody writes into the staging folder before it is emptied
+    try:
+        shard = collect_shard(plan, state.process_index, state.num_processes,
+                              progress=progress and state.is_main_process)
+        shards = gather_object([shard]) if state.num_processes > 1 else [shard]
+        results = finalize(plan, shards)
+        results["table_markdown"] = markdown_table(results)
+        if state.is_main_process:
+            _warn_upscaled(results)
+            if out is not None:
+                write_outputs(results, Path(out), example_source=lambda wanted: _examples(plan, wanted))
+            if plan.save_recon is not None:
+                _publish_folder(plan.save_recon, Path(save_recon))
+    except BaseException:
+        if plan.save_recon is not None and state.is_main_process:
+            shutil.rmtree(plan.save_recon, ignore_errors=True)
+        raise
     return results
+
+
+def _warn_upscaled(results: dict) -> None:
+    upscaled = results["meta"]["upscaled"]
+    if upscaled["count"]:
+        logger.warning("%d of the %d images %s smaller than --resolution %s and enlarged (bicubic) before "
+                       "encoding (e.g. %s); their scores partly measure interpolated pixels. Use a smaller "
+                       "--resolution or larger images. The count is in results.json (meta.upscaled).",
+                       upscaled["count"], upscaled["n"], "was" if upscaled["count"] == 1 else "were",
+                       results["meta"]["resolution"], ", ".join(upscaled["names"][:3]))
+
+
+def _check_writable(path: Path, flag: str, *, is_file: bool) -> None:
+    """Refuse, before any work, an output path the run could only fail to write at its end."""
+    if is_file and path.is_dir():
+        raise ValueError(f"{flag} {printable_name(path)} is a folder; give a file name such as "
+                         f"{printable_name(path / 'results.json')} (the CSV, PNGs and table go beside it).")
+    if not is_file and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {printable_name(path)} is a file; give a folder for the PNGs.")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return
+
+
+def _staging(folder: Path) -> Path:
+    """Beside `folder`, on the same file system, so moving it into place is a rename."""
+    return folder.parent / f".{folder.name}.bench-recon-partial"
+
+
+def _publish_folder(staging: Path, folder: Path) -> None:
+    """Move a finished staging folder to `folder`; into it, file by file, when it already exists."""
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    for path in sorted(staging.rglob("*")):
+        if path.is_file():
+            target = folder / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(staging)
+
+
+def _check_data(data: str) -> None:
+    """--data is builtin:shapes or a folder with at least 2 image files (decoded later, during the run)."""
+    if builtin_name(str(data)) is not None:  # raises DataError for an unknown builtin: name
+        return
+    files = require_image_files(Path(data).expanduser())
+    if len(files) < 2:
+        raise DataError(f"--data {printable_name(data)} holds {len(files)} image file; the benchmark needs at least "
+                        f"2 (standard deviations and FID need 2 images).")
 
 
 def _examples(plan: BenchPlan, wanted: dict[str, list[int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Re-read the chosen images and reconstruct them again (deterministic: mode, or per-image seeds)."""
     needed = {i for idx in wanted.values() for i in idx}
     found: dict[int, np.ndarray] = {}
-    for indices, images, _ in plan.batches(0, 1):
+    for batch in plan.batches(0, 1):
+        indices, images = batch[0], batch[1]
         found.update({int(i): images[k] for k, i in enumerate(indices) if int(i) in needed})
     out = {}
     with torch.no_grad():
@@ -326,11 +445,36 @@ def _examples(plan: BenchPlan, wanted: dict[str, list[int]]) -> dict[str, tuple[
 
 def _data_source(data: str, resolution: int, batch_size: int, num_images: Optional[int],
                  shapes_seed: int) -> BatchSource:
+    builtin = builtin_name(str(data)) is not None
+    root = None if builtin else Path(data).expanduser()
+
     def source(rank: int, world_size: int):
-        return iter_image_batches(data, resolution, batch_size, limit=num_images, rank=rank,
-                                  world_size=world_size, shapes_count=num_images or DataConfig().shapes_count,
-                                  shapes_seed=shapes_seed, progress=False)
+        batches = iter_image_batches(data, resolution, batch_size, limit=num_images, rank=rank,
+                                     world_size=world_size, shapes_count=num_images or DataConfig().shapes_count,
+                                     shapes_seed=shapes_seed, progress=False)
+        for indices, images, names in batches:
+            if builtin:
+                upscaled = [resolution > SHAPES_NATIVE_RESOLUTION] * len(names)
+            else:
+                upscaled = [_smaller_than(root / name, resolution) for name in names]
+            yield indices, images, names, upscaled
     return source
+
+
+def _smaller_than(path: Path, resolution: int) -> bool:
+    """Whether the image's shorter side is below `resolution`, so the protocol's resize enlarged it.
+
+    The same test as `ldm_core.image_files.load_image_uint8` (which `iter_image_batches` does not pass
+    on), from the file's header: Pillow reads the size without decoding the pixels, and the shorter side
+    is the same before and after the EXIF rotation.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return min(image.size) < resolution
+    except OSError:  # decoded a moment ago; a file replaced since is counted as not enlarged
+        return False
 
 
 def _process_state():

@@ -23,12 +23,15 @@ from typing import Iterable, Optional
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
-from ldm_core.pretrained import INCEPTION_FID_FILE, find_weights, load_state_dict
+from ldm_core.pretrained import INCEPTION_FID_FILE, WeightsFileError, expected_weights, find_weights, load_state_dict
 
 FID_FEATURES = 2048
 FID_IMPL = ("torchmetrics 1.9 FrechetInceptionDistance with torch-fidelity InceptionV3 "
             f"({INCEPTION_FID_FILE}), pool3 2048-d features, TF1-compatible bilinear resize to 299 "
             "(antialias=False), uint8 input")
+# Two tensors of torch-fidelity's FeatureExtractorInceptionV3 ("inception-v3-compat") and their shapes: the
+# first convolution and the 1008-way classifier, so another network's file is refused before it is built.
+_INCEPTION_LANDMARKS = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "fc.weight": (1008, 2048)}
 _STATE_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples",
                "fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples")
 
@@ -44,12 +47,27 @@ def load_fid_inception(weights_path: Optional[str | os.PathLike] = None,
 
     Raises:
         MissingWeightsError: the file is absent; the message names it and where to put it.
+        WeightsFileError: the file is not the FID Inception weights (random bytes, text, Python objects,
+            another network's tensors); the message names it and what it should be.
     """
     path = find_weights(INCEPTION_FID_FILE, weights_path, option_hint="--fid-weights PATH")
+    should = f"It should be {expected_weights(INCEPTION_FID_FILE)}."
     # torch-fidelity reads the file with a full unpickler; check first that it holds tensors only.
-    load_state_dict(path)
-    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(FID_FEATURES)],
-                             feature_extractor_weights_path=str(path), antialias=False)
+    state = load_state_dict(path, expected=expected_weights(INCEPTION_FID_FILE))
+    for key, shape in _INCEPTION_LANDMARKS.items():
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            found = "is missing" if value is None else (
+                f"has shape {tuple(value.shape)}, not {shape}" if isinstance(value, torch.Tensor) else "is not a tensor")
+            raise WeightsFileError(f"The weights file {path} is not the FID Inception network: its tensor {key!r} "
+                                   f"{found}. {should}")
+    try:
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(FID_FEATURES)],
+                                 feature_extractor_weights_path=str(path), antialias=False)
+    except RuntimeError as err:  # torch's strict load_state_dict: missing, unexpected or reshaped tensors
+        detail = " ".join(str(err).split())
+        raise WeightsFileError(f"The weights file {path} does not fit the FID Inception network "
+                               f"({detail[:240]}{'...' if len(detail) > 240 else ''}). {should}") from None
     net.num_features = FID_FEATURES  # spares torchmetrics a dummy forward pass to infer it
     return net.to(device)
 

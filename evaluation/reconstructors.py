@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ldm_core.autoencoder_folders import resolve_vae_folder, vae_downsampling_factor
+from ldm_core.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
 from ldm_core.randomness import image_generator
 
 
@@ -78,30 +77,22 @@ class VAEReconstructor(Reconstructor):
     DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
     def __init__(self, path: str | Path, dtype: str = "fp32", latent: str = "mode", seed: int = 0):
+        from evaluation.report import printable_name  # report imports this module
+
         self.path = Path(path)
-        self.folder = resolve_vae_folder(self.path)
-        config = json.loads((self.folder / "config.json").read_text())
-        if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ValueError(f"{self.folder} holds a {config['_class_name']}, not an AutoencoderKL.")
-        self.config = config
-        self.factor = vae_downsampling_factor(config)
-        self.name = self.path.resolve().name
+        # Everything that can be wrong with the folder is found now, before any model of the run is loaded:
+        # a config that is not an AutoencoderKL's (a U-Net folder, a JSON list, not JSON) or weights that
+        # do not match it (`ldm_core.autoencoder_folders.read_vae_folder`).
+        self.folder, self.config = read_vae_folder(self.path)
+        self.factor = vae_downsampling_factor(self.config)
+        self.name = printable_name(self.path.resolve().name)
         self.dtype, self.latent, self.seed = dtype, latent, seed
         self.weights = sorted(p for p in self.folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-        if not self.weights:
-            raise FileNotFoundError(f"{self.folder} has a config.json but no weights file "
-                                    f"(diffusion_pytorch_model.safetensors).")
         self.vae = None
 
     def load(self, device):
-        from diffusers import AutoencoderKL
-
-        from ldm_core.pretrained import check_model_folder
-
-        check_model_folder(self.folder, what="--vae folder")  # data only: no code, no pickle-only weights
-        self.vae = AutoencoderKL.from_pretrained(self.folder, torch_dtype=self.DTYPES[self.dtype],
-                                                 use_safetensors=True)
-        self.vae.to(device).eval().requires_grad_(False)
+        self.vae, _ = load_frozen_vae(self.folder, torch_dtype=self.DTYPES[self.dtype])
+        self.vae.to(device)
 
     def unload(self):
         self.vae = None
@@ -116,7 +107,9 @@ class VAEReconstructor(Reconstructor):
         return self.vae.decode(z).sample.float(), z.float()
 
     def describe(self) -> dict:
-        return {"kind": "AutoencoderKL", "path": str(self.path), "vae_folder": str(self.folder),
+        from evaluation.report import printable_name  # report imports this module
+
+        return {"kind": "AutoencoderKL", "path": printable_name(self.path), "vae_folder": printable_name(self.folder),
                 "factor": self.factor, "latent_channels": self.config.get("latent_channels"),
                 "config_scaling_factor": self.config.get("scaling_factor"),
                 "weights_sha256": {p.name: sha256_file(p) for p in self.weights}}

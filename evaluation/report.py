@@ -6,12 +6,18 @@ File layout for `--out DIR/results.json`:
     DIR/results_per_image.csv          one row per (model, image)
     DIR/results_examples_<model>.png   best, median and worst image by PSNR, one row each:
                                        reference | reconstruction | |difference| x4
+
+The files are written under temporary names beside their final ones and renamed into place together
+once all of them are complete, results.json last, so a run that fails leaves the previous results (or
+none), never a partial set. Image names are stored as `printable_name` gives them: file names need not be
+UTF-8 on Linux, and JSON, CSV and Markdown must be.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -22,13 +28,55 @@ import torch
 from evaluation.reconstructors import sha256_file
 from ldm_core.image_grids import save_reconstruction_grid
 
-CSV_COLUMNS = ("model", "index", "name", "psnr", "ssim", "msssim", "lpips")
+CSV_COLUMNS = ("model", "index", "name", "upscaled", "psnr", "ssim", "msssim", "lpips")
 DIFFERENCE_GAIN = 4.0
 _PACKAGES = ("two-stage-ldm", "torch", "torchvision", "diffusers", "accelerate", "lpips", "torchmetrics",
              "torch-fidelity", "numpy", "pillow", "safetensors")
 
 # model name -> [best, median, worst] global indices  ->  model name -> (reference, reconstruction) uint8
 ExampleSource = Callable[[dict[str, list[int]]], dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def printable_name(name) -> str:
+    """A file name or path as text that UTF-8 files and terminals accept, the same for every valid name.
+
+    `os.fsdecode` keeps bytes that are not UTF-8 as lone surrogates ("caf\udce9.png"), which no UTF-8
+    writer accepts; here they become backslash escapes ("caf\\xe9.png"), so the name still shows
+    which bytes the file has. Valid UTF-8 names come back unchanged.
+    """
+    text = os.fsdecode(name)
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name decodes to: escape it as it is
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class StagedFiles:
+    """Files written under temporary names beside their final paths and renamed into place together.
+
+    `path(final)` gives the name to write to; `commit()` renames every file (in the order they were
+    asked for); `discard()` removes what was written. The temporary names keep the final suffix, so
+    writers that pick a format from it (Pillow) still work.
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[Path, Path]] = []
+
+    def path(self, final: Path) -> Path:
+        final = Path(final)
+        temporary = final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
+        self._pending.append((temporary, final))
+        return temporary
+
+    def commit(self) -> None:
+        for temporary, final in self._pending:
+            os.replace(temporary, final)
+        self._pending = []
+
+    def discard(self) -> None:
+        for temporary, _ in self._pending:
+            temporary.unlink(missing_ok=True)
+        self._pending = []
 
 
 def library_versions() -> dict[str, Optional[str]]:
@@ -60,7 +108,7 @@ def run_meta(*, models, metrics, device, data: str, num_images, resolution: int,
     return {
         "command": "ldm bench-recon", "schema_version": 1,
         "models": [{"name": m.name, **m.describe()} for m in models],
-        "data": data, "shapes_seed": shapes_seed if data.startswith("builtin:") else None,
+        "data": printable_name(data), "shapes_seed": shapes_seed if data.startswith("builtin:") else None,
         "num_images_requested": num_images, "resolution": resolution,
         "crop": f"shorter side resized to {resolution} (Pillow bicubic, antialiased) then centre-cropped "
                 f"to {resolution}x{resolution}, once, kept as uint8 (ldm_core.image_files)",
@@ -112,6 +160,11 @@ def markdown_table(results: dict) -> str:
     lines.append(f"N={n} images of {meta['data']} at {meta['resolution']}px, latent {meta['latent']}, "
                  f"{meta['dtype']} on {meta['device']}; PSNR capped at {meta['psnr_cap_db']:g} dB; "
                  f"LPIPS backbone {meta['lpips']['backbone']}; rFID against the same N references.")
+    upscaled = (meta.get("upscaled") or {}).get("count")
+    if upscaled:
+        lines.append(f"upscaled: {upscaled} of the {n} images {'was' if upscaled == 1 else 'were'} smaller than "
+                     f"{meta['resolution']}px and enlarged (bicubic) before encoding; their scores partly measure "
+                     f"interpolated pixels.")
     first = results["models"][0]["metrics"] if results["models"] else {}
     for name, metric in first.items():
         reason = metric.get("reason")
@@ -129,7 +182,7 @@ def example_indices(rows: list[dict]) -> list[int]:
 def write_csv(results: dict, path: Path) -> Path:
     """One row per (model, image) with every per-image metric (empty when unavailable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for model in results["models"]:
@@ -143,13 +196,36 @@ def _safe(name: str) -> str:
 
 
 def write_outputs(results: dict, out: Path, example_source: Optional[ExampleSource] = None) -> dict:
-    """Write results.json, the per-image CSV and the example PNGs next to `out`; return the paths.
+    """Write results.json, the per-image CSV and the example PNGs next to `out`; return the file names.
 
     The example images are re-created by `example_source` (the run does not keep images in memory).
+    Every file is written under a temporary name first and all are renamed into place at the end
+    (`StagedFiles`), so on any error no file of this run replaces an earlier one.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    files = {"json": out.name, "per_image_csv": write_csv(results, out.with_name(f"{out.stem}_per_image.csv")).name}
+    staged = StagedFiles()
+    try:
+        files = _write_staged(results, out, example_source, staged)
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    # Example PNGs of models an earlier run with this --out compared, and this one did not, would sit
+    # beside results that do not describe them.
+    current = {entry["png"] for entry in files["examples"].values()}
+    prefix = f"{out.stem}_examples_"
+    for stale in out.parent.iterdir():
+        if stale.name.startswith(prefix) and stale.suffix == ".png" and stale.name not in current:
+            stale.unlink()
+    results["meta"]["files"] = files
+    return files
+
+
+def _write_staged(results: dict, out: Path, example_source: Optional[ExampleSource], staged: StagedFiles) -> dict:
+    csv_path = out.with_name(f"{out.stem}_per_image.csv")
+    write_csv(results, staged.path(csv_path))
+    files = {"json": out.name, "per_image_csv": csv_path.name}
     examples = {}
     if example_source is not None:
         wanted = {m["name"]: example_indices(m["rows"]) for m in results["models"] if len(m["rows"]) >= 1}
@@ -159,7 +235,7 @@ def write_outputs(results: dict, out: Path, example_source: Optional[ExampleSour
                 continue
             ref, rec = images[model["name"]]
             png = out.with_name(f"{out.stem}_examples_{_safe(model['name'])}.png")
-            save_reconstruction_grid(ref, rec, png, gain=DIFFERENCE_GAIN)
+            save_reconstruction_grid(ref, rec, staged.path(png), gain=DIFFERENCE_GAIN)
             by_index = {r["index"]: r["psnr"] for r in model["rows"]}
             examples[model["name"]] = {
                 "png": png.name, "layout": f"rows best, median, worst by PSNR; columns reference | "
@@ -167,14 +243,14 @@ def write_outputs(results: dict, out: Path, example_source: Optional[ExampleSour
                 "indices": wanted[model["name"]], "psnr": [by_index[i] for i in wanted[model["name"]]]}
     files["examples"] = examples
     table = out.with_name(f"{out.stem}.md")
-    table.write_text(results.get("table_markdown") or markdown_table(results))
+    staged.path(table).write_text(results.get("table_markdown") or markdown_table(results), encoding="utf-8")
     files["table_markdown"] = table.name
     document = {"meta": {**results["meta"], "files": files},
                 "models": [{k: v for k, v in m.items() if k != "rows"} for m in results["models"]]}
-    out.write_text(json.dumps(document, indent=2, allow_nan=False))
-    results["meta"]["files"] = files
+    # ensure_ascii (the default) keeps the file ASCII whatever the names; printable_name made them valid text.
+    staged.path(out).write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
     return files
 
 
-__all__ = ["CSV_COLUMNS", "example_indices", "library_versions", "markdown_table", "run_meta", "save_pngs",
-           "write_csv", "write_outputs"]
+__all__ = ["CSV_COLUMNS", "StagedFiles", "example_indices", "library_versions", "markdown_table",
+           "printable_name", "run_meta", "save_pngs", "write_csv", "write_outputs"]

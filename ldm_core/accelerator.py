@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_core.config import TrainConfig
+from ldm_core.config import ConfigError, TrainConfig
 
 logger = logging.getLogger("ldm.train")
 
@@ -21,6 +21,14 @@ def cpu_only() -> bool:
     from accelerate.utils import parse_flag_from_env
 
     return not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def check_mixed_precision(train_cfg: TrainConfig, key: str = "train.mixed_precision") -> None:
+    """Refuse a precision this machine cannot run (before any work): Accelerate would run fp16 on a CPU as
+    fp32 while the run records fp16."""
+    if train_cfg.mixed_precision == "fp16" and cpu_only():
+        raise ConfigError(f"{key}=fp16 needs a CUDA GPU, and none is in use here. Use {key}=no (or bf16 on a "
+                          f"CPU with AVX512-BF16 or AMX).")
 
 
 def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True):

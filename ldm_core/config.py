@@ -44,6 +44,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.resolution > 0, "data.resolution", self.resolution, "a positive integer")
         _require(self.val_count >= 0, "data.val_count", self.val_count, "0 or more")
+        _require(self.split_seed >= 0, "data.split_seed", self.split_seed, "0 or more")
+        _require(self.shapes_seed >= 0, "data.shapes_seed", self.shapes_seed, "0 or more")
         _require(self.shapes_count > 0, "data.shapes_count", self.shapes_count, "a positive integer")
 
 
@@ -62,6 +64,8 @@ class EMAConfig:
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.decay < 1.0, "ema.decay", self.decay, "in [0, 1)")
+        _require(self.inv_gamma > 0, "ema.inv_gamma", self.inv_gamma, "a positive number")
+        _require(self.power > 0, "ema.power", self.power, "a positive number")
 
 
 @dataclass
@@ -95,6 +99,9 @@ class TrainConfig:
     # channels-last memory format for convolutions.
     fused_optimizer: bool = True
     channels_last: bool = False
+    # Images encoded to measure the latent scale (1/std): by Stage A when it ends, by Stage B when its VAE
+    # folder carries no measured scale.
+    latent_stats_images: int = 1024
 
     def __post_init__(self) -> None:
         _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", self.nonfinite_loss,
@@ -112,11 +119,29 @@ class TrainConfig:
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "1 or more")
         _require(self.checkpoint_every > 0, "train.checkpoint_every", self.checkpoint_every,
                  "a positive integer")
+        for key in ("log_every", "validate_every", "latent_stats_images"):
+            _require(getattr(self, key) > 0, f"train.{key}", getattr(self, key), "a positive integer")
+        for key in ("seed", "lr_warmup_steps", "weight_decay", "max_grad_norm", "time_budget_minutes"):
+            _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "0 or more")
+        for key in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, key) < 1.0, f"train.{key}", getattr(self, key), "in [0, 1)")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
+
+
+def check_architecture(model: Any, presets: dict, optional_counts: Sequence[str]) -> None:
+    """A model section of a preset plus overrides: a known `preset`, positive `block_out_channels` widths,
+    and each of `optional_counts` positive or null (null keeps the preset's value)."""
+    _require(model.preset in presets, "model.preset", model.preset, f"one of {', '.join(presets)}")
+    widths = model.block_out_channels
+    _require(widths is None or (len(widths) > 0 and all(c > 0 for c in widths)), "model.block_out_channels",
+             widths, "a non-empty list of positive widths, or null")
+    for key in optional_counts:
+        value = getattr(model, key)
+        _require(value is None or value > 0, f"model.{key}", value, "a positive integer or null")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,6 +228,16 @@ def _open_config(path: str | Path) -> tuple[str, Any]:
                       f"Presets: {preset_files.describe_presets()}.")
 
 
+def _read_config_file(path: str | Path) -> tuple[str, dict]:
+    """(origin for messages, mapping) of a YAML config file or preset name."""
+    origin, stream = _open_config(path)
+    with stream as fh:
+        data = _read_yaml(fh, origin) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {origin} must hold a mapping of keys to values.")
+    return origin, data
+
+
 def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, in that order.
 
@@ -214,11 +249,7 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequ
     schema = OmegaConf.structured(cls)
     layers = []
     if path is not None:
-        origin, stream = _open_config(path)
-        with stream as fh:
-            data = _read_yaml(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"Config file {origin} must hold a mapping of keys to values.")
+        origin, data = _read_config_file(path)
         layers.append((origin, OmegaConf.create(data)))
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -262,13 +293,25 @@ _YAML12Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                     list("-+0123456789"))
 
 
-def _read_yaml(stream) -> Any:
-    """One YAML document through `_YAML12Loader`, a SafeLoader: plain data only, never Python objects."""
-    loader = _YAML12Loader(stream)
+def _read_yaml(stream, origin: str) -> Any:
+    """One YAML document through `_YAML12Loader`, a SafeLoader: plain data only, never Python objects.
+
+    A file that is not YAML (a syntax error, binary bytes, two documents) is a ConfigError naming
+    `origin` and, where PyYAML knows it, the line and column.
+    """
+    loader = None
     try:
+        loader = _YAML12Loader(stream)  # reads the first bytes already: a binary file fails here
         return loader.get_single_data()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or getattr(err, "reason", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{origin} is not valid YAML{where}: {problem}. Fix it, or give a YAML file of "
+                          f"key: value lines (see configs/).") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _dotlist_to_dict(overrides: Sequence[str]) -> dict:
@@ -283,7 +326,7 @@ def _dotlist_to_dict(overrides: Sequence[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {item!r} sets a key inside {name!r}, which another override sets "
                                   f"to a value.")
-        node[leaf] = _read_yaml(text) if text.strip() else ""
+        node[leaf] = _read_yaml(text, f"override {item!r}") if text.strip() else ""
     return tree
 
 

@@ -145,6 +145,8 @@ def load_lpips(backbone: str = "alex", weights_path: Optional[str | os.PathLike]
 
     Raises:
         MissingWeightsError: the trunk file is absent; the message names the file and where to put it.
+        WeightsFileError: the file is there but is not that trunk (random bytes, text, Python objects,
+            another network's tensors); the message names the file and what it should be.
     """
     return build_pretrained_lpips(backbone, weights_path, option_hint="--lpips-weights PATH")
 

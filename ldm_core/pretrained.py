@@ -1,15 +1,23 @@
-"""Locating pretrained weights that cannot be downloaded on an offline machine.
+"""Locating pretrained weights that cannot be downloaded on an offline machine, and reading model
+folders and weight files as data.
 
 Nothing here downloads. A weight file is looked for at an explicit path first, then in torch hub's
 checkpoint cache (`$TORCH_HOME/hub/checkpoints/`, the place torchvision and the lpips package read
-from). When it is absent the error says exactly which file is missing and where to put it.
+from). When it is absent the error says exactly which file is missing and where to put it; when it is
+there but is not that file (random bytes, text, another network's tensors) the error names it and says
+what it should be. A diffusers model folder is checked the same way before it is loaded: its config must
+be a JSON object describing the expected class, and its weights exactly the tensors that config builds
+(diffusers itself would fill missing tensors with random values and only log a warning).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -28,6 +36,16 @@ _SOURCES = {
 
 class MissingWeightsError(FileNotFoundError):
     """A pretrained weight file is not on this machine; the message says which and where to put it."""
+
+
+class WeightsFileError(ValueError):
+    """A weights file exists but is not the file it should be; the message names it and what it should be."""
+
+
+def expected_weights(filename: str) -> str:
+    """`filename` and where it comes from, for messages about a file that should have been it."""
+    source = _SOURCES.get(filename)
+    return f"{filename}, {source}" if source else filename
 
 
 def torch_hub_checkpoint_dir() -> Path:
@@ -55,14 +73,63 @@ def find_weights(filename: str, explicit_path: Optional[str | os.PathLike] = Non
         f"This machine cannot download it. Copy the file to {cached}{hint}.")
 
 
-def load_state_dict(path: Path) -> dict:
-    """Read a weights file safely: safetensors directly, anything else with `weights_only=True`."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def load_state_dict(path: Path, *, expected: Optional[str] = None) -> dict:
+    """Read a weights file safely: safetensors directly, anything else with `weights_only=True`.
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    Parameters:
+        path: the file.
+        expected: what the file should be (e.g. `expected_weights(ALEXNET_FILE)`), for the message.
+
+    Raises:
+        WeightsFileError: the bytes are not a weights file (random bytes, text, a cut file), the file holds
+            Python objects other than tensors (refused: unpickling them can run code), or it holds
+            something other than a state dict (a mapping of tensor names to tensors).
+        OSError: the operating system refused to read it (the message names the path).
+    """
+    path = Path(path)
+    should = f" It should be {expected}." if expected else ""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        if err.errno is not None:  # permissions, a folder, an I/O error: the path is the problem
+            raise
+        raise WeightsFileError(f"The weights file {path} cannot be read: {short_reason(err)}.{should}") from None
+    except Exception as err:  # noqa: BLE001 - torch.load and safetensors raise a different type per kind of bad bytes
+        raise WeightsFileError(f"The weights file {path} is not a weights file this project can read: "
+                               f"{_load_failure(err)}.{should}") from None
+    if not isinstance(state, Mapping):
+        raise WeightsFileError(f"The weights file {path} holds a {type(state).__name__}, not a state dict (a "
+                               f"mapping from tensor names to tensors).{should}")
+    return dict(state)
+
+
+def _load_failure(err: BaseException) -> str:
+    """Why torch.load / safetensors could not read a file, in a few words."""
+    text = str(err)
+    if isinstance(err, EOFError) or not text.strip():
+        return "the file is empty or cut short"
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.(?:\s|$)|\n|$)", text, flags=re.S)
+    if match:
+        detail = " ".join(match.group(1).split())
+        if "global" in detail.lower():
+            return (f"it holds Python objects, not only tensors ({detail}); such files are refused because "
+                    f"unpickling them can run code (torch.load with weights_only=True)")
+        return f"its bytes are not a PyTorch weights file ({detail})"
+    if type(err).__name__ == "SafetensorError":
+        return f"it is not a valid safetensors file ({short_reason(err)})"
+    return f"its bytes are not a PyTorch or safetensors weights file ({type(err).__name__}: {short_reason(err)})"
+
+
+def short_reason(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error, without web addresses (messages point at local files, never downloads)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = re.sub(r"\s*\(?https?://\S+\)?", "", lines[0] if lines else type(err).__name__).strip()
+    return (text[:limit] + "...") if len(text) > limit else text.rstrip(".")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +180,215 @@ def check_model_folder(folder: str | os.PathLike, *, what: str = "model folder")
     return folder
 
 
+class ModelFolderError(ValueError):
+    """A model folder whose config or weights cannot be used; the message names the file and what is wrong."""
+
+
+_RESAVE = "re-save the model with save_pretrained, or copy the folder again from where it was made"
+
+
+def _a(name: str) -> str:
+    """'an AutoencoderKL', 'a UNet2DModel', 'a DDIMScheduler'."""
+    return f"an {name}" if name[:1] in ("A", "E", "I", "O") else f"a {name}"
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def read_config_file(path: str | os.PathLike, *, hint: str = "") -> dict:
+    """Read a model's JSON config (config.json, scheduler_config.json) and require a JSON object.
+
+    diffusers reads these files itself and answers a file that is not JSON, or that is a JSON list, with
+    errors about downloading the model; this reads them first so the message names the file.
+
+    Parameters:
+        path: the config file.
+        hint: what the user should give instead, appended to the message when the file is absent.
+
+    Raises:
+        ModelFolderError: absent, not UTF-8 text, not JSON, or not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFolderError(f"{path.parent} has no {path.name}, so it is not a saved diffusers model "
+                               f"folder{hint}.")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ModelFolderError(f"{path} is not a text file (its bytes are not UTF-8), so it is not a model "
+                               f"config; {_RESAVE}.") from None
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                               f"{_RESAVE}.") from None
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"{path} holds a JSON {_json_kind(value)}, not an object of model settings; "
+                               f"{_RESAVE}.")
+    return value
+
+
+def read_model_config(folder: str | os.PathLike, model_class: type, *, hint: str = "") -> dict:
+    """`folder`'s config (config.json for models), required to describe a `model_class`.
+
+    Parameters:
+        folder: a diffusers model folder (as written by `save_pretrained`).
+        model_class: the diffusers class the folder must hold, e.g. `AutoencoderKL`.
+        hint: what the user should give instead (e.g. "; give the vae/ folder of a Stage A run").
+
+    Raises:
+        ModelFolderError: see `read_config_file`, or the config names another class.
+    """
+    folder = Path(folder)
+    path = folder / getattr(model_class, "config_name", "config.json")
+    config = read_config_file(path, hint=hint)
+    found = config.get("_class_name", model_class.__name__)
+    if found != model_class.__name__:
+        raise ModelFolderError(f"{path} describes {_a(found)}, not {_a(model_class.__name__)}{hint}."
+                               if isinstance(found, str) else
+                               f"{path}: _class_name is {found!r}, not {model_class.__name__!r}; {_RESAVE}.")
+    return config
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files diffusers would read for `folder`: one file, or the shards of an index."""
+    from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    single = folder / SAFETENSORS_WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map = read_config_file(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelFolderError(f"{index} has no weight_map of tensor names to files; {_RESAVE}.")
+        shards = sorted({folder / str(name) for name in weight_map.values()})
+        absent = [p.name for p in shards if not p.is_file()]
+        if absent:
+            raise ModelFolderError(f"{index} lists weight files that are not there ({', '.join(absent[:3])}); "
+                                   f"{_RESAVE}.")
+        return shards
+    raise ModelFolderError(f"{folder} has a config but no weights file ({SAFETENSORS_WEIGHTS_NAME}); {_RESAVE}.")
+
+
+def _tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the safetensors headers only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        except OSError as err:
+            if err.errno is not None:
+                raise
+            raise ModelFolderError(f"{path} is not a readable safetensors file ({short_reason(err)}); "
+                                   f"{_RESAVE}.") from None
+        except Exception as err:  # noqa: BLE001 - safetensors' Rust errors have no common Python base
+            raise ModelFolderError(f"{path} is not a readable safetensors file ({short_reason(err)}); "
+                                   f"{_RESAVE}.") from None
+    return shapes
+
+
+def _sample(keys, n: int = 2) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _mismatch_message(weights: str, config_path: Path, missing, unexpected, reshaped) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) the config needs are missing ({_sample(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensor(s) are not part of the model it describes ({_sample(unexpected)})")
+    if reshaped:
+        parts.append(f"{len(reshaped)} tensor(s) have another shape ({'; '.join(reshaped[:2])})")
+    return (f"The weights in {weights} do not match {config_path}: {', '.join(parts)}. The config and the "
+            f"weights come from different models; {_RESAVE}.")
+
+
+def check_model_weights(model_class: type, folder: str | os.PathLike, config: dict) -> list[Path]:
+    """Check, before loading, that `folder`'s weights are exactly the tensors `model_class(**config)` has.
+
+    diffusers' `from_pretrained` fills tensors the file lacks with random values and only logs a
+    warning (so a U-Net folder given as an autoencoder, or weights from another config, would load as a
+    random model). The expected names and shapes come from the model built on the meta device
+    (accelerate's `init_empty_weights`: no memory, no computation) and are compared with the safetensors
+    headers, after the renaming of deprecated attention keys diffusers applies on load
+    (`ModelMixin._fix_state_dict_keys_on_load`).
+
+    Returns the weight files. Raises ModelFolderError naming the files and what does not match.
+    """
+    from accelerate import init_empty_weights
+
+    folder = Path(folder)
+    config_path = folder / getattr(model_class, "config_name", "config.json")
+    files = _weight_files(folder)
+    found = _tensor_shapes(files)
+    try:
+        with init_empty_weights():
+            model = model_class.from_config(config)
+    except Exception as err:  # noqa: BLE001 - a constructor fed bad settings raises anything
+        raise ModelFolderError(f"{config_path}: {_a(model_class.__name__)} cannot be built from these settings "
+                               f"({type(err).__name__}: {short_reason(err)}); {_RESAVE}.") from None
+    fix = getattr(model, "_fix_state_dict_keys_on_load", None)
+    if callable(fix) and len(files) == 1:  # diffusers renames these keys for unsharded files only
+        try:
+            fix(found)
+        except Exception:  # noqa: BLE001 - a private helper; without it the comparison is stricter, not wrong
+            pass
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ignored = getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(k for k in set(found) - set(expected) if not any(re.search(p, k) for p in ignored))
+    reshaped = [f"{k}: {found[k]} in the file, {expected[k]} in the config"
+                for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
+    if missing or unexpected or reshaped:
+        weights = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} files)"
+        raise ModelFolderError(_mismatch_message(weights, config_path, missing, unexpected, reshaped))
+    return files
+
+
+def load_model_folder(model_class: type, folder: str | os.PathLike, *, what: str = "model folder",
+                      hint: str = "", **kwargs):
+    """Load a diffusers model folder as data only, refusing any config or weights that do not fit.
+
+    The checks, in order: no code and no pickle-only weights (`check_model_folder`), a config that is a
+    JSON object describing `model_class` (`read_model_config`), weights that are exactly the model's
+    tensors (`check_model_weights`); then `model_class.from_pretrained` reads the safetensors weights
+    from this folder only, and its loading report is checked again.
+
+    Parameters:
+        model_class: e.g. `diffusers.AutoencoderKL`.
+        folder: the folder.
+        what, hint: how to name the folder in messages, and what the user should give instead.
+        **kwargs: passed to `from_pretrained` (e.g. `torch_dtype`).
+
+    Raises:
+        FileNotFoundError, UnsafeModelFolderError, ModelFolderError.
+    """
+    folder = check_model_folder(folder, what=what)
+    config = read_model_config(folder, model_class, hint=hint)
+    check_model_weights(model_class, folder, config)
+    try:
+        model, info = model_class.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                                  output_loading_info=True, **kwargs)
+    except OSError as err:
+        if err.errno is not None:
+            raise
+        raise ModelFolderError(f"The {what} {folder} could not be loaded: {short_reason(err)}.") from None
+    except (ValueError, RuntimeError, TypeError, KeyError) as err:
+        raise ModelFolderError(f"The {what} {folder} could not be loaded: {short_reason(err)}.") from None
+    missing, unexpected = info.get("missing_keys") or [], info.get("unexpected_keys") or []
+    reshaped = [f"{k}: {a} in the file, {b} in the config" for k, a, b in info.get("mismatched_keys") or []]
+    if missing or unexpected or reshaped:
+        raise ModelFolderError(_mismatch_message(str(folder), folder / "config.json", missing, unexpected, reshaped))
+    if info.get("error_msgs"):
+        raise ModelFolderError(f"The {what} {folder} could not be loaded: {short_reason(info['error_msgs'][0])}.")
+    return model
+
+
 # --------------------------------------------------------------------------------------------------
 # LPIPS: the lpips package ships its small linear heads but fetches the ImageNet trunk through
 # torchvision when it is built, which is impossible offline. So the module is built with a random trunk
@@ -129,8 +405,10 @@ def build_pretrained_lpips(net: str, weights_path: Optional[str | os.PathLike] =
     if net not in LPIPS_TRUNK_FILES:
         raise ValueError(f"Unknown LPIPS backbone {net!r}; choose one of {', '.join(LPIPS_TRUNK_FILES)}.")
     path = find_weights(LPIPS_TRUNK_FILES[net], weights_path, option_hint=option_hint)
+    expected = expected_weights(LPIPS_TRUNK_FILES[net])
+    state = load_state_dict(path, expected=f"{expected}, for the LPIPS {net} trunk")
     module = build_random_lpips(net)
-    load_lpips_trunk(module, load_state_dict(path), source=str(path))
+    load_lpips_trunk(module, state, source=f"The weights file {path}")
     return module
 
 
@@ -154,21 +432,27 @@ def load_lpips_trunk(module, state_dict: dict, source: str = "state dict") -> No
     `features.10.weight`). Every trunk tensor must be present with the right shape; otherwise ValueError
     names the problem, so a wrong or truncated file is never half-loaded.
     """
-    import re
-
-    expected_file = LPIPS_TRUNK_FILES.get(getattr(module, "pnet_type", ""), "the torchvision ImageNet weights")
-    mapped = {}
-    for name, param in module.net.state_dict().items():
+    net = getattr(module, "pnet_type", "")
+    expected_file = LPIPS_TRUNK_FILES.get(net, "the torchvision ImageNet weights")
+    should = f"expected the file {expected_weights(expected_file)}"
+    trunk = module.net.state_dict()
+    mapped, missing = {}, []
+    for name, param in trunk.items():
         match = re.match(r"^slice\d+\.(\d+)\.(weight|bias)$", name)
         if match is None:
             raise ValueError(f"Unexpected parameter {name!r} in the LPIPS trunk; this lpips version's layout "
                              f"is not supported.")
         key = f"features.{match.group(1)}.{match.group(2)}"
         if key not in state_dict:
-            raise ValueError(f"{source} does not fit the LPIPS trunk: key {key!r} is missing "
-                             f"(expected the file {expected_file}).")
-        if tuple(state_dict[key].shape) != tuple(param.shape):
-            raise ValueError(f"{source}: {key} has shape {tuple(state_dict[key].shape)}, the trunk needs "
-                             f"{tuple(param.shape)} (expected the file {expected_file}).")
-        mapped[name] = state_dict[key].to(param.dtype)
+            missing.append(key)
+            continue
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(param.shape):
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise WeightsFileError(f"{source} does not fit the LPIPS {net} trunk: {key} is {found}, the trunk "
+                                   f"needs {tuple(param.shape)} ({should}).")
+        mapped[name] = value.to(param.dtype)
+    if missing:
+        raise WeightsFileError(f"{source} does not fit the LPIPS {net} trunk: key {missing[0]!r} is missing "
+                               f"({len(missing)} of its {len(trunk)} tensors are; {should}).")
     module.net.load_state_dict(mapped, strict=True)  # every trunk tensor replaced, none left random

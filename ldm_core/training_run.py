@@ -20,6 +20,7 @@ steps its schedules and EMA, and returns the scalars to log.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -27,15 +28,15 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ldm_core.accelerator import end_run, make_accelerator
+from ldm_core.accelerator import check_mixed_precision, end_run, make_accelerator
 from ldm_core.batches import StepBatches
-from ldm_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
+from ldm_core.checkpoint import META_FILE, CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from ldm_core.config import TrainConfig
 from ldm_core.metric_history import MetricHistory, record_scalars
 from ldm_core.optimization import clip_gradients, drop_gradients
 from ldm_core.randomness import step_generator
 from ldm_core.run_control import GracefulStop, NonFiniteLossPolicy, TimeBudget, finish_step
-from ldm_core.run_folder import environment_info, prepare_run_dir, write_json
+from ldm_core.run_folder import RESUMES_FILE, environment_info, prepare_run_dir, unlock_run_dir, write_json
 from ldm_core.step_timer import StepTimer
 
 logger = logging.getLogger("ldm.train")
@@ -54,7 +55,8 @@ class TrainingRun:
 
     def __init__(self, cfg: Any, train_cfg: TrainConfig, out: str | Path, resume: Optional[str], *, stage: str):
         self.train_cfg, self.stage, self.resume_from = train_cfg, stage, resume
-        self.run_dir, self._checkpoint = prepare_run_dir(out, cfg, resume)
+        check_mixed_precision(train_cfg)
+        self.run_dir, self._checkpoint, self.resume_changes = prepare_run_dir(out, cfg, resume)
         self.accelerator = make_accelerator(train_cfg, self.run_dir)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -71,6 +73,7 @@ class TrainingRun:
         self._mismatch_advice = ""
         self._saved_step: Optional[int] = None
         self._skipping = False
+        self._bound: dict[str, str] = {}
 
     # ---- what the stage asks of the run ------------------------------------------------------------
 
@@ -83,6 +86,29 @@ class TrainingRun:
     def generator(self, micro_step: int, device: torch.device | str = "cpu") -> torch.Generator:
         """The generator for every random draw of one micro-step on this process."""
         return step_generator(self.train_cfg.seed, micro_step, self.accelerator.process_index, device)
+
+    def bind_data(self, data: str) -> None:
+        """`bind` the dataset: a folder by its absolute path, a built-in set by its name."""
+        spec = str(data)
+        self.bind("data", spec if spec.startswith("builtin:") else str(Path(spec).expanduser().resolve()), "--data")
+
+    def bind(self, name: str, value: str, what: str) -> None:
+        """Record a value outside the config that defines the run (the data, Stage B's VAE), saved with every
+        checkpoint; a resume with another value is refused here, before any work. `what` names it for
+        the message (e.g. "--vae")."""
+        self._bound[name] = value
+        if self._checkpoint is None:
+            return
+        try:
+            recorded = json.loads((self._checkpoint / META_FILE).read_text()).get("bound", {}).get(name)
+        except (OSError, ValueError):  # check_resumable has already vetted the checkpoint; nothing recorded
+            recorded = None
+        if recorded is None:
+            logger.warning("%s records no %s; resuming without checking it.", self._checkpoint, what)
+        elif recorded != value:
+            raise CheckpointError(f"--resume {self.resume_from}: this run was started with another {what} "
+                                  f"(recorded {_short(recorded)}, given {_short(value)}). Resume with the one it "
+                                  f"was started with, or start a new run in another --out folder.")
 
     def track(self, *, models: dict[str, torch.nn.Module], states: dict[str, Any], optimizers: Iterable,
               ema=None, extra_state: Callable[[], dict] = dict, mismatch_advice: str = "") -> None:
@@ -99,6 +125,7 @@ class TrainingRun:
         if self._checkpoint is None:
             return None
         ckpt = load_checkpoint(self._checkpoint, self.fingerprint)
+        schedules = {name: list(obj.base_lrs) for name, obj in self._states.items() if hasattr(obj, "base_lrs")}
         for name, module in self._models.items():
             try:
                 module.load_state_dict(ckpt.models[name])
@@ -108,6 +135,8 @@ class TrainingRun:
                                       f"{name} this run builds: {detail}. {self._mismatch_advice}") from None
         for name, obj in self._states.items():
             obj.load_state_dict(ckpt.state[name])
+        for name, base_lrs in schedules.items():
+            _apply_learning_rates(self._states[name], base_lrs)
         self.nonfinite.skipped = int(ckpt.state.get("nonfinite_skips", 0))
         if self._ema is not None:
             self._ema.load_state_dict(ckpt.state["ema"])
@@ -116,6 +145,13 @@ class TrainingRun:
         self.step, self.history = ckpt.step, MetricHistory(ckpt.state["history"])
         self._saved_step = self.step
         logger.info("Resumed from %s at step %d", self._checkpoint, self.step)
+        if self.resume_changes and self.is_main:
+            changes = {k: {"from": a, "to": b} for k, (a, b) in self.resume_changes.items()}
+            logger.info("Resumed with changes: %s", ", ".join(f"{k} {a!r} -> {b!r}"
+                                                             for k, (a, b) in self.resume_changes.items()))
+            path = self.run_dir / RESUMES_FILE
+            earlier = json.loads(path.read_text()) if path.is_file() else []
+            write_json(path, earlier + [{"step": self.step, "checkpoint": self._checkpoint.name, "changes": changes}])
         return ckpt.state
 
     def write_checkpoint(self) -> Path:
@@ -133,7 +169,8 @@ class TrainingRun:
                 state["scaler"] = self.accelerator.scaler.state_dict()
             save_checkpoint(self.run_dir / "checkpoints", self.step,
                             {name: module.state_dict() for name, module in self._models.items()}, state,
-                            {"fingerprint": self.fingerprint, "stage": self.stage}, self.train_cfg.keep_checkpoints)
+                            {"fingerprint": self.fingerprint, "stage": self.stage, "bound": self._bound},
+                            self.train_cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self._saved_step = self.step
         return path
@@ -227,3 +264,23 @@ class TrainingRun:
                 "environment": environment_info()})
         self.accelerator.wait_for_everyone()
         end_run(self.accelerator)
+        unlock_run_dir(self.run_dir)
+
+
+def _short(value: str) -> str:
+    """A sha256 shortened for a message; anything else unchanged."""
+    return f"sha256 {value[:12]}..." if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else value
+
+
+def _apply_learning_rates(schedule, base_lrs: list[float]) -> None:
+    """Put this run's configured learning rates into a schedule restored from a checkpoint.
+
+    A restored LambdaLR carries the checkpoint's base rates (and its optimizer the checkpoint's current
+    rate), so a `train.lr` changed on resume would be ignored. The schedule's position (last_epoch) and
+    its lambdas, built from this run's config (warm-up, max_steps), are kept.
+    """
+    schedule.base_lrs = list(base_lrs)
+    for group, base, factor in zip(schedule.optimizer.param_groups, base_lrs, schedule.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]

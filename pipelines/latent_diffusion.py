@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
+import numbers
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -31,7 +34,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm_core.latent_stats import unscale_latents
-from ldm_core.pretrained import UnsafeModelFolderError, check_model_folder
+from ldm_core.pretrained import (ModelFolderError, UnsafeModelFolderError, check_model_folder, check_model_weights,
+                                 load_model_folder, read_config_file, read_model_config, short_reason)
 
 # The only components a saved folder may name, each a class of the diffusers package.
 _COMPONENT_BASES = {"vae": AutoencoderKL, "unet": UNet2DModel, "scheduler": SchedulerMixin}
@@ -78,7 +82,169 @@ def check_model_index(folder: Union[str, os.PathLike], class_name: str = "Latent
         raise UnsafeModelFolderError(f"{index_file} lacks the component(s) {', '.join(missing)}; re-save the pipeline.")
     return index
 
+
+_PIPELINE_HINT = ("; give the 'pipeline' folder of a Stage B run (it holds model_index.json, vae/, unet/, "
+                  "scheduler/)")
+
+
+def check_latent_channels(unet_in: int, unet_out: int, vae_latent: int) -> None:
+    """A U-Net is trained on one autoencoder's latents; any other VAE decodes nonsense or fails deep inside."""
+    if unet_in != vae_latent or unet_out != vae_latent:
+        raise ValueError(f"The U-Net takes {unet_in} and predicts {unet_out} latent channels but the VAE has "
+                         f"latent_channels={vae_latent}: they were not trained together. Use the VAE the U-Net "
+                         f"was trained on (the vae/ folder of the same pipeline).")
+
+
+def check_sampling_arguments(*, num_inference_steps, guidance_scale=1.0, eta=0.0,
+                             num_train_timesteps: Optional[int] = None, conditional: Optional[bool] = None,
+                             names: Optional[dict] = None) -> None:
+    """Refuse sampling settings that would fail, or give NaN images, only once sampling has started.
+
+    Parameters:
+        num_inference_steps: 1 .. `num_train_timesteps` (diffusers' DDPM and DDIM schedulers raise past the
+            training steps; the other samplers repeat timesteps there).
+        guidance_scale: finite and >= 0 (0 is the unconditional model, 1 the plain conditional one); a value
+            other than 1 needs a class-conditional U-Net (`conditional`, when known).
+        eta: DDIM's eta (Song et al. 2021) in [0, 1]: above 1 the DDIM variance exceeds 1 - alpha_{t-1} and
+            the step takes the square root of a negative number.
+        names: how to call each argument in messages (e.g. {"num_inference_steps": "--steps"}).
+
+    Raises ValueError naming the argument and its allowed range.
+    """
+    label = {"num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale", "eta": "eta",
+             **(names or {})}
+    steps = num_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"{label['num_inference_steps']} must be a whole number of at least 1, got {steps!r}.")
+    if num_train_timesteps is not None and steps > num_train_timesteps:
+        raise ValueError(f"{label['num_inference_steps']}={steps} is more than the {num_train_timesteps} steps the "
+                         f"model was trained with; use 1..{num_train_timesteps} (15-50 is usual).")
+    for key, value, upper in (("guidance_scale", guidance_scale, None), ("eta", eta, 1.0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0 \
+                or (upper is not None and value > upper):
+            allowed = "a number from 0 to 1" if upper is not None else "a finite number >= 0 (1 = no guidance)"
+            raise ValueError(f"{label[key]} must be {allowed}, got {value!r}.")
+    if conditional is False and guidance_scale != 1.0:
+        raise ValueError(f"{label['guidance_scale']} != 1 needs a class-conditional U-Net (got {guidance_scale:g}); "
+                         f"this U-Net is unconditional, so leave {label['guidance_scale']} at 1.")
+
+
+def _setting(cls: type, config: dict, key: str):
+    """`config[key]`, or the default of `cls.__init__` when the saved config leaves it out."""
+    if key in config:
+        return config[key]
+    return inspect.signature(cls.__init__).parameters[key].default
+
+
+@dataclass(frozen=True)
+class PipelineFolder:
+    """What a saved pipeline folder holds, read from its JSON files and weight headers (nothing is loaded).
+
+    Built by `inspect_pipeline_folder`, so a command can check its own arguments against the model
+    (class names, training steps) before it loads anything heavy.
+    """
+
+    path: Path
+    index: dict
+    vae_config: dict
+    unet_config: dict
+    scheduler: SchedulerMixin
+
+    @property
+    def num_classes(self) -> int:
+        embeds = self.unet_config.get("num_class_embeds")
+        return 0 if embeds is None else int(embeds) - 1
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        return self.index.get("class_names")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+
+def inspect_pipeline_folder(folder: Union[str, os.PathLike],
+                            class_name: str = "LatentDiffusionPipeline") -> PipelineFolder:
+    """Check a saved pipeline folder without loading its weights; return what it holds.
+
+    Runs every check `LatentDiffusionPipeline.from_pretrained` relies on: `check_model_index`,
+    `check_model_folder` (no code, no pickle-only weights), each component's config a JSON object of the
+    class `model_index.json` names, the scheduler buildable from its config, the U-Net's latent channels
+    equal to the VAE's, class names fitting the class embedding, and the weights of vae/ and unet/
+    exactly the tensors their configs describe (`check_model_weights`).
+
+    Raises:
+        FileNotFoundError: not a pipeline folder.
+        UnsafeModelFolderError, ModelFolderError, ValueError: the message names the file and what is wrong.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"The pipeline folder {folder} does not exist. Give the 'pipeline' folder of a "
+                                f"Stage B run; models are never downloaded.")
+    index = check_model_index(folder, class_name)
+    check_model_folder(folder, what="pipeline folder")
+    classes = {name: getattr(diffusers, index[name][1]) for name in _COMPONENT_BASES}
+    vae_config = read_model_config(folder / "vae", classes["vae"], hint=_PIPELINE_HINT)
+    unet_config = read_model_config(folder / "unet", classes["unet"], hint=_PIPELINE_HINT)
+    scheduler_file = folder / "scheduler" / classes["scheduler"].config_name
+    scheduler_config = read_config_file(scheduler_file, hint=_PIPELINE_HINT)
+    try:
+        scheduler = classes["scheduler"].from_config(scheduler_config)
+    except Exception as err:  # noqa: BLE001 - a scheduler fed bad settings raises anything
+        raise ModelFolderError(f"{scheduler_file}: a {classes['scheduler'].__name__} cannot be built from these "
+                               f"settings ({type(err).__name__}: {short_reason(err)}); re-save the pipeline.") from None
+    check_model_weights(classes["vae"], folder / "vae", vae_config)
+    check_model_weights(classes["unet"], folder / "unet", unet_config)
+    # The configs are now known to build their models; absent fields take the classes' defaults.
+    check_latent_channels(_setting(classes["unet"], unet_config, "in_channels"),
+                          _setting(classes["unet"], unet_config, "out_channels"),
+                          _setting(classes["vae"], vae_config, "latent_channels"))
+    info = PipelineFolder(folder, index, vae_config, unet_config, scheduler)
+    names = info.class_names
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                              or len(names) != info.num_classes):
+        raise ModelFolderError(f"{folder / 'model_index.json'}: class_names is {names!r}, which does not fit the "
+                               f"U-Net's {info.num_classes} classes ({folder / 'unet' / 'config.json'}); re-save "
+                               f"the pipeline.")
+    return info
+
 ClassLabels = Union[int, str, Sequence[Union[int, str]], torch.Tensor, None]
+
+
+def class_ids_for(class_labels, batch_size: int, num_classes: int, class_names: Optional[Sequence[str]] = None,
+                  *, option: str = "class_labels") -> Optional[list[int]]:
+    """Class ids for a batch from ints or class names; one value is repeated over the batch.
+
+    Works from the model's class count and names alone, so a command can check a requested class
+    before it loads the model. `option` names the argument in messages (e.g. "--class").
+
+    Returns None for an unconditional model given no labels. Raises ValueError naming the known classes.
+    """
+    names = list(class_names or [])
+    known = (', '.join(names) if names else f'(none named; use ids 0..{num_classes - 1})')
+    if class_labels is None:
+        if num_classes:
+            raise ValueError(f"This U-Net is class-conditional: pass {option} (ids 0..{num_classes - 1} or names "
+                             f"{', '.join(map(str, names or range(num_classes)))}).")
+        return None
+    if not num_classes:
+        raise ValueError(f"This U-Net is unconditional (no class embedding), so it takes no {option}; leave "
+                         f"{option} out.")
+    if isinstance(class_labels, (int, str)):
+        class_labels = [class_labels] * batch_size
+    if len(class_labels) != batch_size:
+        raise ValueError(f"Got {len(class_labels)} class labels for a batch of {batch_size} images.")
+    ids = []
+    for label in class_labels:
+        if isinstance(label, str):
+            if label not in names:
+                raise ValueError(f"Unknown class name {label!r}. Known classes: {known}; pass one of them as {option}.")
+            label = names.index(label)
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= int(label) < num_classes:
+            raise ValueError(f"Class id {label} is out of range: use 0..{num_classes - 1} ({option}).")
+        ids.append(int(label))
+    return ids
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):
@@ -99,12 +265,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, scheduler: SchedulerMixin,
                  class_names: Optional[list[str]] = None):
         super().__init__()
-        channels = vae.config.latent_channels
-        if unet.config.in_channels != channels or unet.config.out_channels != channels:
-            # A U-Net is trained on one autoencoder's latents; any other VAE decodes nonsense or fails deep inside.
-            raise ValueError(f"The U-Net takes {unet.config.in_channels} and predicts {unet.config.out_channels} "
-                             f"latent channels but the VAE has latent_channels={channels}: they were not trained together. "
-                             f"Use the VAE the U-Net was trained on (the vae/ folder of the same pipeline).")
+        check_latent_channels(unet.config.in_channels, unet.config.out_channels, vae.config.latent_channels)
         num_embeds = unet.config.num_class_embeds
         if class_names is not None and (num_embeds is None or len(class_names) != num_embeds - 1):
             raise ValueError(f"{len(class_names)} class names given but the U-Net has "
@@ -122,9 +283,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 that load code (`custom_pipeline`, `custom_revision`, `trust_remote_code`), which are refused,
                 and `use_safetensors`, which is always True.
 
+        The folder is checked first (`inspect_pipeline_folder`), and vae/ and unet/ are loaded with
+        `ldm_core.pretrained.load_model_folder`, which refuses weights that do not fill every tensor of the
+        model (diffusers alone would start missing tensors from random values with only a warning).
+
         Raises:
             FileNotFoundError: not a pipeline folder.
             UnsafeModelFolderError: see `check_model_index` and `ldm_core.pretrained.check_model_folder`.
+            ModelFolderError: a config that is not JSON or describes another class, or weights that do not
+                match their config; the message names the file.
             ValueError: a code-loading option was passed, or the U-Net does not fit the VAE.
         """
         for option in _CODE_OPTIONS:
@@ -135,12 +302,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if kwargs.pop("use_safetensors", True) is not True:
             raise ValueError("use_safetensors must stay True: pickle weight files can run code when loaded.")
         folder = Path(pretrained_model_name_or_path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"The pipeline folder {folder} does not exist. Give the 'pipeline' folder of a "
-                                    f"Stage B run; models are never downloaded.")
-        check_model_index(folder, cls.__name__)
-        check_model_folder(folder, what="pipeline folder")
-        return super().from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs)
+        info = inspect_pipeline_folder(folder, cls.__name__)
+        dtype = {"torch_dtype": kwargs["torch_dtype"]} if kwargs.get("torch_dtype") is not None else {}
+        components = {name: load_model_folder(getattr(diffusers, info.index[name][1]), folder / name,
+                                              what=f"{name}/ folder of the pipeline", hint=_PIPELINE_HINT, **dtype)
+                      for name in ("vae", "unet")}
+        return super().from_pretrained(folder, use_safetensors=True, local_files_only=True, **components, **kwargs)
 
     @property
     def num_classes(self) -> int:
@@ -148,34 +315,19 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         embeds = self.unet.config.num_class_embeds
         return 0 if embeds is None else embeds - 1
 
+    def check_inputs(self, num_inference_steps: int, guidance_scale: float = 1.0, eta: float = 0.0,
+                     names: Optional[dict] = None) -> None:
+        """Refuse settings this pipeline cannot sample with (see `check_sampling_arguments`), before any work."""
+        check_sampling_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                                 num_train_timesteps=self.scheduler.config.get("num_train_timesteps"),
+                                 conditional=bool(self.num_classes), names=names)
+
     def resolve_class_labels(self, class_labels: ClassLabels, batch_size: int) -> Optional[torch.Tensor]:
         """Class ids (batch_size,) from ints or class names; one value is repeated over the batch."""
-        if class_labels is None:
-            if self.num_classes:
-                names = self.config.class_names or list(range(self.num_classes))
-                raise ValueError(f"This U-Net is class-conditional: pass class_labels (ids 0..{self.num_classes - 1} "
-                                 f"or names {', '.join(map(str, names))}).")
-            return None
-        if not self.num_classes:
-            raise ValueError("class_labels were given but this U-Net is unconditional (no class embedding).")
         if isinstance(class_labels, torch.Tensor):
             class_labels = class_labels.tolist()
-        if isinstance(class_labels, (int, str)):
-            class_labels = [class_labels] * batch_size
-        if len(class_labels) != batch_size:
-            raise ValueError(f"Got {len(class_labels)} class labels for a batch of {batch_size} images.")
-        names = list(self.config.class_names or [])
-        ids = []
-        for label in class_labels:
-            if isinstance(label, str):
-                if label not in names:
-                    raise ValueError(f"Unknown class name {label!r}. Known classes: "
-                                     f"{', '.join(names) if names else '(none named; use ids 0..' + str(self.num_classes - 1) + ')'}.")
-                label = names.index(label)
-            if not 0 <= int(label) < self.num_classes:
-                raise ValueError(f"Class id {label} is out of range: use 0..{self.num_classes - 1}.")
-            ids.append(int(label))
-        return torch.tensor(ids, dtype=torch.long, device=self._execution_device)
+        ids = class_ids_for(class_labels, batch_size, self.num_classes, self.config.class_names)
+        return None if ids is None else torch.tensor(ids, dtype=torch.long, device=self._execution_device)
 
     def _step_kwargs(self, generator, eta: float) -> dict:
         # Like diffusers' prepare_extra_step_kwargs: only pass what this scheduler's step accepts.
@@ -215,8 +367,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"Unknown output_type {output_type!r}: use pil, np, pt or latent.")
-        if batch_size < 1 or num_inference_steps < 1 or decode_batch_size < 1:
-            raise ValueError("batch_size, num_inference_steps and decode_batch_size must be positive.")
+        if batch_size < 1 or decode_batch_size < 1:
+            raise ValueError("batch_size and decode_batch_size must be positive.")
+        self.check_inputs(num_inference_steps, guidance_scale, eta)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for {batch_size} images; pass one per image.")
         # Sampling is inference: run the models in eval mode (a U-Net handed over from a training loop may be
@@ -266,6 +419,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 uncond, cond = prediction.chunk(2)
                 prediction = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+
+        # NaN or inf latents decode to black or noise images that look like a result; stop instead.
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError(f"The latents became NaN or infinite after {num_inference_steps} "
+                                     f"{type(self.scheduler).__name__} steps (guidance_scale={guidance_scale:g}); "
+                                     f"check that the model's weights are finite, or use fp32 and another sampler.")
 
         # 3. Decode.
         if output_type == "latent":

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config import ConfigError, DataConfig, EMAConfig, TrainConfig, _require, check_relative_path
+from ldm_core.config import (ConfigError, DataConfig, EMAConfig, TrainConfig, _require, check_architecture,
+                             check_relative_path)
 
 
 @dataclass
@@ -35,6 +36,13 @@ class VAEModelConfig:
     latent_channels: int = 4
     # Downsampling factor the user expects; it must equal 2 ** (number of blocks - 1).
     downsample_factor: int = 8
+
+    def __post_init__(self) -> None:
+        from stage_a_vae.presets import VAE_PRESETS  # the presets module builds models; config stays light
+
+        check_architecture(self, VAE_PRESETS, ("layers_per_block", "norm_num_groups"))
+        _require(self.latent_channels > 0, "model.latent_channels", self.latent_channels, "a positive integer")
+        _require(self.downsample_factor > 0, "model.downsample_factor", self.downsample_factor, "a positive integer")
 
 
 @dataclass
@@ -71,6 +79,8 @@ class VAELossConfig:
             _require(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), "0 or more")
         _require(self.disc_start >= 0, "loss.disc_start", self.disc_start, "0 or more")
         _require(self.l2_warmup_steps >= 0, "loss.l2_warmup_steps", self.l2_warmup_steps, "0 or more")
+        for key in ("disc_num_layers", "disc_channels"):
+            _require(getattr(self, key) > 0, f"loss.{key}", getattr(self, key), "a positive integer")
 
 
 @dataclass
@@ -94,8 +104,10 @@ class VAETrainConfig(TrainConfig):
     adam_beta2: float = 0.9
     lr: float = 1e-4
     disc_lr: Optional[float] = None  # None: same as lr
-    # Images used to measure the latent scaling factor (1/std) when training ends.
-    latent_stats_images: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.disc_lr is None or self.disc_lr > 0, "train.disc_lr", self.disc_lr, "a positive number or null")
 
 
 @dataclass

@@ -66,6 +66,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     accelerator, device, tc, lc = run.accelerator, run.device, cfg.train, cfg.loss
 
     # 2. Data: decoded once to uint8, split deterministically ----------------------------------------
+    run.bind_data(data)  # a resume must read the same dataset
     # A relative data.image_cache_dir lives inside the run folder (config paths never write outside it).
     cache_dir = (resolve_run_path(run.run_dir, cfg.data.image_cache_dir, "data.image_cache_dir")
                  if cfg.data.image_cache_dir else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config import DataConfig, EMAConfig, TrainConfig, _require, check_relative_path
+from ldm_core.config import DataConfig, EMAConfig, TrainConfig, _require, check_architecture, check_relative_path
 
 
 @dataclass
@@ -28,6 +28,9 @@ class UNetModelConfig:
     class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        from stage_b_diffusion.presets import UNET_PRESETS  # the presets module builds models; config stays light
+
+        check_architecture(self, UNET_PRESETS, ("layers_per_block",))
         _require(self.num_classes >= 0, "model.num_classes", self.num_classes, "0 or more")
         _require(0.0 <= self.class_dropout < 1.0, "model.class_dropout", self.class_dropout, "in [0, 1)")
 
@@ -54,6 +57,18 @@ class DiffusionConfig:
         _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start/beta_end",
                  (self.beta_start, self.beta_end), "0 < beta_start < beta_end < 1")
         _require(self.snr_gamma >= 0, "diffusion.snr_gamma", self.snr_gamma, "0 or more")
+        _require(self.noise_offset >= 0, "diffusion.noise_offset", self.noise_offset, "0 or more")
+        _require(self.num_train_timesteps > 0, "diffusion.num_train_timesteps", self.num_train_timesteps,
+                 "a positive integer")
+
+
+def check_sampling(section: str, scheduler: str, num_inference_steps: int, seed: int) -> None:
+    """The sampler settings every sampling section shares: a known sampler, at least one step, a seed >= 0."""
+    from stage_b_diffusion.noise_schedule import SAMPLERS  # imports diffusers' schedulers only when checked
+
+    _require(scheduler in SAMPLERS, f"{section}.scheduler", scheduler, f"one of {', '.join(SAMPLERS)}")
+    _require(num_inference_steps > 0, f"{section}.num_inference_steps", num_inference_steps, "a positive integer")
+    _require(seed >= 0, f"{section}.seed", seed, "0 or more")
 
 
 @dataclass
@@ -65,6 +80,11 @@ class SamplingConfig:
     grid_images: int = 16
     sample_every: int = 500
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sampling("sampling", self.scheduler, self.num_inference_steps, self.seed)
+        _require(self.grid_images > 0, "sampling.grid_images", self.grid_images, "a positive integer")
+        _require(self.sample_every > 0, "sampling.sample_every", self.sample_every, "a positive integer")
 
 
 @dataclass
@@ -84,8 +104,6 @@ class UNetDataConfig(DataConfig):
 class UNetTrainConfig(TrainConfig):
     lr: float = 2e-4
     lr_warmup_steps: int = 100
-    # Images encoded to measure the latent scale when the VAE folder carries none.
-    latent_stats_images: int = 1024
 
 
 @dataclass
@@ -96,6 +114,11 @@ class StageBConfig:
     train: UNetTrainConfig = field(default_factory=UNetTrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.sampling.num_inference_steps <= self.diffusion.num_train_timesteps,
+                 "sampling.num_inference_steps", self.sampling.num_inference_steps,
+                 f"at most diffusion.num_train_timesteps={self.diffusion.num_train_timesteps}")
 
     def model_fingerprint(self) -> str:
         """Hash of what a Stage B checkpoint's tensors depend on (model, diffusion, resolution); a

@@ -104,6 +104,13 @@ def _hash_vae(digest, vae) -> None:
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+def vae_digest(vae) -> str:
+    """sha256 over the VAE's config and weights: which autoencoder a run's latents come from."""
+    digest = hashlib.sha256(b"vae|")
+    _hash_vae(digest, vae)
+    return digest.hexdigest()
+
+
 def cache_key(vae, images_uint8: np.ndarray, flip: bool) -> str:
     """sha256 over the VAE (config and weights), the image bytes and shape, and the flip setting."""
     digest = hashlib.sha256(f"latent-cache-v{_FORMAT}|flip={bool(flip)}|shape={images_uint8.shape}|".encode())

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ldm_core.accelerator import apply_memory_format
-from ldm_core.autoencoder_folders import load_frozen_vae, vae_downsampling_factor
+from ldm_core.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
 from ldm_core.batches import train_val_split
 from ldm_core.config import resolve_run_path
 from ldm_core.ema import exported_copy, make_ema
@@ -29,7 +29,7 @@ from ldm_core.optimization import make_adam, make_lr_scheduler
 from ldm_core.randomness import image_generator
 from ldm_core.training_run import TrainingRun
 from stage_b_diffusion.config import StageBConfig
-from stage_b_diffusion.latent_cache import load_or_build_latent_cache
+from stage_b_diffusion.latent_cache import load_or_build_latent_cache, vae_digest
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
 from stage_b_diffusion.objective import diffusion_loss, drop_class_labels
 from stage_b_diffusion.presets import build_unet, check_unet_matches_vae
@@ -44,11 +44,15 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
                resume: Optional[str] = None, *, build_pipeline: PipelineBuilder) -> Path:
     """Train Stage B and write `out/pipeline/` (built by `build_pipeline`). Returns the run folder."""
     # 1. Run folder and Accelerator (ldm_core/training_run.py) ----------------------------------------
+    read_vae_folder(vae_path)  # a wrong --vae is refused before the run folder exists
     run = TrainingRun(cfg, cfg.train, out, resume, stage="B")
     accelerator, device, tc = run.accelerator, run.device, cfg.train
 
     # 2. Frozen VAE and the U-Net it fixes, data, latent scale, latent cache -------------------------
     vae, vae_dir = load_frozen_vae(vae_path)
+    # The U-Net learns this VAE's latent space: a resume with another VAE is refused before any work.
+    run.bind("vae", vae_digest(vae), "--vae (compared by its config and weights)")
+    run.bind_data(data)
     # The U-Net's shape comes from the VAE; check they fit before any image is encoded.
     torch.manual_seed(tc.seed)
     unet = apply_memory_format(build_unet(cfg.model, latent_channels=vae.config.latent_channels,

@@ -53,3 +53,15 @@ def bad_files(tmp_path):
     files["truncated_jpeg"].write_bytes(jpeg[: len(jpeg) // 2])
     files["empty"].write_bytes(b"")
     return files
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: forked children must not use the parent's OpenMP pool, runs
+    compared bit for bit must use the same kernels, and one thread is faster on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -201,10 +201,14 @@ def test_generate_unknown_class_and_stale_labels(shapes_pipeline, tmp_path, caps
     err = capsys.readouterr().err
     assert "Unknown class name 'hexagon'. Known classes: circle, square, triangle" in err
     assert not out.exists()  # refused before any work
-    # An unconditional run into a folder removes the labels.json an earlier conditional run left.
+    # A second run into the folder is refused (its images would be scored with these); with overwrite an
+    # unconditional run removes the labels.json the earlier conditional run left.
     assert _generate(shapes_pipeline, out, "--class", "circle") == 0 and (out / "labels.json").is_file()
     plain = make_pipeline()
-    generate_images(plain, 2, seed=0, batch_size=2, num_inference_steps=1, out_dir=out)
+    with pytest.raises(ValueError, match="already holds"):
+        generate_images(plain, 2, seed=0, batch_size=2, num_inference_steps=1, out_dir=out)
+    assert (out / "labels.json").is_file()
+    generate_images(plain, 2, seed=0, batch_size=2, num_inference_steps=1, out_dir=out, overwrite=True)
     assert not (out / "labels.json").exists()
 
 

@@ -37,13 +37,7 @@ STAGE_B = ["model.preset=unet-tiny", "data.resolution=16", "data.shapes_count=24
            "train.max_steps=40", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Forked children must not use the parent's OpenMP pool, and the runs compared must use the same kernels.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _latest_step(run):

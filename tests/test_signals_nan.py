@@ -29,13 +29,7 @@ STAGE_B = ["model.preset=unet-tiny", "data.resolution=16", "data.shapes_count=24
            "sampling.num_inference_steps=1", "ema.enabled=false"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One thread: faster on a shared 2-core machine, and the same kernels in every run compared here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
     ldm train-vae   --config configs/vae/kl-f8-small.yaml --data DIR|builtin:shapes --out RUN [key=value ...]
     ldm train-unet  --config configs/unet/unet-small.yaml --vae RUN/vae --data ... --out RUN [key=value ...]
     ldm train       --config configs/demo.yaml --data ... --out RUN [--vae DIR] [key=value ...]
-    ldm generate    --model RUN/pipeline --num-images N --steps S --scheduler NAME --seed S --out DIR
+    ldm generate    --model RUN/pipeline --num-images N --steps S --scheduler NAME --seed S --out DIR [--overwrite]
     ldm eval-samples --dataset builtin:shapes DIR
     ldm bench-recon --vae A [--vae B ...] --data DIR --resolution R
     ldm demo        [--out DIR]
@@ -22,6 +22,8 @@ import importlib
 import logging
 import os
 import sys
+
+DEBUG_ENV = "LDM_DEBUG"
 
 # name -> (module, one-line help), in the order `ldm --help` lists them.
 COMMANDS = {
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(Stage B), generate images, and benchmark reconstructions.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start with `ldm demo`. Run `ldm COMMAND --help` for a command's options.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (for bug reports; or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     except _user_errors() as err:  # a message for the user, not a traceback
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
         print(f"ldm {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
 

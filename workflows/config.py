@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ldm_core.config import _require
 from stage_a_vae.config import StageAConfig
-from stage_b_diffusion.config import StageBConfig
+from stage_b_diffusion.config import StageBConfig, check_sampling
 
 
 @dataclass
@@ -17,9 +18,21 @@ class EvaluationConfig:
     num_inference_steps: int = 20
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_sampling("evaluation", self.scheduler, self.num_inference_steps, self.seed)
+        _require(self.num_images > 0, "evaluation.num_images", self.num_images, "a positive integer")
+
 
 @dataclass
 class LDMConfig:
     stage_a: StageAConfig = field(default_factory=StageAConfig)
     stage_b: StageBConfig = field(default_factory=StageBConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        timesteps = self.stage_b.diffusion.num_train_timesteps
+        _require(self.evaluation.num_inference_steps <= timesteps, "evaluation.num_inference_steps",
+                 self.evaluation.num_inference_steps, f"at most stage_b.diffusion.num_train_timesteps={timesteps}")
+        _require(self.stage_a.data.resolution == self.stage_b.data.resolution, "stage_b.data.resolution",
+                 self.stage_b.data.resolution, f"stage_a.data.resolution={self.stage_a.data.resolution}: the U-Net "
+                 f"learns the VAE's latents of the same images")

@@ -55,7 +55,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     pipe.scheduler = make_sampler(ev.scheduler, pipe.scheduler.config)
     samples_dir = out / "samples"
     generate_images(pipe, ev.num_images, seed=ev.seed, batch_size=16, num_inference_steps=ev.num_inference_steps,
-                    out_dir=samples_dir)
+                    out_dir=samples_dir, overwrite=True)  # a demo killed after sampling re-samples
     scores = score_folder(samples_dir)
     write_json(samples_dir / "scores.json", scores)
     # The same noise through plain diffusers classes and a hand-written sampler (README, "The demo").

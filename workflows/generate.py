@@ -12,27 +12,129 @@ requested classes:
      "labels": {"image_00000.png": "circle", "image_00001.png": "square", ...}}
 
 A label is the class name, or the class id when the model's classes have no names.
+
+The images, grid.png and labels.json of one run always belong together, because `ldm eval-samples`
+scores whatever image files a folder holds:
+
+- every argument is checked against the model's files before anything is loaded or written;
+- an output folder that already holds files is refused unless `overwrite` (`--overwrite`) is given, and
+  then only the files an earlier `ldm generate` wrote there (image_NNNNN.png, grid.png, labels.json) are
+  replaced; other files are kept;
+- everything is written into a hidden staging folder beside the output folder (`.NAME.ldm-generate-partial`)
+  and moved into place only once every image, the grid and labels.json are there, so a failed run leaves
+  the output folder as it was.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import errno
+import inspect
+import logging
+import numbers
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
 
+from evaluation.eval_samples import SCORES_FILE
 from ldm_core.image_grids import save_grid
 from ldm_core.randomness import image_generator
-from pipelines.latent_diffusion import LatentDiffusionPipeline
+from pipelines.latent_diffusion import (LatentDiffusionPipeline, PipelineFolder, check_sampling_arguments,
+                                        class_ids_for, inspect_pipeline_folder)
 from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
 
-__all__ = ["LABELS_FILE", "generate_images", "write_labels_file", "save_grid", "add_arguments",
-           "main"]
+__all__ = ["LABELS_FILE", "GRID_FILE", "generate_images", "write_labels_file", "save_grid", "add_arguments",
+           "check_output_folder", "generated_files", "load_pipeline", "main", "resolve_device"]
+
+logger = logging.getLogger("ldm.generate")
 
 LABELS_FILE = "labels.json"  # read by evaluation.shapes_score.score_folder
+GRID_FILE = "grid.png"  # left out of the scores by evaluation.shapes_score and evaluation.eval_samples
+# image_{i:05d}.png: five digits or more (100000 images and up get six).
+_IMAGE_NAME = re.compile(r"image_\d{5,}\.png")
+_STAGING_SUFFIX = ".ldm-generate-partial"
+# How arguments are named in messages: Python keywords by default, flags for the command line.
+_API_NAMES = {"out": "out_dir", "overwrite": "overwrite=True", "num_images": "num_images",
+              "batch_size": "batch_size", "seed": "seed"}
+_FLAGS = {"out": "--out", "overwrite": "--overwrite", "num_images": "--num-images", "batch_size": "--batch-size",
+          "seed": "--seed", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "eta": "--eta",
+          "class": "--class"}
+
+
+def _image_name(i: int) -> str:
+    return f"image_{i:05d}.png"
+
+
+def generated_files(folder: Union[str, Path]) -> list[Path]:
+    """The files an earlier `ldm generate` wrote in `folder` (image_NNNNN.png, grid.png, labels.json), and the
+    eval.json that `ldm eval-samples` scored from them: images, labels and scores are replaced together."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and (_IMAGE_NAME.fullmatch(p.name) or p.name in (GRID_FILE, LABELS_FILE, SCORES_FILE)))
+
+
+def _printable(path: Union[str, Path]) -> str:
+    """A path as text that any terminal or UTF-8 file accepts: bytes that are not UTF-8 become \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_output_folder(out_dir: Union[str, Path], overwrite: bool = False, *,
+                        names: Optional[dict] = None) -> Path:
+    """Refuse an output folder that cannot be written, or that already holds files (unless `overwrite`).
+
+    Nothing is created here. Images from two runs in one folder would be scored together by
+    `ldm eval-samples`, so a folder with any entry in it is refused; with `overwrite` the files an earlier
+    `ldm generate` wrote there are replaced when the new ones are complete, and other files are kept.
+
+    Raises:
+        ValueError: `out_dir` is a file, or holds files and `overwrite` is False.
+        NotADirectoryError, PermissionError: a parent is a file, or the folder cannot be written
+            (`ldm` prints these with the path).
+    """
+    label = {**_API_NAMES, **(names or {})}
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{label['out']} {_printable(out_dir)} is a file, not a folder; give a folder for the images.")
+    # The staging folder is created beside out_dir, so the nearest existing parent must be writable too.
+    for parent in (out_dir, *out_dir.absolute().parents):
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out_dir))
+            if parent != out_dir and not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out_dir))
+            if parent != out_dir:
+                break
+    if out_dir.is_dir():
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out_dir))
+        entries = sorted(os.listdir(out_dir))
+        if entries and not overwrite:
+            shown = ", ".join(_printable(e) for e in entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ValueError(f"{label['out']} {_printable(out_dir)} already holds {len(entries)} file(s) ({shown}); "
+                             f"new images there would be mixed with them and scored together. Choose a new or empty "
+                             f"folder, or pass {label['overwrite']} to replace the image_NNNNN.png, grid.png and "
+                             f"labels.json an earlier `ldm generate` wrote there (other files are kept).")
+    return out_dir
+
+
+def check_generate_counts(*, num_images, batch_size, seed, names: Optional[dict] = None) -> None:
+    """num_images >= 1, batch_size >= 1, seed >= 0, all whole numbers; ValueError names the argument."""
+    label = {**_API_NAMES, **(names or {})}
+    for key, value, low in (("num_images", num_images, 1), ("batch_size", batch_size, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{label[key]} must be a whole number of at least {low}, got {value!r}.")
+
+
+def _staging_folder(out_dir: Path) -> Path:
+    """Beside out_dir, on the same file system, so moving it into place is a rename."""
+    return out_dir.parent / f".{out_dir.name}{_STAGING_SUFFIX}"
 
 
 def _labels_for(indices: Sequence[int], class_labels, num_images: int, num_classes: int) -> Optional[list]:
@@ -56,125 +158,240 @@ def write_labels_file(out_dir: Union[str, Path], labels: dict[str, Union[str, in
         class_names: the model's class names in id order, or None.
         guidance_scale: the classifier-free guidance weight the images were drawn with.
     """
+    import json
+
     path = Path(out_dir) / LABELS_FILE
     record = {"class_names": list(class_names) if class_names is not None else None,
               "guidance_scale": float(guidance_scale), "labels": dict(sorted(labels.items()))}
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, path)  # a reader sees the old file or the new one, never half of one
     return path
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move a complete staging folder's files into out_dir, replacing what an earlier run wrote there."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)  # one rename: the folder appears complete or not at all
+        return
+    for old in generated_files(out_dir):
+        old.unlink()
+    # Images first, the grid and labels.json last: a folder with labels.json always has its images.
+    for new in sorted(staging.iterdir(), key=lambda p: (p.name in (GRID_FILE, LABELS_FILE), p.name)):
+        os.replace(new, out_dir / new.name)
+    staging.rmdir()
 
 
 def generate_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed: int, batch_size: int,
                     num_inference_steps: int, out_dir: Union[str, Path], accelerator=None, class_labels=None,
-                    guidance_scale: float = 1.0, eta: float = 0.0) -> list[Path]:
+                    guidance_scale: float = 1.0, eta: float = 0.0, overwrite: bool = False) -> list[Path]:
     """Generate images 0..num_images-1 into `out_dir` as image_{i:05d}.png, plus grid.png of all of them.
 
     Parameters:
         pipeline: the loaded pipeline, already on its device, with the sampler to use.
         num_images, seed: image i comes from `image_generator(seed, i)`.
         batch_size: images per pipeline call on each process.
-        accelerator: optional `accelerate.Accelerator`; images are split between its processes and the main
-            process writes the grid once every process has finished.
+        accelerator: optional `accelerate.Accelerator`; images are split between its processes, and the main
+            process writes the grid and moves the folder into place once every process has finished.
         class_labels: None (a class-conditional model then cycles through its classes, image i gets i mod K),
             one id or name for every image, or one per image.
         guidance_scale, eta: passed to the pipeline.
+        overwrite: allow an `out_dir` that already holds files; the files an earlier run wrote there
+            (image_NNNNN.png, grid.png, labels.json) are replaced, others kept. See `check_output_folder`.
 
-    A class-conditional pipeline also gets `labels.json` (see `write_labels_file`); an unconditional one
-    removes a stale one.
+    A class-conditional pipeline also gets `labels.json` (see `write_labels_file`). Every argument is
+    checked before anything is written; the files are written beside `out_dir` and moved into it only
+    when all of them are there (see the module docstring), so on any error `out_dir` is unchanged.
 
-    Returns the paths of all num_images PNG files.
+    Returns the paths of all num_images PNG files (they exist once the main process has returned).
     """
-    if num_images < 1 or batch_size < 1:
-        raise ValueError("num_images and batch_size must be positive.")
+    check_generate_counts(num_images=num_images, batch_size=batch_size, seed=seed)
+    pipeline.check_inputs(num_inference_steps, guidance_scale, eta)
     # Resolve every image's class before any work, so a bad name fails fast with the pipeline's message.
     requested = _labels_for(range(num_images), class_labels, num_images, pipeline.num_classes)
     class_ids = pipeline.resolve_class_labels(requested, num_images)
-    if guidance_scale != 1.0 and class_ids is None:
-        raise ValueError("guidance_scale != 1 needs a class-conditional U-Net and class_labels.")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_folder(out_dir, overwrite)
     is_main = accelerator is None or accelerator.is_main_process
-    if is_main:
-        # A labels.json left by an earlier run would pair these images with the wrong classes.
-        (out_dir / LABELS_FILE).unlink(missing_ok=True)
+    staging = _staging_folder(out_dir)
+    names = [_image_name(i) for i in range(num_images)]
     indices = list(range(num_images))
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.split_between_processes(indices) as mine:
             indices = list(mine)
-    paths = [out_dir / f"image_{i:05d}.png" for i in range(num_images)]
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        images = pipeline(
-            batch_size=len(chunk), num_inference_steps=num_inference_steps,
-            generator=[image_generator(seed, i) for i in chunk], eta=eta, output_type="pil",
-            class_labels=_labels_for(chunk, class_labels, num_images, pipeline.num_classes),
-            guidance_scale=guidance_scale).images
-        for i, image in zip(chunk, images):
-            image.save(paths[i])
+    try:
+        # Every process creates it (whichever comes first); what a crashed earlier run left there is either
+        # overwritten below or removed by the main process before the folder is moved into place.
+        staging.mkdir(parents=True, exist_ok=True)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            images = pipeline(
+                batch_size=len(chunk), num_inference_steps=num_inference_steps,
+                generator=[image_generator(seed, i) for i in chunk], eta=eta, output_type="pil",
+                class_labels=_labels_for(chunk, class_labels, num_images, pipeline.num_classes),
+                guidance_scale=guidance_scale).images
+            for i, image in zip(chunk, images):
+                image.save(staging / names[i])
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if is_main:
+            _finish(staging, names, pipeline, class_ids, guidance_scale)
+            _publish(staging, out_dir)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     if accelerator is not None:
-        accelerator.wait_for_everyone()
-    if is_main:
-        grid = []
-        for path in paths:
-            with Image.open(path) as im:
-                grid.append(im.convert("RGB"))
-        save_grid(grid, out_dir / "grid.png")
-        if class_ids is not None:
-            names = pipeline.config.class_names
-            labels = {path.name: (names[k] if names else k) for path, k in zip(paths, class_ids.tolist())}
-            write_labels_file(out_dir, labels, names, guidance_scale)
-    return paths
+        accelerator.wait_for_everyone()  # no process returns before the folder is in place
+    return [out_dir / name for name in names]
+
+
+def _finish(staging: Path, names: list[str], pipeline, class_ids, guidance_scale: float) -> None:
+    """Check every image is in the staging folder, drop anything else, write grid.png and labels.json."""
+    absent = [name for name in names if not (staging / name).is_file()]
+    if absent:
+        raise RuntimeError(f"{len(absent)} image(s) were not written to {staging} ({', '.join(absent[:3])}); "
+                           f"a process stopped early. Nothing was moved into the output folder.")
+    wanted = set(names)
+    for stray in staging.iterdir():
+        if stray.name in wanted:
+            continue
+        if stray.is_dir() and not stray.is_symlink():
+            shutil.rmtree(stray)
+        else:
+            stray.unlink()
+    grid = []
+    for name in names:
+        with Image.open(staging / name) as im:
+            grid.append(im.convert("RGB"))
+    save_grid(grid, staging / GRID_FILE)
+    if class_ids is not None:
+        class_names = pipeline.config.class_names
+        labels = {name: (class_names[k] if class_names else k) for name, k in zip(names, class_ids.tolist())}
+        write_labels_file(staging, labels, class_names, guidance_scale)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `ldm generate`."""
     parser.add_argument("--model", required=True, help="pipeline folder (RUN/pipeline, with model_index.json)")
     parser.add_argument("--num-images", type=int, default=16, help="number of images (default 16)")
-    parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="denoising steps, 1 to the model's training steps (default 20)")
     parser.add_argument("--scheduler", choices=list(SAMPLERS), default=None,
                         help="sampler (default: the one saved with the pipeline); dpmsolver++ suits 15-25 steps")
-    parser.add_argument("--seed", type=int, default=0, help="image i always comes from (seed, i)")
-    parser.add_argument("--out", required=True, help="output folder for image_NNNNN.png and grid.png")
+    parser.add_argument("--seed", type=int, default=0, help="image i always comes from (seed, i); 0 or more")
+    parser.add_argument("--out", required=True,
+                        help="output folder for image_NNNNN.png, grid.png (and labels.json); must be new or empty")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="allow an --out that holds files: replace the image_NNNNN.png, grid.png and "
+                             "labels.json an earlier `ldm generate` wrote there (other files are kept)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per U-Net batch on each process")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ignored by other samplers)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta from 0 to 1 (ignored by other samplers)")
     parser.add_argument("--class", dest="class_label", default=None,
                         help="class name or id for a class-conditional model (default: cycle through classes)")
     parser.add_argument("--guidance-scale", type=float, default=1.0,
-                        help="classifier-free guidance weight (1 = none; needs a class-conditional model)")
+                        help="classifier-free guidance weight, 0 or more (1 = none; other values need a "
+                             "class-conditional model)")
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: Accelerate's choice)")
+
+
+def resolve_device(spec: str, option: str = "--device") -> torch.device:
+    """The torch device named by `spec`, refused with a one-line reason when this machine has no such device.
+
+    `torch.device` accepts any well-formed name (cuda:7 on a machine with one GPU, or without a driver),
+    and the failure would come only when the model is moved there.
+    """
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{option} {spec!r} is not a device name; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count()  # 0 without a driver; does not initialise CUDA
+        if count == 0:
+            raise ValueError(f"{option} {spec}: this machine has no CUDA device that PyTorch can use; "
+                             f"use {option} cpu.")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{option} {spec}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}.")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{option} {spec}: Apple's MPS backend is not available on this machine; use {option} cpu.")
+        return device
+    raise ValueError(f"{option} {spec}: {device.type} devices are not supported; use cpu, cuda, cuda:N or mps.")
 
 
 def load_pipeline(model_dir: Union[str, Path]) -> LatentDiffusionPipeline:
     """Load a saved pipeline folder, with a clear error if it is not one."""
+    _require_model_index(model_dir)
+    return LatentDiffusionPipeline.from_pretrained(model_dir)
+
+
+def _require_model_index(model_dir: Union[str, Path]) -> Path:
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a pipeline folder (no model_index.json). Point --model at the "
                                 f"'pipeline' folder of a Stage B run (it holds model_index.json, vae/, unet/, scheduler/).")
-    return LatentDiffusionPipeline.from_pretrained(model_dir)
+    return model_dir
+
+
+def _check_model_option(model_dir: Union[str, Path]) -> PipelineFolder:
+    """--model read from its files alone: every check of loading, without loading (see inspect_pipeline_folder)."""
+    return inspect_pipeline_folder(_require_model_index(model_dir))
+
+
+def _class_option(text: Optional[str], model: PipelineFolder):
+    """--class as the pipeline takes it (a name, or an id when it is digits and not a name), checked."""
+    label = text
+    if label is not None and label.isdigit() and label not in (model.class_names or []):
+        label = int(label)
+    if label is not None:  # without --class a class-conditional model cycles through its classes
+        class_ids_for(label, 1, model.num_classes, model.class_names, option="--class")
+    return label
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run `ldm generate` (launch with `accelerate launch -m workflows.cli generate ...` for several GPUs)."""
+    """Run `ldm generate` (launch with `accelerate launch -m workflows.cli generate ...` for several GPUs).
+
+    Every flag is checked against the model's files before the model is loaded, so a wrong value is
+    refused in a second instead of after minutes of sampling.
+    """
     from accelerate import Accelerator
 
     from ldm_core.accelerator import cpu_only
 
-    accelerator = Accelerator(cpu=args.device == "cpu" or cpu_only())
-    device = torch.device(args.device) if args.device else accelerator.device
-    pipeline = load_pipeline(args.model)
+    device = resolve_device(args.device) if args.device else None
+    check_generate_counts(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, names=_FLAGS)
+    model = _check_model_option(args.model)
+    scheduler = make_sampler(args.scheduler, model.scheduler.config) if args.scheduler else model.scheduler
+    check_sampling_arguments(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
+                             num_train_timesteps=scheduler.config.num_train_timesteps,
+                             conditional=bool(model.num_classes), names=_FLAGS)
+    label = _class_option(args.class_label, model)
+    out = check_output_folder(args.out, args.overwrite, names=_FLAGS)
+    model_dir = Path(args.model).resolve()
+    if out.resolve() == model_dir or model_dir in out.resolve().parents:
+        raise ValueError(f"--out {_printable(out)} is inside the --model folder {_printable(args.model)}; write the "
+                         f"images to a folder of their own (a model folder holds only the model).")
+    if args.eta and "eta" not in inspect.signature(scheduler.step).parameters:
+        logger.warning("--eta %g is ignored: the %s sampler has no eta (only ddim uses it).", args.eta,
+                       sampler_name(scheduler))
+
+    accelerator = Accelerator(cpu=(device is not None and device.type == "cpu") or cpu_only())
+    pipeline = LatentDiffusionPipeline.from_pretrained(args.model)
     if args.scheduler:
         pipeline.scheduler = make_sampler(args.scheduler, pipeline.scheduler.config)
-    pipeline.to(device)
+    pipeline.to(device or accelerator.device)
     pipeline.set_progress_bar_config(disable=not accelerator.is_main_process)
-    label = args.class_label
-    if label is not None and label.isdigit() and label not in (pipeline.config.class_names or []):
-        label = int(label)
     paths = generate_images(pipeline, args.num_images, seed=args.seed, batch_size=args.batch_size,
-                            num_inference_steps=args.steps, out_dir=args.out, accelerator=accelerator,
-                            class_labels=label, guidance_scale=args.guidance_scale, eta=args.eta)
+                            num_inference_steps=args.steps, out_dir=out, accelerator=accelerator,
+                            class_labels=label, guidance_scale=args.guidance_scale, eta=args.eta,
+                            overwrite=args.overwrite)
     if accelerator.is_main_process:
-        labels_file = Path(args.out) / LABELS_FILE
+        labels_file = out / LABELS_FILE
         classes = f"class {label}" if label is not None else "each class in turn"
-        extra = f" and {labels_file} ({classes}, guidance {args.guidance_scale:g})" if labels_file.is_file() else ""
+        extra = (f" and {_printable(labels_file)} ({classes}, guidance {args.guidance_scale:g})"
+                 if labels_file.is_file() else "")
         print(f"Wrote {len(paths)} images ({sampler_name(pipeline.scheduler)}, {args.steps} steps), "
-              f"{Path(args.out) / 'grid.png'}{extra}")
+              f"{_printable(out / GRID_FILE)}{extra}")
     return 0

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from ldm_core.accelerator import check_mixed_precision
 from ldm_core.checkpoint import LATEST, CheckpointError, check_resumable
 from ldm_core.config import load_config
 from stage_a_vae.train import train_vae
@@ -25,10 +26,6 @@ def train_both_stages(cfg: LDMConfig, data: str, out: str | Path, vae: Optional[
                       resume: Optional[str] = None) -> dict[str, Path]:
     """Run both stages into `out`; `vae` (an AutoencoderKL folder) skips Stage A. Returns the output paths."""
     out = Path(out)
-    if cfg.stage_a.data.resolution != cfg.stage_b.data.resolution:
-        raise ValueError(f"stage_a.data.resolution={cfg.stage_a.data.resolution} and stage_b.data.resolution="
-                         f"{cfg.stage_b.data.resolution} differ; the U-Net is trained on the VAE's latents of the "
-                         f"same images, so set both to the same value.")
     if vae is None:
         stage_a_dir = train_vae(cfg.stage_a, data, out / "stage_a", resume=resume)
         vae = str(stage_a_dir / "vae")
@@ -53,6 +50,8 @@ def main(args: argparse.Namespace) -> int:
                               f"checkpoints; use --resume latest (or resume one stage with train-vae / "
                               f"train-unet and that stage's checkpoint folder).")
     # Both stages are checked now, so a Stage B mismatch does not surface only after Stage A has run.
+    check_mixed_precision(cfg.stage_a.train, "stage_a.train.mixed_precision")
+    check_mixed_precision(cfg.stage_b.train, "stage_b.train.mixed_precision")
     if args.vae is None:
         check_resumable(Path(args.out) / "stage_a", args.resume, cfg.stage_a.model_fingerprint())
     check_resumable(Path(args.out) / "stage_b", args.resume, cfg.stage_b.model_fingerprint())
