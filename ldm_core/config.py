@@ -228,6 +228,9 @@ def _open_config(path: str | Path) -> tuple[str, Any]:
                       f"Presets: {preset_files.describe_presets()}.")
 
 
+BASE_KEY = "base"
+
+
 def _read_config_file(path: str | Path) -> tuple[str, dict]:
     """(origin for messages, mapping) of a YAML config file or preset name."""
     origin, stream = _open_config(path)
@@ -238,11 +241,40 @@ def _read_config_file(path: str | Path) -> tuple[str, dict]:
     return origin, data
 
 
+def _expand_bases(data: dict, origin: str, folder: Path, depth: int = 0) -> dict:
+    """Replace every `base: NAME` in a mapping (at any level) by that file's or preset's content, with the
+    mapping's own keys on top: `stage_b: {base: unet/unet-small, train: {max_steps: 1500}}` is the preset
+    with one change. NAME is a file (relative to the including file) or a preset name."""
+    if depth > 8:
+        raise ConfigError(f"{origin}: '{BASE_KEY}:' files include each other in a loop.")
+    out = {k: _expand_bases(v, origin, folder, depth) if isinstance(v, dict) else v for k, v in data.items()
+           if k != BASE_KEY}
+    if BASE_KEY not in data:
+        return out
+    name = data[BASE_KEY]
+    if not isinstance(name, str):
+        raise ConfigError(f"{origin}: '{BASE_KEY}: {name!r}' must name a YAML file or a preset.")
+    local = folder / name
+    base_origin, base = _read_config_file(local if local.is_file() else name)
+    base_folder = local.parent if local.is_file() else Path(name).parent
+    return _merge_dicts(_expand_bases(base, base_origin, base_folder, depth + 1), out)
+
+
+def _merge_dicts(below: dict, above: dict) -> dict:
+    """`above` on top of `below`, nested mappings merged key by key."""
+    merged = dict(below)
+    for key, value in above.items():
+        merged[key] = (_merge_dicts(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict)
+                       else value)
+    return merged
+
+
 def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> T:
     """Build `cls` from its defaults, then a YAML file, then `key=value` overrides, in that order.
 
     `path` is a YAML file or, when no such file exists, the name of a shipped preset
-    (`configs/vae/kl-f8-small.yaml`, `vae/kl-f8-small.yaml`, `vae/kl-f8-small`).
+    (`configs/vae/kl-f8-small.yaml`, `vae/kl-f8-small.yaml`, `vae/kl-f8-small`). Inside it, a mapping with
+    a `base:` key starts from that file or preset (see `_expand_bases`).
 
     Raises ConfigError naming the offending key and listing the valid keys of its section.
     """
@@ -250,7 +282,7 @@ def load_config(cls: Type[T], path: Optional[str | Path] = None, overrides: Sequ
     layers = []
     if path is not None:
         origin, data = _read_config_file(path)
-        layers.append((origin, OmegaConf.create(data)))
+        layers.append((origin, OmegaConf.create(_expand_bases(data, origin, Path(path).parent))))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"Override {bad[0]!r} is not of the form key=value "

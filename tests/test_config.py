@@ -100,3 +100,30 @@ def test_no_off_yes_stay_strings_so_mixed_precision_no_works_unquoted(tmp_path):
     assert from_override.train.mixed_precision == "no" and from_override.train.progress_bar is True
     assert from_override.model.block_out_channels == [8, 16, 32, 32]
     assert from_override.model.posterior_logvar_init is None
+
+
+def test_a_base_key_starts_a_section_from_a_preset_or_file(tmp_path):
+    (tmp_path / "stage_b.yaml").write_text("base: unet/unet-small\ntrain:\n  max_steps: 7\n")
+    (tmp_path / "job.yaml").write_text("stage_b:\n  base: stage_b.yaml\n  sampling:\n    sample_every: 3\n"
+                                       "evaluation:\n  num_images: 5\n")
+    cfg = load_config(LDMConfig, tmp_path / "job.yaml")
+    preset = load_config(StageBConfig, "unet/unet-small")
+    assert cfg.stage_b.train.max_steps == 7 and cfg.stage_b.sampling.sample_every == 3
+    assert cfg.evaluation.num_images == 5
+    # Everything the job does not state comes from the preset.
+    assert cfg.stage_b.train.lr == preset.train.lr and cfg.stage_b.model == preset.model
+    assert cfg.stage_b.train.batch_size == preset.train.batch_size != StageBConfig().train.batch_size
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(LDMConfig, tmp_path / "loop.yaml")
+    (tmp_path / "missing.yaml").write_text("stage_a:\n  base: vae/no-such-preset\n")
+    with pytest.raises(ConfigError, match="no-such-preset"):
+        load_config(LDMConfig, tmp_path / "missing.yaml")
+
+
+def test_the_demo_names_its_stage_presets_instead_of_restating_them():
+    demo = load_config(LDMConfig, "demo.yaml")
+    assert demo.stage_a == load_config(StageAConfig, "vae/kl-f8-mini")
+    unet = load_config(StageBConfig, "unet/unet-small")
+    assert demo.stage_b.train.lr == unet.train.lr and demo.stage_b.diffusion == unet.diffusion
+    assert demo.stage_b.train.max_steps != unet.train.max_steps  # what the demo changes, it states
