@@ -20,7 +20,6 @@ the results; `run_bench_recon` does both and writes the report.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import numbers
 import os
@@ -39,7 +38,8 @@ from ldm_core import image_metrics as M
 from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
 from evaluation.reconstructors import (BicubicReconstructor, PeakMemory, Reconstructor,
                                        VAEReconstructor)
-from evaluation.report import markdown_table, printable_name, run_meta, save_pngs, write_outputs
+from evaluation.report import (check_can_create, markdown_table, printable_name, run_meta, save_pngs,
+                               write_outputs)
 from ldm_core.config import DataConfig
 from ldm_core.image_files import DataError, require_image_files
 from ldm_core.image_sets import SHAPES_NATIVE_RESOLUTION, builtin_name
@@ -385,13 +385,7 @@ def _check_writable(path: Path, flag: str, *, is_file: bool) -> None:
                          f"{printable_name(path / 'results.json')} (the CSV, PNGs and table go beside it).")
     if not is_file and path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {printable_name(path)} is a file; give a folder for the PNGs.")
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-            return
+    check_can_create(path)
 
 
 def _staging(folder: Path) -> Path:

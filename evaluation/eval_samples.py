@@ -18,7 +18,6 @@ temporary name and renamed into place, so a failed run never leaves a partial `e
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 
 from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
-from evaluation.report import printable_name
+from evaluation.report import check_can_create, printable_name
 from evaluation.shapes_score import GRID_NAME
 from ldm_core.config import DataConfig
 from ldm_core.image_files import (BUILTIN_SHAPES, DataError, decode_stream, default_workers, list_image_files,
@@ -144,13 +143,7 @@ def _check_out_file(out: Path) -> None:
     if out.is_dir():
         raise ValueError(f"--out {printable_name(out)} is a folder; give a JSON file name such as "
                          f"{printable_name(out / 'eval.json')}.")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(out))
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
-            return
+    check_can_create(out)
 
 
 def run_eval_samples(folder: str | Path, *, dataset: Optional[str] = None, reference: Optional[str] = None,

@@ -16,6 +16,7 @@ UTF-8 on Linux, and JSON, CSV and Markdown must be.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import platform
@@ -35,6 +36,18 @@ _PACKAGES = ("two-stage-ldm", "torch", "torchvision", "diffusers", "accelerate",
 
 # model name -> [best, median, worst] global indices  ->  model name -> (reference, reconstruction) uint8
 ExampleSource = Callable[[dict[str, list[int]]], dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def check_can_create(path: Path) -> None:
+    """Refuse, before any work, a path the run could only fail to write at its end: its nearest existing
+    folder must be a folder this process may write into (OSError with the path otherwise)."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return
 
 
 def printable_name(name) -> str:
