@@ -112,9 +112,10 @@ def check_resume_changes(run_dir: Path, config: Any) -> dict[str, tuple[Any, Any
     refused = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE_CHANGES)
         raise RunFolderError(f"--resume would change what defines the run in {run_dir}: {listed}. Resume with the "
                              f"values in {saved}, or start a new run in another --out folder. On resume only "
-                             f"these may change: {', '.join(RESUMABLE_CHANGES)}*.")
+                             f"these may change: {allowed}.")
     return changes
 
 
