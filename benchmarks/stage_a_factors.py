@@ -1,7 +1,7 @@
 """Why Stage A starts slowly, factor by factor: held-out PSNR after 250 / 500 / 1,000 steps.
 
     python -m benchmarks.stage_a_factors --out runs/bench          # every row, about 40 min on 2 cores
-    python -m benchmarks.stage_a_factors --out runs/bench --rows 0,5
+    python -m benchmarks.stage_a_factors --out runs/bench --rows 0,5   # re-measure rows; keep the others
 
 Every row is the real trainer (`train_vae`) on builtin:shapes with the demo's Stage A config
 (`configs/demo.yaml`), 1,000 steps with the same seed and data, the cosine schedule set to those 1,000
@@ -15,6 +15,7 @@ Writes OUT/stage_a_factors.{md,json}; the README's "Why Stage A starts fast" car
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -47,8 +48,6 @@ ROWS: list[tuple[str, list[str]]] = [
 
 def run_row(overrides: list[str], folder: Path) -> dict:
     """Train one row's config for STEPS steps and return its PSNR at CHECKPOINTS and its wall time."""
-    import json
-
     from ldm_core.config import load_config
     from ldm_core.preset_files import config_path
     from workflows.config import LDMConfig
@@ -79,7 +78,9 @@ def main(argv=None) -> None:
         ("minutes", "wall (min)")]
     header = (f"Stage A on builtin:shapes, {STEPS} steps, batch 8, fp32, "
               f"{machine_description(torch.device('cpu'))}.\n\n")
-    rows = []
+    # Rows measured earlier and not chosen now are kept, so a table can be completed over several runs.
+    previous = args.out / "stage_a_factors.json"
+    rows = [r for r in json.loads(previous.read_text())["rows"] if r["row"] not in chosen] if previous.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         for index in chosen:
             name, overrides = ROWS[index]
