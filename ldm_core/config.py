@@ -40,8 +40,26 @@ class DataConfig:
     # Number of images drawn when `--data builtin:shapes` is used.
     shapes_count: int = 4096
     shapes_seed: int = 0
+    # How training images reach the step (ldm_core/training_images.py): "memory" decodes the dataset once
+    # into one uint8 array, "stream" decodes each batch in DataLoader workers, "auto" streams unless the
+    # decoded dataset is a folder or the shapes, centre-cropped, and small (README "Data").
+    loader: str = "auto"
+    # Training crop: center | random (LDM's ImageNet crop) | random_resized (torchvision's RandomResizedCrop,
+    # area fraction in [crop_min_scale, 1]). Validation and the latent cache always use the centre crop.
+    crop: str = "center"
+    crop_min_scale: float = 0.35
+    # DataLoader worker processes when streaming (0 decodes in the training process).
+    num_workers: int = 2
+    # Hugging Face datasets: the image and label columns (default: the first Image and ClassLabel columns).
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
 
     def __post_init__(self) -> None:
+        _require(self.loader in ("auto", "memory", "stream"), "data.loader", self.loader, "auto, memory or stream")
+        _require(self.crop in ("center", "random", "random_resized"), "data.crop", self.crop,
+                 "center, random or random_resized")
+        _require(0.0 < self.crop_min_scale <= 1.0, "data.crop_min_scale", self.crop_min_scale, "in (0, 1]")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
         _require(self.resolution > 0, "data.resolution", self.resolution, "a positive integer")
         _require(self.val_count >= 0, "data.val_count", self.val_count, "0 or more")
         _require(self.split_seed >= 0, "data.split_seed", self.split_seed, "0 or more")

@@ -7,6 +7,7 @@ A file that cannot be used raises `BadImageError` with the reason; the callers s
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -117,34 +118,51 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_image_uint8(path: str | Path, resolution: int) -> tuple[np.ndarray, bool]:
     """Decode one file to a (3, R, R) uint8 array at `resolution` R.
 
-    Any mode becomes RGB: grayscale is repeated, palette images are expanded, CMYK uses Pillow's
-    conversion (embedded ICC profiles are not applied), 16-bit grayscale ('I;16', 'I') is scaled by
-    255/65535, and transparent images (RGBA, LA, palette with transparency) are composited on white,
-    so transparent areas look as most viewers show them instead of exposing the hidden colour values.
-    The EXIF orientation is applied; animated files (GIF, WebP) give their first frame. Then the shorter
-    side is resized to R (bicubic, antialiased) and the centre R x R square kept.
-
-    Parameters:
-        path: image file.
-        resolution: output side R in pixels.
+    The file is decoded by `decode_rgb` (any mode to RGB, EXIF orientation, first frame), then the
+    shorter side is resized to R (bicubic, antialiased) and the centre R x R square kept.
 
     Returns:
         (image, upscaled): the array, and whether the short side was below R (the image was enlarged).
 
     Raises:
-        BadImageError: for empty, unreadable, non-image or truncated files, and for images whose pixel
+        BadImageError: see `decode_rgb`.
+    """
+    rgb = decode_rgb(path)
+    return pil_to_chw(resize_center_crop(rgb, resolution)), min(rgb.size) < resolution
+
+
+def pil_to_chw(image: Image.Image) -> np.ndarray:
+    """An RGB Pillow image as a C-contiguous (3, H, W) uint8 array."""
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def decode_rgb(source: str | Path | bytes) -> Image.Image:
+    """Decode a file, or the bytes of one (a tar member, a dataset cell), to an 8-bit RGB Pillow image.
+
+    Any mode becomes RGB: grayscale is repeated, palette images are expanded, CMYK uses Pillow's
+    conversion (embedded ICC profiles are not applied), 16-bit grayscale ('I;16', 'I') is scaled by
+    255/65535, and transparent images (RGBA, LA, palette with transparency) are composited on white,
+    so transparent areas look as most viewers show them instead of exposing the hidden colour values.
+    The EXIF orientation is applied; animated files (GIF, WebP) give their first frame.
+
+    Raises:
+        BadImageError: for empty, unreadable, non-image or truncated data, and for images whose pixel
             count exceeds Pillow's `Image.MAX_IMAGE_PIXELS` (decompression bombs).
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size  # follows symbolic links
-    except OSError as err:
-        link = " (a broken or looping symbolic link)" if path.is_symlink() else ""
-        raise BadImageError(f"cannot read the file{link}: {err.strerror}", kind="unreadable") from None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        size, opened = len(source), io.BytesIO(source)
+    else:
+        path = Path(source)
+        try:
+            size = path.stat().st_size  # follows symbolic links
+        except OSError as err:
+            link = " (a broken or looping symbolic link)" if path.is_symlink() else ""
+            raise BadImageError(f"cannot read the file{link}: {err.strerror}", kind="unreadable") from None
+        opened = path
     try:
         if size == 0:
             raise BadImageError("empty file (0 bytes)", kind="empty")
-        with Image.open(path) as image:
+        with Image.open(opened) as image:
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; such a file is refused here.
             # (Checked explicitly rather than by turning the warning into an error, because warning
             # filters are process-wide and decoding runs in threads.)
@@ -158,11 +176,7 @@ def load_image_uint8(path: str | Path, resolution: int) -> tuple[np.ndarray, boo
                                     "would load silently; unset it", kind="unsupported mode")
             image.seek(0)
             image.load()
-            image = ImageOps.exif_transpose(image)
-            rgb = _to_rgb(image)
-            upscaled = min(rgb.size) < resolution
-            out = resize_center_crop(rgb, resolution)
-            array = np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+            return _to_rgb(ImageOps.exif_transpose(image))
     except BadImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -175,7 +189,6 @@ def load_image_uint8(path: str | Path, resolution: int) -> tuple[np.ndarray, boo
         raise _decode_failure(err) from None
     except (SyntaxError, ValueError, EOFError, IndexError, struct.error) as err:
         raise _decode_failure(err) from None
-    return array, upscaled
 
 
 def _decode_failure(err: Exception) -> BadImageError:

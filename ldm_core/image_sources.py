@@ -1,0 +1,315 @@
+"""Where training images come from, read one image at a time by index: a folder, WebDataset tar shards,
+a local Hugging Face dataset, or the built-in shapes.
+
+Every source is random access (`open(i)` decodes image i), holds no decoded pixels and is picklable, so
+DataLoader workers can read it and the image of a training position is a function of the position
+whatever the format: the same images in the same order from a folder and from the shards made of it.
+
+`--data` chooses the source:
+- ``builtin:shapes``: the procedural dataset (`ldm_core/shapes.py`);
+- a path with ``.tar`` or a brace range: WebDataset shards, e.g. ``'shards/train-{000000..000099}.tar'``,
+  read with `wids` (webdataset's indexed reader): one sample per key, the image from its first member
+  whose extension is an image type, an optional integer label from ``.cls``;
+- ``hf:PATH``, or a folder written by `datasets.save_to_disk`, or ``.parquet`` files: a local Hugging
+  Face dataset (`datasets.load_from_disk`, or `load_dataset("parquet" | "imagefolder")`), the image from
+  its first `Image` column (or `data.image_column`), labels from its first `ClassLabel` column (or
+  `data.label_column`);
+- any other folder: image files searched recursively, labels from first-level subfolders.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from ldm_core.image_files import (BUILTIN_SHAPES, IMAGE_EXTENSIONS, BadImageError, DataError, decode_rgb,
+                                  require_image_files)
+from ldm_core.shapes import SHAPE_CLASSES, make_shapes
+
+logger = logging.getLogger("ldm.data")
+
+SHAPES_SIZE = 64  # the shapes are defined at 64x64 (ldm_core/shapes.py)
+_IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in sorted(IMAGE_EXTENSIONS))
+
+
+class ImageSource:
+    """A random-access dataset of images. Subclasses set `kind`, `spec`, `labels`, `class_names`."""
+
+    kind = ""
+    spec = ""
+    labels: Optional[np.ndarray] = None  # int64 (N,), or None
+    class_names: Optional[list[str]] = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def name(self, index: int) -> str:
+        """A stable name of image `index` for warnings and reports."""
+        raise NotImplementedError
+
+    def open(self, index: int) -> Image.Image:
+        """Image `index` decoded to RGB; raises `BadImageError` when it cannot be used."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A digest that changes whenever the images may have changed (names, sizes, times, versions)."""
+        raise NotImplementedError
+
+
+class ShapesSource(ImageSource):
+    kind = "shapes"
+
+    def __init__(self, count: int, seed: int):
+        self.spec, self.count, self.seed = BUILTIN_SHAPES, int(count), int(seed)
+        self.images, self.labels, _ = make_shapes(self.count, self.seed, SHAPES_SIZE)
+        self.class_names = list(SHAPE_CLASSES)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, index: int) -> str:
+        return f"shapes_{index:06d}"
+
+    def open(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index].transpose(1, 2, 0))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"shapes|{self.count}|{self.seed}".encode()).hexdigest()
+
+
+class FolderSource(ImageSource):
+    kind = "folder"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        self.spec = str(self.root)
+        self.files = require_image_files(self.root)
+        self.names = [path.relative_to(self.root).as_posix() for path in self.files]
+        self.labels, self.class_names = folder_labels(self.names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, index: int) -> str:
+        return self.names[index]
+
+    def open(self, index: int) -> Image.Image:
+        return decode_rgb(self.files[index])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(b"folder|" + os.fsencode(self.root.resolve()))
+        for path, name in zip(self.files, self.names):
+            try:
+                st = path.stat()
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:  # a broken link: skipped when decoded; (-1, -1) still marks it
+                size = mtime = -1
+            digest.update(b"|" + os.fsencode(name) + f"|{size}|{mtime}".encode())
+        return digest.hexdigest()
+
+
+class TarShardSource(ImageSource):
+    """WebDataset shards. Each shard is indexed once at start-up (wids scans its headers, not its data);
+    a shard that cannot be opened is named in a warning and left out."""
+
+    kind = "webdataset"
+
+    def __init__(self, pattern: str):
+        import braceexpand
+
+        self.spec = pattern
+        paths = [p for part in braceexpand.braceexpand(pattern) for p in (sorted(glob.glob(part)) or [part])]
+        self.shards: list[str] = []
+        self.sizes: list[int] = []
+        bad = []
+        for path in paths:
+            try:
+                count = len(_open_shard(path))
+            except Exception as err:  # wids raises assertion, OS and parse errors alike
+                bad.append(path)
+                logger.warning("skipping WebDataset shard %s: it cannot be opened (%s)", path, _reason(err))
+                continue
+            self.shards.append(path)
+            self.sizes.append(count)
+        if not self.shards:
+            raise DataError(f"No readable WebDataset shard in {pattern!r} ({len(paths)} named, "
+                            f"{len(bad)} unreadable: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}).")
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64).tolist()
+        self.skipped_shards = bad
+        self._open: dict[int, object] = {}
+        self._lock = threading.Lock()  # evaluation decodes on a thread pool; readers are opened and closed here
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_open"] = {}  # open readers hold memory maps and file handles: each worker opens its own
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        return shard, index - self.starts[shard]
+
+    def _sample(self, index: int) -> dict:
+        shard, local = self._locate(index)
+        with self._lock:
+            reader = self._open.get(shard)
+            if reader is None:
+                if len(self._open) >= 8:  # a few shards open per process: random access touches all of them
+                    self._open.pop(next(iter(self._open))).close()
+                reader = self._open[shard] = _open_shard(self.shards[shard])
+            return reader[local]
+
+    def name(self, index: int) -> str:
+        shard, local = self._locate(index)
+        return f"{Path(self.shards[shard]).name}#{local}"
+
+    def open(self, index: int) -> Image.Image:
+        try:
+            sample = self._sample(index)
+        except Exception as err:
+            raise BadImageError(f"tar member unreadable: {_reason(err)}", kind="unreadable") from None
+        for suffix in _IMAGE_SUFFIXES:
+            for key, value in sample.items():
+                if key.lower() == f".{suffix}" or key.lower() == suffix:
+                    return decode_rgb(value.getvalue() if hasattr(value, "getvalue") else value)
+        raise BadImageError(f"sample {sample.get('__key__')!r} has no image member", kind="no image")
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(b"webdataset")
+        for path, count in zip(self.shards, self.sizes):
+            st = os.stat(path)
+            digest.update(f"|{os.path.abspath(path)}|{count}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return digest.hexdigest()
+
+
+def _open_shard(path: str):
+    import wids
+
+    return wids.wids.IndexedTarSamples(path=path)
+
+
+def _reason(err: Exception) -> str:
+    return str(err) or type(err).__name__
+
+
+class HFDatasetSource(ImageSource):
+    kind = "huggingface"
+
+    def __init__(self, path: str, image_column: Optional[str] = None, label_column: Optional[str] = None):
+        import datasets
+
+        self.spec = path
+        location = Path(path).expanduser()
+        try:
+            if (location / "state.json").is_file() or (location / "dataset_dict.json").is_file():
+                loaded = datasets.load_from_disk(str(location))
+            elif location.suffix == ".parquet" or (location.is_dir() and any(location.glob("**/*.parquet"))):
+                files = [str(location)] if location.is_file() else sorted(map(str, location.glob("**/*.parquet")))
+                loaded = datasets.load_dataset("parquet", data_files=files, split="train")
+            elif location.is_dir():
+                loaded = datasets.load_dataset("imagefolder", data_dir=str(location), split="train")
+            else:
+                raise DataError(f"Hugging Face dataset {path} does not exist.")
+        except DataError:
+            raise
+        except Exception as err:
+            raise DataError(f"Cannot open {path} as a Hugging Face dataset: {_reason(err)}") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            split = "train" if "train" in loaded else sorted(loaded)[0]
+            loaded = loaded[split]
+        features = loaded.features
+        images = [k for k, f in features.items() if isinstance(f, datasets.Image)]
+        self.image_column = image_column or (images[0] if images else None)
+        if self.image_column not in features:
+            raise DataError(f"{path} has no image column{f' named {image_column!r}' if image_column else ''}; "
+                            f"its columns are {', '.join(features)}. Set data.image_column.")
+        # Raw bytes, so that our decoder and its bad-image rules apply as for files.
+        self.dataset = loaded.cast_column(self.image_column, datasets.Image(decode=False))
+        classes = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
+        self.label_column = label_column or (classes[0] if classes else None)
+        if self.label_column is not None:
+            if self.label_column not in features:
+                raise DataError(f"{path} has no column {label_column!r} (data.label_column); its columns "
+                                f"are {', '.join(features)}.")
+            self.labels = np.asarray(self.dataset[self.label_column], dtype=np.int64)
+            feature = features[self.label_column]
+            self.class_names = (list(feature.names) if isinstance(feature, datasets.ClassLabel)
+                                else [str(c) for c in range(int(self.labels.max()) + 1)])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def name(self, index: int) -> str:
+        return f"{Path(self.spec).name}[{index}]"
+
+    def open(self, index: int) -> Image.Image:
+        cell = self.dataset[int(index)][self.image_column]
+        data = cell.get("bytes") if isinstance(cell, dict) else None
+        if data is None and isinstance(cell, dict) and cell.get("path"):
+            return decode_rgb(cell["path"])
+        if data is None:
+            raise BadImageError("empty image cell", kind="empty")
+        return decode_rgb(data)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"hf|{self.dataset._fingerprint}|{len(self.dataset)}".encode()).hexdigest()
+
+
+def folder_labels(names: list[str]) -> tuple[Optional[np.ndarray], Optional[list[str]]]:
+    """Class ids from first-level subfolders, when every image lies in one."""
+    parts = [name.split("/") for name in names]
+    if not parts or any(len(p) < 2 for p in parts):
+        return None, None
+    class_names = sorted({p[0] for p in parts})
+    index = {c: i for i, c in enumerate(class_names)}
+    return np.array([index[p[0]] for p in parts], dtype=np.int64), class_names
+
+
+def source_kind(spec: str) -> str:
+    """Which source `--data` names: shapes, webdataset, huggingface or folder (see the module docstring)."""
+    if spec.startswith("builtin:"):
+        if spec != BUILTIN_SHAPES:
+            raise DataError(f"Unknown built-in dataset {spec!r}; the built-in dataset is {BUILTIN_SHAPES}.")
+        return "shapes"
+    if spec.startswith("hf:"):
+        return "huggingface"
+    if ".tar" in spec or ("{" in spec and ".." in spec):
+        return "webdataset"
+    location = Path(spec).expanduser()
+    if location.suffix == ".parquet" or (location / "state.json").is_file() or (location / "dataset_dict.json").is_file():
+        return "huggingface"
+    return "folder"
+
+
+def open_image_source(spec: str | Path, *, shapes_count: int = 4096, shapes_seed: int = 0,
+                      image_column: Optional[str] = None, label_column: Optional[str] = None) -> ImageSource:
+    """The `ImageSource` that `--data` names (see the module docstring).
+
+    Raises:
+        DataError: a missing path, no images, no readable shard, or a dataset without an image column.
+    """
+    spec = str(spec)
+    kind = source_kind(spec)
+    if kind == "shapes":
+        return ShapesSource(shapes_count, shapes_seed)
+    if kind == "webdataset":
+        return TarShardSource(spec)
+    if kind == "huggingface":
+        return HFDatasetSource(spec[3:] if spec.startswith("hf:") else spec, image_column, label_column)
+    return FolderSource(spec)
