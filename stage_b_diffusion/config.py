@@ -94,10 +94,20 @@ class UNetDataConfig(DataConfig):
     # relative path lies inside the run folder (the default: RUN/latents); an absolute one is a cache
     # shared by runs, which then skip the encoding (delete its files to reclaim the space).
     latent_cache_dir: str = "latents"
+    # How the cache stores mean and std: float32, float16 or bfloat16 (half the disk and page cache;
+    # README "Data" has what it costs in precision), and how many images a shard holds.
+    latent_cache_dtype: str = "float32"
+    latent_shard_size: int = 4096
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_relative_path("data.latent_cache_dir", self.latent_cache_dir)
+        _require(self.latent_cache_dtype in ("float32", "float16", "bfloat16"), "data.latent_cache_dtype",
+                 self.latent_cache_dtype, "float32, float16 or bfloat16")
+        _require(self.latent_shard_size > 0, "data.latent_shard_size", self.latent_shard_size, "a positive integer")
+        # Each image is encoded once, so a random crop would be one fixed crop: say so instead.
+        _require(self.crop == "center", "data.crop", self.crop,
+                 "center for Stage B (its latent cache encodes each image once, centre-cropped)")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL
 
 from ldm_core.latent_stats import (apply_scaling_factor, measure_latent_stats, scale_latents,
                                    unscale_latents)
-from stage_b_diffusion.latent_cache import LatentCache, load_or_build_latent_cache
+from stage_b_diffusion.latent_cache import ImagesToEncode, LatentCache, load_or_build_latent_cache
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -59,8 +59,8 @@ def test_cache_is_reused_and_a_truncated_file_is_rebuilt(tmp_path):
     vae, u8 = CountingVAE(tiny_vae()), images()
     first = load_or_build_latent_cache(vae, u8, flip=False, cache_dir=tmp_path, batch_size=5, progress=False)
     assert vae.calls == 1
-    files = list(tmp_path.glob("latents-*.safetensors"))
-    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    files = list(tmp_path.glob("latents-*/shard-*.npy"))
+    assert len(files) == 1 and not list(tmp_path.glob("**/*.tmp"))
     again = load_or_build_latent_cache(vae, u8, flip=False, cache_dir=tmp_path, batch_size=5, progress=False)
     assert vae.calls == 1 and torch.equal(again.mean, first.mean) and torch.equal(again.std, first.std)
 
@@ -77,7 +77,7 @@ def test_cache_key_follows_weights_images_and_flip(tmp_path):
     load_or_build_latent_cache(tiny_vae(1), u8, flip=False, cache_dir=tmp_path, progress=False)
     load_or_build_latent_cache(tiny_vae(0), u8[:4], flip=False, cache_dir=tmp_path, progress=False)
     load_or_build_latent_cache(tiny_vae(0), u8, flip=True, cache_dir=tmp_path, progress=False)
-    assert len(list(tmp_path.glob("latents-*.safetensors"))) == 4
+    assert len(list(tmp_path.glob("latents-*/shard-*.npy"))) == 4
     # Measuring the latent scale must not invalidate the cache.
     vae = CountingVAE(tiny_vae(0))
     vae.vae.register_to_config(scaling_factor=0.5)
@@ -88,7 +88,7 @@ def test_cache_key_follows_weights_images_and_flip(tmp_path):
 def test_draw_reparameterises_and_selects_flips():
     mean = torch.arange(4 * 2 * 2 * 2, dtype=torch.float32).view(4, 2, 2, 2)
     std = torch.full_like(mean, 0.5)
-    cache = LatentCache(mean, std, num_images=2)
+    cache = LatentCache.from_tensors(mean, std, num_images=2)
     idx = torch.tensor([1, 0, 1])
     flip = torch.tensor([False, True, True])
     assert torch.equal(cache.draw(idx, torch.Generator(), mode="mode", flip=flip), mean[[1, 2, 3]])
@@ -99,7 +99,7 @@ def test_draw_reparameterises_and_selects_flips():
     assert not torch.equal(cache.draw(idx, g), cache.draw(idx, g))  # fresh eps on every call
     with pytest.raises(IndexError, match=r"\[0, 2\)"):
         cache.draw(torch.tensor([2]), g)
-    no_flips = LatentCache(mean[:2], std[:2], num_images=2)
+    no_flips = LatentCache.from_tensors(mean[:2], std[:2], num_images=2)
     with pytest.raises(ValueError, match="flip=True"):
         no_flips.draw(idx, g, flip=flip)
 
@@ -139,3 +139,79 @@ def test_scaling_factor_is_saved_with_the_vae(tmp_path):
     scaled = scale_latents(z, loaded.config)
     torch.testing.assert_close(scaled, z * stats.scaling_factor)
     torch.testing.assert_close(unscale_latents(scaled, loaded.config), z)
+
+
+def test_shards_split_the_cache_and_a_killed_encoding_keeps_finished_shards(tmp_path):
+    vae, u8 = tiny_vae(), images(7)
+    whole = load_or_build_latent_cache(vae, u8, flip=True, cache_dir=tmp_path / "one", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    read = ImagesToEncode.from_array(u8, batch_size=2)
+    calls = []
+
+    def dies_in_third_shard(start, stop):
+        calls.append(start)
+        if start == 6:
+            raise Killed
+        yield from read.read(start, stop)
+
+    killed = ImagesToEncode(read.count, read.resolution, read.fingerprint, dies_in_third_shard)
+    with pytest.raises(Killed):
+        load_or_build_latent_cache(vae, killed, flip=True, cache_dir=tmp_path / "sharded", shard_size=3, progress=False)
+    assert len(list((tmp_path / "sharded").glob("latents-*/shard-*.npy"))) == 2  # shards [0, 3) and [3, 6) kept
+    calls.clear()
+
+    def counted(start, stop):
+        calls.append(start)
+        yield from read.read(start, stop)
+
+    again = ImagesToEncode(read.count, read.resolution, read.fingerprint, counted)
+    sharded = load_or_build_latent_cache(vae, again, flip=True, cache_dir=tmp_path / "sharded", shard_size=3,
+                                         progress=False)
+    assert calls == [6]  # only the missing shard is encoded again
+    torch.testing.assert_close(sharded.mean, whole.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sharded.std, whole.std, rtol=1e-5, atol=1e-5)
+    idx, flip = torch.tensor([6, 0, 4, 6]), torch.tensor([True, False, True, False])
+    torch.testing.assert_close(sharded.draw(idx, torch.Generator(), mode="mode", flip=flip),
+                               whole.draw(idx, torch.Generator(), mode="mode", flip=flip), rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_encode_disjoint_shards_and_both_read_all(tmp_path):
+    vae, u8 = tiny_vae(), images(8)
+    read = ImagesToEncode.from_array(u8, batch_size=2)
+    encoded = {0: [], 1: []}
+
+    def reader(rank):
+        def read_for(start, stop):
+            encoded[rank].append(start)
+            yield from read.read(start, stop)
+        return ImagesToEncode(read.count, read.resolution, read.fingerprint, read_for)
+
+    caches = {}
+
+    def rank1_runs_while_rank0_waits():
+        caches[1] = load_or_build_latent_cache(vae, reader(1), flip=False, cache_dir=tmp_path, shard_size=2,
+                                               rank=1, world_size=2, progress=False)
+
+    caches[0] = load_or_build_latent_cache(vae, reader(0), flip=False, cache_dir=tmp_path, shard_size=2, rank=0,
+                                           world_size=2, wait_for_everyone=rank1_runs_while_rank0_waits, progress=False)
+    assert encoded == {0: [0, 4], 1: [2, 6]}
+    mean, _ = encode(vae, u8)
+    for cache in caches.values():
+        torch.testing.assert_close(cache.mean, mean, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_half_precision_storage_costs_what_its_mantissa_says(tmp_path, dtype, tolerance):
+    """fp16 keeps 11 significant bits (relative error <= 2^-11 ~ 4.9e-4), bf16 8 (<= 2^-8 ~ 3.9e-3)."""
+    vae, u8 = tiny_vae(), images(6)
+    full = load_or_build_latent_cache(vae, u8, flip=False, cache_dir=tmp_path, progress=False)
+    half = load_or_build_latent_cache(vae, u8, flip=False, cache_dir=tmp_path, dtype=dtype, progress=False)
+    assert half.shards[0].dtype == (np.float16 if dtype == "float16" else np.uint16)
+    assert half.shards[0].nbytes * 2 == full.shards[0].nbytes
+    relative = ((half.mean - full.mean).abs() / full.mean.abs().clamp_min(1e-3)).max().item()
+    assert 0 < relative < tolerance / 2
+    with pytest.raises(ValueError, match="latent_cache_dtype"):
+        load_or_build_latent_cache(vae, u8, flip=False, cache_dir=tmp_path, dtype="int8", progress=False)
