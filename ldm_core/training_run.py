@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -55,6 +56,8 @@ class TrainingRun:
 
     def __init__(self, cfg: Any, train_cfg: TrainConfig, out: str | Path, resume: Optional[str], *, stage: str):
         self.train_cfg, self.stage, self.resume_from = train_cfg, stage, resume
+        self._created = time.monotonic()
+        self.timing: dict[str, float] = {}  # start-up and throughput, written to run_info.json
         check_mixed_precision(train_cfg)
         self.run_dir, self._checkpoint, self.resume_changes = prepare_run_dir(out, cfg, resume)
         self.accelerator = make_accelerator(train_cfg, self.run_dir)
@@ -232,8 +235,12 @@ class TrainingRun:
         timer = StepTimer(self.device)  # step time alone, logged as step_time
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=desc, disable=not (self.is_main and tc.progress_bar),
                    dynamic_ncols=True)
+        first_step, steps_run = self.step, 0
         with GracefulStop() as stop:
             while self.step < tc.max_steps:
+                if steps_run == 1:  # throughput is measured from the end of the first step (warm-up, loader start)
+                    steady_from = time.monotonic()
+                    self.timing["seconds_to_first_step"] = round(steady_from - self._created, 3)
                 timer.start()
                 self._skipping = False
                 logs = train_step(self.step)
@@ -241,6 +248,7 @@ class TrainingRun:
                     drop_gradients(*self._optimizers)
                     logs["nonfinite_skips"] = self.nonfinite.skipped
                 self.step += 1
+                steps_run += 1
                 timer.stop()
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     logs["step_time"] = timer.mean_and_reset()
@@ -251,6 +259,11 @@ class TrainingRun:
                     self.stopped_early = True
                     break
         bar.close()
+        if steps_run > 1:
+            seconds = time.monotonic() - steady_from
+            images = (steps_run - 1) * tc.batch_size * tc.gradient_accumulation_steps * self.accelerator.num_processes
+            self.timing.update(steps=self.step - first_step, images_per_second=round(images / seconds, 3),
+                               note="images/s over the steps after the first, periodic work included")
 
     def finish(self, *, metrics: dict, run_info: dict, curves: tuple[list[str], str]) -> None:
         """Write the loss curves, metrics.json and run_info.json (main process), then close the trackers."""
@@ -260,7 +273,7 @@ class TrainingRun:
             write_json(self.run_dir / "metrics.json", {"steps": self.step, "stopped_early": self.stopped_early,
                                                        **metrics, "history": self.history.rows})
             write_json(self.run_dir / "run_info.json", {
-                "stage": self.stage, **run_info, "processes": self.accelerator.num_processes,
+                "stage": self.stage, **run_info, "processes": self.accelerator.num_processes, "timing": self.timing,
                 "environment": environment_info()})
         self.accelerator.wait_for_everyone()
         end_run(self.accelerator)

@@ -23,14 +23,13 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm_core.accelerator import apply_memory_format
-from ldm_core.batches import images_to_batch, train_val_split
 from ldm_core.config import resolve_run_path
 from ldm_core.ema import ema_weights, exported_copy, make_ema
 from ldm_core.image_grids import save_reconstruction_grid
-from ldm_core.image_sets import load_dataset
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
 from ldm_core.optimization import make_adam, make_lr_scheduler
 from ldm_core.run_folder import write_json
+from ldm_core.training_images import TrainingImages
 from ldm_core.training_run import TrainingRun
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
@@ -65,15 +64,13 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     run = TrainingRun(cfg, cfg.train, out, resume, stage="A")
     accelerator, device, tc, lc = run.accelerator, run.device, cfg.train, cfg.loss
 
-    # 2. Data: decoded once to uint8, split deterministically ----------------------------------------
+    # 2. Data: held in memory or streamed (ldm_core/training_images.py), split deterministically ------
     run.bind_data(data)  # a resume must read the same dataset
     # A relative data.image_cache_dir lives inside the run folder (config paths never write outside it).
     cache_dir = (resolve_run_path(run.run_dir, cfg.data.image_cache_dir, "data.image_cache_dir")
                  if cfg.data.image_cache_dir else None)
-    dataset = load_dataset(data, cfg.data.resolution, shapes_count=cfg.data.shapes_count,
-                           shapes_seed=cfg.data.shapes_seed, cache_dir=cache_dir, progress=run.is_main)
-    train_idx, val_idx = train_val_split(len(dataset), cfg.data.val_count, cfg.data.split_seed)
-    batches = run.step_batches(train_idx, cfg.data.flip)
+    images = TrainingImages(data, cfg.data, run.step_batches, seed=tc.seed, image_cache_dir=cache_dir,
+                            progress=run.is_main, pin_memory=device.type == "cuda")
 
     # 3. Models, loss, optimizers ---------------------------------------------------------------------
     torch.manual_seed(tc.seed)  # identical initial weights on every process
@@ -104,7 +101,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         loss_fn.logvar.data.fill_(float(state["logvar"]))
 
     # A fixed validation batch, rendered as input | reconstruction | difference.
-    val_images = dataset.images[val_idx]
+    val_images = images.read(images.val_idx)
     grid_images = torch.from_numpy(val_images[:8].copy())
 
     def validate(tag: str) -> dict:
@@ -124,8 +121,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         disc_on = loss_fn.discriminator_active(step)
         logs: dict = {}
         for micro_step in run.micro_steps(model, disc_ddp):
-            indices, flips = batches(micro_step)
-            x = images_to_batch(dataset.images, indices, flips, device)
+            x, _ = images.batch(micro_step, device)
             # Autoencoder update. The discriminator only scores reconstructions here, so its parameters
             # are frozen and its unwrapped module is used (no DDP bookkeeping).
             if disc_on:
@@ -165,21 +161,23 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
                         (tc.checkpoint_every, lambda step: run.write_checkpoint())],
               before_first_step=lambda: validate("step0000000"))  # the baseline later validations are compared with
 
+    images.close()  # stops the loader's worker processes, if any
+
     # 7. Export: EMA weights, measured latent scale, metrics, pictures -----------------------------
     final_metrics = validate("final")
     run.write_checkpoint()
     stats = None
     if run.is_main:
         export = exported_copy(vae, ema, cfg.ema)
-        stats = measure_latent_stats(export, dataset.images[train_idx], max_images=tc.latent_stats_images,
+        stats_images = images.read(images.train_idx[:tc.latent_stats_images])
+        stats = measure_latent_stats(export, stats_images, max_images=tc.latent_stats_images,
                                      seed=tc.seed)
         apply_scaling_factor(export, stats)
         export.save_pretrained(run.run_dir / "vae")
         write_json(run.run_dir / "vae" / "latent_stats.json", stats.to_json())
     run.finish(curves=(["rec", "kl", "g_loss", "d_loss", "d_weight", "val_psnr", "val_ssim"], "Stage A"),
                metrics={"validation": final_metrics, "latent_stats": stats.to_json() if stats else None},
-               run_info={"data": data, "dataset": {"images": len(dataset), "train": len(train_idx),
-                                                   "val": len(val_idx), "summary": dataset.report.summary()},
+               run_info={"data": data, "dataset": images.summary(),
                          "lpips_trunk": lc.lpips_trunk if lc.perceptual_weight > 0 else "none",
                          "exported_weights": "ema" if (ema is not None and cfg.ema.export_ema) else "raw"})
     return run.run_dir

@@ -10,6 +10,7 @@ core; `workflows/` passes `pipelines.latent_diffusion.LatentDiffusionPipeline`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -19,17 +20,16 @@ import torch
 
 from ldm_core.accelerator import apply_memory_format
 from ldm_core.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
-from ldm_core.batches import train_val_split
 from ldm_core.config import resolve_run_path
 from ldm_core.ema import exported_copy, make_ema
 from ldm_core.image_grids import save_grid
-from ldm_core.image_sets import load_dataset
 from ldm_core.latent_stats import resolve_latent_scale, scale_latents
 from ldm_core.optimization import make_adam, make_lr_scheduler
 from ldm_core.randomness import image_generator
+from ldm_core.training_images import TrainingImages
 from ldm_core.training_run import TrainingRun
 from stage_b_diffusion.config import StageBConfig
-from stage_b_diffusion.latent_cache import load_or_build_latent_cache, vae_digest
+from stage_b_diffusion.latent_cache import ImagesToEncode, load_or_build_latent_cache, vae_digest
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
 from stage_b_diffusion.objective import diffusion_loss, drop_class_labels
 from stage_b_diffusion.presets import build_unet, check_unet_matches_vae
@@ -58,18 +58,23 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     unet = apply_memory_format(build_unet(cfg.model, latent_channels=vae.config.latent_channels,
                                           latent_size=cfg.data.resolution // vae_downsampling_factor(vae)), tc)
     check_unet_matches_vae(unet, vae, cfg.data.resolution)
-    dataset = load_dataset(data, cfg.data.resolution, shapes_count=cfg.data.shapes_count,
-                           shapes_seed=cfg.data.shapes_seed, progress=run.is_main)
-    train_idx, _ = train_val_split(len(dataset), cfg.data.val_count, cfg.data.split_seed)
-    train_images = dataset.images[train_idx]
-    scale_info = resolve_latent_scale(vae, vae_dir, train_images, tc.latent_stats_images, tc.seed)
+    # The images are only read to be encoded once; training draws from the latent cache.
+    images = TrainingImages(data, cfg.data, None, seed=tc.seed, progress=run.is_main)
+    train_idx = images.train_idx
+    scale_info = resolve_latent_scale(vae, vae_dir, images.read(train_idx[:tc.latent_stats_images]),
+                                      tc.latent_stats_images, tc.seed)
     # A relative data.latent_cache_dir lives inside the run folder (config paths never write outside it).
     cache_dir = resolve_run_path(run.run_dir, cfg.data.latent_cache_dir, "data.latent_cache_dir")
-    with accelerator.main_process_first():  # one process encodes, the others read the finished file
-        cache = load_or_build_latent_cache(vae, train_images, flip=cfg.data.flip,
-                                           cache_dir=cache_dir, progress=run.is_main)
+    # Every process encodes its own shards of the cache, then all open every shard memory-mapped.
+    cache = load_or_build_latent_cache(
+        vae, ImagesToEncode(len(train_idx), cfg.data.resolution,
+                            images.fingerprint() + "|" + hashlib.sha256(train_idx.tobytes()).hexdigest(),
+                            lambda start, stop: (u8 for _, u8 in images.iter_read(train_idx[start:stop]))),
+        flip=cfg.data.flip, cache_dir=cache_dir, progress=run.is_main, dtype=cfg.data.latent_cache_dtype,
+        shard_size=cfg.data.latent_shard_size, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, wait_for_everyone=accelerator.wait_for_everyone)
     batches = run.step_batches(np.arange(len(train_idx)), cfg.data.flip)
-    labels, class_names = _training_labels(cfg, dataset, train_idx)
+    labels, class_names = _training_labels(cfg, images)
 
     # 3. Noise schedule, optimizer ------------------------------------------------------------------------
     noise_scheduler = build_noise_scheduler(cfg.diffusion)
@@ -145,21 +150,22 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     if run.is_main:
         make_pipeline().save_pretrained(run.run_dir / "pipeline")
     run.finish(curves=(["loss", "grad_norm", "lr"], "Stage B"), metrics={"latent_scale": scale_info},
-               run_info={"vae": str(vae_path), "data": data, "train_images": len(train_idx),
+               run_info={"vae": str(vae_path), "data": data, "train_images": len(train_idx), "dataset": images.summary(),
+                         "latent_cache": {"dtype": cfg.data.latent_cache_dtype, "shard_size": cfg.data.latent_shard_size},
                          "class_names": class_names})
     return run.run_dir
 
 
-def _training_labels(cfg: StageBConfig, dataset, train_idx: np.ndarray):
+def _training_labels(cfg: StageBConfig, images: TrainingImages):
     """Class ids of the training images when the U-Net is class-conditional, else (None, None)."""
     if cfg.model.num_classes == 0:
         return None, None
-    if dataset.labels is None:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} asks for class conditioning, but {dataset.source} "
+    if images.labels is None:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} asks for class conditioning, but {images.spec} "
                          f"has no labels. Put each class's images in its own first-level subfolder, or use "
                          f"model.num_classes=0.")
-    if len(dataset.class_names) != cfg.model.num_classes:
-        raise ValueError(f"model.num_classes={cfg.model.num_classes} but {dataset.source} has "
-                         f"{len(dataset.class_names)} classes ({', '.join(dataset.class_names)}). Set "
-                         f"model.num_classes={len(dataset.class_names)}.")
-    return dataset.labels[train_idx], list(dataset.class_names)
+    if len(images.class_names) != cfg.model.num_classes:
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} but {images.spec} has "
+                         f"{len(images.class_names)} classes ({', '.join(images.class_names)}). Set "
+                         f"model.num_classes={len(images.class_names)}.")
+    return images.labels[images.train_idx], list(images.class_names)

@@ -21,6 +21,7 @@ from workflows import generate
 from ldm_core.randomness import image_generator
 from workflows.generate import generate_images, write_labels_file
 from pipelines.latent_diffusion import LatentDiffusionPipeline
+from ldm_core.training_images import TrainingImages
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.objective import drop_class_labels
 from stage_b_diffusion.train import _training_labels
@@ -57,14 +58,14 @@ def test_builtin_shapes_labels_are_the_drawn_shape():
 
 def test_unconditional_is_the_default_and_num_classes_switches_labels_on():
     shapes = load_dataset("builtin:shapes", 64, shapes_count=9, shapes_seed=0, progress=False)
-    train_idx = np.array([0, 4, 8])
-    default = load_config(StageBConfig, None, [])
+    default = load_config(StageBConfig, None, ["data.shapes_count=9", "data.val_count=3"])
+    images = TrainingImages("builtin:shapes", default.data, None, seed=0, progress=False)
     assert default.model.num_classes == 0 and default.model.class_dropout == 0.1
-    assert _training_labels(default, shapes, train_idx) == (None, None)
-    labels, names = _training_labels(load_config(StageBConfig, None, ["model.num_classes=3"]), shapes, train_idx)
-    assert names == list(SHAPE_CLASSES) and labels.tolist() == shapes.labels[train_idx].tolist()
+    assert _training_labels(default, images) == (None, None)
+    labels, names = _training_labels(load_config(StageBConfig, None, ["model.num_classes=3"]), images)
+    assert names == list(SHAPE_CLASSES) and labels.tolist() == shapes.labels[images.train_idx].tolist()
     with pytest.raises(ValueError, match="Set model.num_classes=3"):
-        _training_labels(load_config(StageBConfig, None, ["model.num_classes=2"]), shapes, train_idx)
+        _training_labels(load_config(StageBConfig, None, ["model.num_classes=2"]), images)
 
 
 # ----------------------------------------------------------------------------- null-class dropout

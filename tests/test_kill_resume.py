@@ -112,8 +112,13 @@ def _tensors(obj):
             yield from _tensors(item)
 
 
-def test_stage_a_killed_five_times_ends_identical(tmp_path):
-    cfg = load_config(StageAConfig, None, STAGE_A)
+@pytest.mark.parametrize("loader", [
+    [],  # the shapes held in memory
+    # streamed through two DataLoader workers with a fresh random crop at every draw
+    ["data.loader=stream", "data.crop=random_resized", "data.num_workers=2"],
+], ids=["memory", "stream"])
+def test_stage_a_killed_five_times_ends_identical(tmp_path, loader):
+    cfg = load_config(StageAConfig, None, STAGE_A + loader)
     train_vae(cfg, "builtin:shapes", tmp_path / "full")
     run = tmp_path / "killed"
     events = _kill_and_resume(run, lambda: train_vae(cfg, "builtin:shapes", run, resume="latest"), seed=11)
