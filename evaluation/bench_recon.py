@@ -41,8 +41,8 @@ from evaluation.reconstructors import (BicubicReconstructor, PeakMemory, Reconst
 from evaluation.report import (check_can_create, markdown_table, printable_name, run_meta, save_pngs,
                                write_outputs)
 from ldm_core.config import DataConfig
-from ldm_core.image_files import DataError, require_image_files
-from ldm_core.image_sets import SHAPES_NATIVE_RESOLUTION, builtin_name
+from ldm_core.image_files import DataError
+from ldm_core.image_sources import open_image_source, source_kind
 from ldm_core.image_streams import iter_image_batches
 from ldm_core.image_values import to_model_input, to_uint8
 from ldm_core.latent_stats import LatentMoments
@@ -407,12 +407,13 @@ def _publish_folder(staging: Path, folder: Path) -> None:
 
 
 def _check_data(data: str) -> None:
-    """--data is builtin:shapes or a folder with at least 2 image files (decoded later, during the run)."""
-    if builtin_name(str(data)) is not None:  # raises DataError for an unknown builtin: name
+    """--data names a source with at least 2 images (decoded later, during the run): builtin:shapes, a
+    folder, WebDataset shards or a Hugging Face dataset (ldm_core/image_sources.py)."""
+    if source_kind(str(data)) == "shapes":  # raises DataError for an unknown builtin: name
         return
-    files = require_image_files(Path(data).expanduser())
-    if len(files) < 2:
-        raise DataError(f"--data {printable_name(data)} holds {len(files)} image file; the benchmark needs at least "
+    count = len(open_image_source(str(data)))
+    if count < 2:
+        raise DataError(f"--data {printable_name(data)} holds {count} image; the benchmark needs at least "
                         f"2 (standard deviations and FID need 2 images).")
 
 
@@ -439,36 +440,11 @@ def _examples(plan: BenchPlan, wanted: dict[str, list[int]]) -> dict[str, tuple[
 
 def _data_source(data: str, resolution: int, batch_size: int, num_images: Optional[int],
                  shapes_seed: int) -> BatchSource:
-    builtin = builtin_name(str(data)) is not None
-    root = None if builtin else Path(data).expanduser()
-
     def source(rank: int, world_size: int):
-        batches = iter_image_batches(data, resolution, batch_size, limit=num_images, rank=rank,
-                                     world_size=world_size, shapes_count=num_images or DataConfig().shapes_count,
-                                     shapes_seed=shapes_seed, progress=False)
-        for indices, images, names in batches:
-            if builtin:
-                upscaled = [resolution > SHAPES_NATIVE_RESOLUTION] * len(names)
-            else:
-                upscaled = [_smaller_than(root / name, resolution) for name in names]
-            yield indices, images, names, upscaled
+        yield from iter_image_batches(data, resolution, batch_size, limit=num_images, rank=rank,
+                                      world_size=world_size, shapes_count=num_images or DataConfig().shapes_count,
+                                      shapes_seed=shapes_seed, progress=False)
     return source
-
-
-def _smaller_than(path: Path, resolution: int) -> bool:
-    """Whether the image's shorter side is below `resolution`, so the protocol's resize enlarged it.
-
-    The same test as `ldm_core.image_files.load_image_uint8` (which `iter_image_batches` does not pass
-    on), from the file's header: Pillow reads the size without decoding the pixels, and the shorter side
-    is the same before and after the EXIF rotation.
-    """
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return min(image.size) < resolution
-    except OSError:  # decoded a moment ago; a file replaced since is counted as not enlarged
-        return False
 
 
 def _process_state():
@@ -501,7 +477,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `ldm bench-recon`."""
     parser.add_argument("--vae", action="append", required=True, metavar="PATH",
                         help="run folder (with vae/) or diffusers AutoencoderKL folder; repeat to compare")
-    parser.add_argument("--data", required=True, help="image folder or builtin:shapes")
+    parser.add_argument("--data", required=True, help="image folder, WebDataset shards, Hugging Face dataset or builtin:shapes")
     parser.add_argument("--resolution", type=int, required=True)
     parser.add_argument("--num-images", type=int, default=None, help="default: every image of --data")
     parser.add_argument("--metrics", default=",".join(ALL_METRICS),

@@ -103,7 +103,7 @@ def sample_fid(folder: str | Path, reference: str, *, fid_weights: Optional[str]
     for images in _generated_batches(files, resolution, batch_size):
         stats.update(torch.from_numpy(images), real=False)
     count = num_reference or DataConfig().shapes_count
-    for _, images, _ in iter_image_batches(str(reference), resolution, batch_size, limit=num_reference,
+    for _, images, _, _ in iter_image_batches(str(reference), resolution, batch_size, limit=num_reference,
                                            shapes_count=count, shapes_seed=shapes_seed):
         stats.update(torch.from_numpy(images), real=True)
     entry["n_reference"], entry["n_generated"] = stats.counts()

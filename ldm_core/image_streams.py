@@ -1,46 +1,54 @@
-"""Streaming a dataset in batches without holding it in memory, each process taking its own share."""
+"""Streaming a dataset in batches without holding it in memory, each process taking its own share
+(for benchmarks and evaluation, which read each image once, in order)."""
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ldm_core.image_files import DataError, check_resolution, decode_stream, default_workers, require_image_files
-from ldm_core.image_sets import SHAPES_NATIVE_RESOLUTION, builtin_name, shapes_at
-from ldm_core.shapes import make_shapes
+from ldm_core.image_files import (BadImageError, DataError, check_resolution, default_workers, pil_to_chw,
+                                  resize_center_crop)
+from ldm_core.image_sources import ImageSource, open_image_source
 
 logger = logging.getLogger("ldm.data")
 
+_DECODE_CHUNK = 64
+
 
 def iter_image_batches(spec: str | Path, resolution: int, batch_size: int, *, limit: Optional[int] = None,
-                       rank: int = 0, world_size: int = 1, shapes_count: int = 4096,
-                       shapes_seed: int = 0, progress: bool = False
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Stream a dataset in batches without holding it in memory (for benchmarks over big folders).
+                       rank: int = 0, world_size: int = 1, shapes_count: int = 4096, shapes_seed: int = 0,
+                       progress: bool = False, image_column: Optional[str] = None
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str], list[bool]]]:
+    """Stream any `--data` source (ldm_core/image_sources.py) in batches, centre-cropped to `resolution`.
 
-    Takes the first `limit` usable images in sorted order (all when None); usable image k goes to
-    process `k % world_size`. Because whether a file is usable is only known once it is decoded, every
-    process decodes every file and keeps its own share; bad files are skipped with the same warning as
-    in `load_dataset`, logged by rank 0 only.
+    Takes the first `limit` usable images in the source's order (all when None); usable image k goes to
+    process `k % world_size`. Because whether an image is usable is only known once it is decoded, every
+    process decodes every image and keeps its own share; bad images are skipped with one warning each,
+    logged by rank 0 only.
 
     Parameters:
-        spec, resolution, shapes_count, shapes_seed: as for `load_dataset`.
+        spec: `--data` (a folder, shards, a Hugging Face dataset or builtin:shapes).
+        resolution: output side R (resize the shorter side, centre crop; docs/reconstruction-protocol.md).
         batch_size: images per yielded batch (the last may be smaller).
         limit: number of usable images taken over all processes.
         rank, world_size: this process and the number of processes.
-        progress: show a tqdm bar over the files (rank 0 only).
+        shapes_count, shapes_seed: size and seed of builtin:shapes.
+        progress: show a tqdm bar over the images (rank 0 only).
+        image_column: a Hugging Face dataset's image column (default: its first Image column).
 
     Yields:
-        (global_indices int64 (B,), images uint8 (B, 3, R, R), names): names are paths relative to the
-        folder, or "shapes_000123".
+        (global_indices int64 (B,), images uint8 (B, 3, R, R), names, upscaled): names are paths relative
+        to the folder, "shard.tar#k", "dataset[k]" or "shapes_000123"; upscaled says which images had a
+        shorter side below R (the resize enlarged them).
 
     Raises:
-        DataError: bad arguments, missing path, no image files, or no usable image (raised at the call
-            for the first three, at the end of iteration for the last).
+        DataError: bad arguments, missing path, no images, or no usable image (raised at the call for
+            the first three, at the end of iteration for the last).
     """
     resolution = check_resolution(resolution)
     if batch_size < 1:
@@ -50,48 +58,49 @@ def iter_image_batches(spec: str | Path, resolution: int, batch_size: int, *, li
                         f"world_size={world_size}.")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of images or None, got {limit}.")
-    spec = str(spec)
-    if builtin_name(spec) == "shapes":
-        images64, _, _ = make_shapes(int(shapes_count), shapes_seed, SHAPES_NATIVE_RESOLUTION)
-        n = len(images64) if limit is None else min(limit, len(images64))
-        source = ((f"shapes_{k:06d}", images64[k]) for k in range(n))
-        return _batches(source, resolution, batch_size, rank, world_size, n, source_is_folder=False)
-    root = Path(spec).expanduser()
-    files = require_image_files(root)
-    return _batches(_folder_source(root, files, resolution, rank, progress), resolution, batch_size,
-                    rank, world_size, limit, source_is_folder=True, root=root)
+    source = open_image_source(spec, shapes_count=shapes_count, shapes_seed=shapes_seed, image_column=image_column)
+    return _batches(_decoded(source, resolution, rank, progress), source, batch_size, rank, world_size, limit)
 
 
-def _folder_source(root: Path, files: list[Path], resolution: int, rank: int, progress: bool):
-    stream = decode_stream(files, resolution, default_workers())
-    for path, array, _, err in tqdm(stream, total=len(files), disable=not progress or rank != 0,
-                                    desc="decoding images", unit="img"):
-        if err is not None:
-            if rank == 0:
-                logger.warning("skipping %s: %s", path, err)
-            continue
-        yield path.relative_to(root).as_posix(), array
+def _decoded(source: ImageSource, resolution: int, rank: int, progress: bool):
+    def decode(index: int):
+        try:
+            rgb = source.open(index)
+            return index, pil_to_chw(resize_center_crop(rgb, resolution)), min(rgb.size) < resolution, None
+        except BadImageError as err:
+            return index, None, False, err
+
+    total = len(source)
+    with ThreadPoolExecutor(max_workers=default_workers()) as pool, \
+            tqdm(total=total, disable=not progress or rank != 0, desc="decoding images", unit="img") as bar:
+        for start in range(0, total, _DECODE_CHUNK):
+            # Chunking bounds memory: at most one chunk of decoded images is in flight.
+            for index, array, upscaled, err in pool.map(decode, range(start, min(start + _DECODE_CHUNK, total))):
+                bar.update(1)
+                if err is not None:
+                    if rank == 0:
+                        logger.warning("skipping %s: %s", source.name(index), err)
+                    continue
+                yield source.name(index), array, upscaled
 
 
-def _batches(source, resolution, batch_size, rank, world_size, limit, *, source_is_folder, root=None):
-    indices, arrays, names = [], [], []
+def _batches(decoded, source: ImageSource, batch_size: int, rank: int, world_size: int, limit: Optional[int]):
+    indices, arrays, names, upscaled = [], [], [], []
     usable = 0
-    for name, array in source:
+    for name, array, enlarged in decoded:
         if limit is not None and usable >= limit:
             break
         k, usable = usable, usable + 1
         if k % world_size != rank:
             continue
-        if not source_is_folder:
-            array = shapes_at(array[None], resolution)[0]
         indices.append(k)
         arrays.append(array)
         names.append(name)
+        upscaled.append(enlarged)
         if len(arrays) == batch_size:
-            yield np.array(indices, dtype=np.int64), np.stack(arrays), names
-            indices, arrays, names = [], [], []
+            yield np.array(indices, dtype=np.int64), np.stack(arrays), names, upscaled
+            indices, arrays, names, upscaled = [], [], [], []
     if arrays:
-        yield np.array(indices, dtype=np.int64), np.stack(arrays), names
+        yield np.array(indices, dtype=np.int64), np.stack(arrays), names, upscaled
     if usable == 0:
-        raise DataError(f"No usable image in {root}: every file was skipped (see the warnings above).")
-
+        raise DataError(f"No usable image in {source.spec}: every image was skipped (see the warnings above).")

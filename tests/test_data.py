@@ -247,7 +247,7 @@ def test_iter_image_batches_shards_and_skips(tmp_path, write_image, bad_files, c
               for r in (0, 1)]
     merged = {}
     for rank, batches in enumerate(shards):
-        for idx, images, names in batches:
+        for idx, images, names, _ in batches:
             assert all(k % 2 == rank for k in idx)
             merged.update({int(k): (img, n) for k, img, n in zip(idx, images, names)})
     images_single = np.concatenate([b[1] for b in single])
