@@ -50,6 +50,9 @@ class DataConfig:
     crop_min_scale: float = 0.35
     # DataLoader worker processes when streaming (0 decodes in the training process).
     num_workers: int = 2
+    # Decoded images each streaming process keeps (MiB, most recently used): a few large photographs are
+    # decoded once and cropped afresh at every draw; a large dataset simply misses. 0 turns it off.
+    decoded_cache_mb: int = 256
     # Hugging Face datasets: the image and label columns (default: the first Image and ClassLabel columns).
     image_column: Optional[str] = None
     label_column: Optional[str] = None
@@ -60,6 +63,7 @@ class DataConfig:
                  "center, random or random_resized")
         _require(0.0 < self.crop_min_scale <= 1.0, "data.crop_min_scale", self.crop_min_scale, "in (0, 1]")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
+        _require(self.decoded_cache_mb >= 0, "data.decoded_cache_mb", self.decoded_cache_mb, "0 or more")
         _require(self.resolution > 0, "data.resolution", self.resolution, "a positive integer")
         _require(self.val_count >= 0, "data.val_count", self.val_count, "0 or more")
         _require(self.split_seed >= 0, "data.split_seed", self.split_seed, "0 or more")

@@ -13,10 +13,12 @@ size and stay a function of the step), named in one warning per process, and cou
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm_core.batches import StepBatches
@@ -36,12 +38,32 @@ class DrawnImages(Dataset):
         source: where the images come from.
         transform: the crop (and resolution) applied to each image.
         pool: sorted indices a bad image may be replaced from (the training split, or the images read).
+        decoded_cache_bytes: decoded images kept in each process, most recently used first, so a small
+            set of large photographs is decoded once and cropped afresh at every draw (0: none).
     """
 
-    def __init__(self, source: ImageSource, transform: ImageTransform, pool: np.ndarray):
+    def __init__(self, source: ImageSource, transform: ImageTransform, pool: np.ndarray,
+                 decoded_cache_bytes: int = 0):
         self.source, self.transform = source, transform
         self.pool = np.asarray(pool, dtype=np.int64)
         self._warned: set[int] = set()
+        self._decoded: OrderedDict[int, Image.Image] = OrderedDict()
+        self._decoded_bytes, self._decoded_limit = 0, int(decoded_cache_bytes)
+
+    def _open(self, index: int) -> Image.Image:
+        image = self._decoded.get(index)
+        if image is not None:
+            self._decoded.move_to_end(index)
+            return image
+        image = self.source.open(index)
+        size = image.width * image.height * len(image.getbands())
+        if size <= self._decoded_limit:
+            self._decoded[index] = image
+            self._decoded_bytes += size
+            while self._decoded_bytes > self._decoded_limit:
+                _, old = self._decoded.popitem(last=False)
+                self._decoded_bytes -= old.width * old.height * len(old.getbands())
+        return image
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -53,7 +75,7 @@ class DrawnImages(Dataset):
         position = int(np.searchsorted(self.pool, candidate))
         for _ in range(len(self.pool)):
             try:
-                image = self.source.open(candidate)
+                image = self._open(candidate)
                 array = self.transform(image, np.random.default_rng(crop_seed), flip)
                 return {"image": torch.from_numpy(array), "index": candidate, "micro_step": micro_step,
                         "skipped": skipped}
@@ -98,8 +120,9 @@ class StreamedBatches:
     """
 
     def __init__(self, source: ImageSource, transform: ImageTransform, batches: StepBatches, pool: np.ndarray, *,
-                 seed: int, num_workers: int, prefetch_factor: int = 4, pin_memory: bool = False):
-        self.dataset = DrawnImages(source, transform, pool)
+                 seed: int, num_workers: int, prefetch_factor: int = 4, pin_memory: bool = False,
+                 decoded_cache_bytes: int = 0):
+        self.dataset = DrawnImages(source, transform, pool, decoded_cache_bytes)
         self.batches, self.seed = batches, seed
         self.num_workers, self.prefetch_factor, self.pin_memory = num_workers, prefetch_factor, pin_memory
         self.skipped: dict[str, str] = {}

@@ -30,7 +30,8 @@ RESUMABLE_CHANGES = ("train.lr", "train.disc_lr", "train.max_steps", "train.lr_w
                      "train.nonfinite_loss", "train.max_nonfinite_skips", "train.mixed_precision",
                      "train.max_grad_norm", "train.fused_optimizer", "train.channels_last",
                      "train.latent_stats_images", "ema.export_ema", "sampling.", "data.image_cache_dir",
-                     "data.latent_cache_dir", "data.num_workers")
+                     "data.latent_cache_dir", "data.num_workers",
+                     "data.decoded_cache_mb")
 
 # Locks this process holds, by run folder: a run that ended with an exception in this process (a test,
 # a notebook) must not lock its own resume out.

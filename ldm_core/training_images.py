@@ -97,7 +97,8 @@ class TrainingImages:
         if self.mode == "stream" and self.batches is not None:
             transform = ImageTransform(data.resolution, data.crop, data.crop_min_scale)
             self._stream = StreamedBatches(self.source, transform, self.batches, self.train_idx, seed=seed,
-                                           num_workers=data.num_workers, pin_memory=pin_memory)
+                                           num_workers=data.num_workers, pin_memory=pin_memory,
+                                           decoded_cache_bytes=data.decoded_cache_mb << 20)
 
     def __len__(self) -> int:
         return len(self.array) if self.array is not None else len(self.source)

@@ -190,3 +190,27 @@ def test_auto_holds_small_centre_cropped_folders_in_memory_and_streams_the_rest(
         choose_loader("memory", "folder", 10, 64, "random")
     with pytest.raises(DataError, match="streamed"):
         choose_loader("memory", "huggingface", 10, 64, "center")
+
+
+def test_decoded_images_are_kept_within_their_budget_and_change_no_crop(formats):
+    from ldm_core.image_loader import DrawnImages
+    from ldm_core.image_transforms import ImageTransform
+
+    source = open_image_source(formats["folder"])
+    opened = []
+    original = source.open
+    source.open = lambda i: (opened.append(i), original(i))[1]
+    transform, pool = ImageTransform(32, "random_resized"), np.arange(COUNT)
+    draws = [(0, i % 4, False, [1, k]) for k, i in enumerate(range(12))]  # images 0-3, three times each
+    plain = [DrawnImages(source, transform, pool)[d]["image"] for d in draws]
+    assert len(opened) == 12
+    opened.clear()
+    cached = DrawnImages(source, transform, pool, decoded_cache_bytes=10**8)
+    assert all(torch.equal(a, cached[d]["image"]) for a, d in zip(plain, draws))
+    assert sorted(opened) == [0, 1, 2, 3]  # each decoded once
+    opened.clear()
+    one_image = photo(0).width * photo(0).height * 3
+    small = DrawnImages(source, transform, pool, decoded_cache_bytes=one_image * 2)  # room for two of the four
+    for d in draws:
+        small[d]
+    assert len(opened) == 12 and small._decoded_bytes <= one_image * 2
