@@ -9,8 +9,8 @@ and size, each in a fresh process:
 - the loader alone: `TrainingImages` streaming random-resized 64 px crops through 2 DataLoader workers,
   images/s over 100 batches of 8 (after the first);
 - `train-vae` (kl-f8-mini, batch 8, streamed random-resized crops, `--steps` steps): peak RSS of the
-  training process and of its largest loader worker, seconds from the start of the run to the end of its
-  first step, and the trainer's images/s (run_info.json `timing`);
+  training process, seconds from the start of the run to the end of its first step (data set-up, models,
+  the step-0 validation, the first batch) and the trainer's images/s after it (run_info.json `timing`);
 - `train-unet` on that VAE (unet-tiny, `--steps` steps): the same figures; its start-up includes encoding
   every image into the latent cache once, so it is measured again with the cache already built.
 Writes OUT/bench_data.{md,json}; README "Data" carries the latest table.
@@ -93,8 +93,9 @@ def subset_folder(paths: list[Path], folder: Path) -> None:
 
 
 def _peaks() -> dict:
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    # The training process alone: DataLoader workers are forked from it, so their RSS counts the pages they
+    # share with it and says little about what they add.
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def loader_worker(data: str, batches: int) -> dict:
@@ -200,14 +201,13 @@ def main(argv=None) -> None:
                 for stage, result in (("A", a), ("B", b), ("B, cache built", b_cached)):
                     rows.append({"format": kind, "images": size, "stage": stage,
                                  "peak_rss_mib": result["peak_rss_mib"],
-                                 "worker_peak_rss_mib": result["worker_peak_rss_mib"],
                                  "first_step_s": result.get("seconds_to_first_step"),
                                  "trainer_images_per_s": result.get("images_per_second"),
                                  "loader_images_per_s": loader["loader_images_per_s"] if stage == "A" else None,
                                  "loader_over_trainer": (loader["loader_images_per_s"] / result["images_per_second"]
                                                          if stage == "A" and result.get("images_per_second") else None)})
                 columns = [("format", "format"), ("images", "images"), ("stage", "stage"),
-                           ("peak_rss_mib", "peak RSS (MiB)"), ("worker_peak_rss_mib", "largest worker RSS (MiB)"),
+                           ("peak_rss_mib", "peak RSS (MiB)"),
                            ("first_step_s", "start to first step (s)"),
                            ("trainer_images_per_s", "trainer images/s"), ("loader_images_per_s", "loader alone images/s"),
                            ("loader_over_trainer", "loader / trainer")]

@@ -59,6 +59,14 @@ def formats(tmp_path_factory):
             "saved": str(root / "saved"), "parquet": str(root / "images.parquet")}
 
 
+@pytest.fixture(autouse=True)
+def datasets_cache_in_tmp(tmp_path, monkeypatch):
+    """datasets converts parquet into its cache folder; keep that inside the test's own folder."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
 def data_config(**changes) -> DataConfig:
     values = dict(resolution=32, val_count=2, flip=True, loader="stream", num_workers=0, crop="center")
     values.update(changes)
