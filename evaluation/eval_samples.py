@@ -32,9 +32,8 @@ from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
 from evaluation.report import check_can_create, printable_name
 from evaluation.shapes_score import GRID_NAME
 from ldm_core.config import DataConfig
-from ldm_core.image_files import (BUILTIN_SHAPES, DataError, decode_stream, default_workers, list_image_files,
-                                  require_image_files)
-from ldm_core.image_sets import builtin_name
+from ldm_core.image_files import BUILTIN_SHAPES, DataError, decode_stream, default_workers, list_image_files
+from ldm_core.image_sources import open_image_source, source_kind
 from ldm_core.image_streams import iter_image_batches
 from ldm_core.pretrained import MissingWeightsError
 
@@ -127,15 +126,15 @@ def _require_samples(folder: str | Path) -> list[Path]:
 
 
 def _check_fid_options(reference: str, num_reference: Optional[int], batch_size: int = 1) -> None:
-    """--reference names builtin:shapes or a folder with images; --num-reference >= 2."""
+    """--reference names builtin:shapes, a folder, shards or a Hugging Face dataset with images; --num-reference >= 2."""
     if num_reference is not None and (isinstance(num_reference, bool) or not isinstance(num_reference, int)
                                       or num_reference < 2):
         raise ValueError(f"--num-reference must be a whole number of at least 2 (FID needs 2 images), "
                          f"got {num_reference!r}.")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}.")
-    if builtin_name(str(reference)) is None:  # raises DataError for an unknown builtin: name
-        require_image_files(Path(reference).expanduser())  # DataError: missing, a file, or no images
+    if source_kind(str(reference)) != "shapes":  # raises DataError for an unknown builtin: name
+        open_image_source(str(reference))  # DataError: missing, a file, no images, no readable shard
 
 
 def _check_out_file(out: Path) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ldm_core.image_files import (BUILTIN_SHAPES, IMAGE_EXTENSIONS, BadImageError, DataError, check_resolution,
                                   decode_stream, default_workers, require_image_files, resize_center_crop)
+from ldm_core.image_sources import folder_labels, source_kind
 from ldm_core.shapes import SHAPE_CLASSES, make_shapes
 
 logger = logging.getLogger("ldm.data")
@@ -76,13 +77,6 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-
-def builtin_name(spec: str) -> Optional[str]:
-    if not spec.startswith("builtin:"):
-        return None
-    if spec != BUILTIN_SHAPES:
-        raise DataError(f"Unknown built-in dataset {spec!r}; the built-in dataset is {BUILTIN_SHAPES}.")
-    return "shapes"
 
 
 def shapes_at(images64: np.ndarray, resolution: int) -> np.ndarray:
@@ -173,7 +167,7 @@ def load_dataset(spec: str | Path, resolution: int, *, shapes_count: int = 4096,
     """
     resolution = check_resolution(resolution)
     spec = str(spec)
-    if builtin_name(spec) == "shapes":
+    if source_kind(spec) == "shapes":  # raises DataError for an unknown builtin: name
         result = _load_shapes(resolution, int(shapes_count), shapes_seed)
         logger.info("%s: %s", BUILTIN_SHAPES, result.report.summary())
         return result
@@ -192,7 +186,7 @@ def load_dataset(spec: str | Path, resolution: int, *, shapes_count: int = 4096,
             images, meta = cached
             report = LoadReport(**meta["report"])
             report.skipped = [tuple(item) for item in report.skipped]
-            labels, class_names = _folder_labels(meta["names"])
+            labels, class_names = folder_labels(meta["names"])
             logger.info("%s (from cache %s): %s", root, array_path.name, report.summary())
             return ImageSet(images, labels, class_names, str(root), report, meta["names"])
 
@@ -221,17 +215,6 @@ def load_dataset(spec: str | Path, resolution: int, *, shapes_count: int = 4096,
         meta = {"count": len(names), "nbytes": array_path.stat().st_size, "names": names,
                 "report": dataclasses.asdict(report)}
         _atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta).encode()))
-    labels, class_names = _folder_labels(names)
+    labels, class_names = folder_labels(names)
     logger.info("%s: %s", root, report.summary())
     return ImageSet(images, labels, class_names, str(root), report, names)
-
-
-def _folder_labels(names: list[str]) -> tuple[Optional[np.ndarray], Optional[list[str]]]:
-    """Class ids from first-level subfolders, when every image lies in one."""
-    parts = [name.split("/") for name in names]
-    if not parts or any(len(p) < 2 for p in parts):
-        return None, None
-    class_names = sorted({p[0] for p in parts})
-    index = {c: i for i, c in enumerate(class_names)}
-    return np.array([index[p[0]] for p in parts], dtype=np.int64), class_names
-
