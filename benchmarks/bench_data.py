@@ -19,6 +19,7 @@ Writes OUT/bench_data.{md,json}; README "Data" carries the latest table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -35,23 +36,38 @@ PHOTO_SIZE = 256
 PER_SHARD = 1000
 
 
-def photo_like(index: int, size: int = PHOTO_SIZE) -> np.ndarray:
-    """An (size, size, 3) uint8 picture with what photographs have: smooth gradients, a few objects with
-    soft and hard edges, and sensor-like grain. Deterministic in `index`."""
+BASE_PICTURES = 1000  # distinct scenes; every image is one of them shifted, mirrored and recoloured
+
+
+@functools.lru_cache(maxsize=BASE_PICTURES)
+def _scene(index: int, size: int) -> np.ndarray:
+    """(size, size, 3) float32 in [0, 1]: a low-frequency colour field and a few objects with soft and
+    hard edges."""
     rng = np.random.default_rng(index)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
     image = np.zeros((size, size, 3), np.float32)
-    for c in range(3):  # a low-frequency colour field
+    for c in range(3):
         for _ in range(3):
             fx, fy, phase = rng.uniform(0.5, 3, 2).tolist() + [rng.uniform(0, 2 * np.pi)]
             image[..., c] += rng.uniform(0.1, 0.3) * np.sin(2 * np.pi * (fx * x + fy * y) + phase)
     image += rng.uniform(0.3, 0.7, 3)
-    for _ in range(rng.integers(2, 6)):  # objects: ellipses, some blurred at the edge
+    for _ in range(rng.integers(2, 6)):
         cx, cy, rx, ry = rng.uniform(0, 1, 2).tolist() + rng.uniform(0.05, 0.3, 2).tolist()
         inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
         mask = np.clip((1 - inside) * rng.uniform(3, 40), 0, 1)[..., None]
         image = image * (1 - mask) + mask * rng.uniform(0, 1, 3)
-    image += rng.normal(0, 0.02, image.shape)  # grain
+    return image
+
+
+def photo_like(index: int, size: int = PHOTO_SIZE) -> np.ndarray:
+    """An (size, size, 3) uint8 picture with what photographs have: smooth gradients, objects with soft
+    and hard edges, and sensor-like grain. Deterministic in `index`; image i shows scene i mod
+    BASE_PICTURES, circularly shifted, maybe mirrored, its channels permuted, with its own grain."""
+    rng = np.random.default_rng([index, 1])
+    image = np.roll(_scene(index % BASE_PICTURES, size), tuple(rng.integers(0, size, 2)), axis=(0, 1))
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    image = image[..., rng.permutation(3)] + rng.normal(0, 0.02, image.shape).astype(np.float32)
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 

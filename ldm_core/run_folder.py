@@ -38,6 +38,21 @@ RESUMABLE_CHANGES = ("train.lr", "train.disc_lr", "train.max_steps", "train.lr_w
 _HELD_LOCKS: dict[str, Any] = {}
 
 
+def _forget_inherited_locks() -> None:
+    """In a process forked from a run (a DataLoader worker, say): close its copies of the run's lock files.
+
+    An flock belongs to the open file shared by every copy of the descriptor, so a forked child that kept
+    its copy would hold the folder after the run itself was killed, until the child noticed and exited.
+    Closing the copy (never unlocking it) leaves the lock with the run's own process.
+    """
+    for handle in _HELD_LOCKS.values():
+        handle.close()
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_locks)
+
+
 def lock_run_dir(run_dir: Path) -> None:
     """Own `run_dir` until `unlock_run_dir` or the process exits: a second run on the same folder is refused.
 

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -110,6 +112,29 @@ def test_two_runs_cannot_share_a_folder_and_a_dead_owner_does_not_hold_it(tmp_pa
     rc, err = _train_vae(capsys, out)  # the killed owner holds nothing
     assert rc == 0, err
     assert (out / "vae" / "config.json").is_file()
+
+
+def test_a_killed_run_does_not_leave_its_folder_locked_by_what_it_forked(tmp_path):
+    """A DataLoader worker is a fork of the run: when the run is killed, the worker may outlive it for a
+    while, and it must not keep the folder locked meanwhile."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import os, time; from pathlib import Path; from ldm_core.run_folder import lock_run_dir; "
+        f"lock_run_dir(Path({str(out)!r})); child = os.fork(); "
+        "time.sleep(120) if child == 0 else (print(child, flush=True), time.sleep(120))")],
+        stdout=subprocess.PIPE, text=True)
+    worker = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        os.kill(worker, 0)  # the forked worker is still alive
+        probe = subprocess.run([sys.executable, "-c", (
+            "from pathlib import Path; from ldm_core.run_folder import lock_run_dir; "
+            f"lock_run_dir(Path({str(out)!r})); print('locked')")], capture_output=True, text=True)
+        assert probe.stdout.strip() == "locked", probe.stderr
+    finally:
+        os.kill(worker, signal.SIGKILL)
 
 
 def test_resume_applies_a_changed_learning_rate_and_steps_and_records_them(tmp_path, capsys):
