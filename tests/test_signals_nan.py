@@ -93,10 +93,12 @@ def test_sigint_stops_stage_b_after_the_step(tmp_path, monkeypatch, vae_dir):
     import ldm_core.training_run as module
 
     _signal_at_micro_step(monkeypatch, module, 1, signal.SIGINT)
+    # What was there before the run (Python's default, or SIG_IGN when the suite runs in the background).
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match=r"SIGINT after step 2 of 5"):
         train_unet(_b(tmp_path / "cache", "train.max_steps=5"), vae_dir, "builtin:shapes", tmp_path / "run")
     assert resolve_resume(tmp_path / "run", "latest").name == "step-0000002"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the run's handler is gone again
 
 
 def test_second_sigint_aborts_at_once():
