@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ldm_core.image_files import (BUILTIN_SHAPES, IMAGE_EXTENSIONS, BadImageError, DataError, check_resolution,
                                   decode_stream, default_workers, require_image_files, resize_center_crop)
-from ldm_core.image_sources import folder_labels, source_kind
+from ldm_core.image_sources import folder_labels, hash_file_list, source_kind
 from ldm_core.shapes import SHAPE_CLASSES, make_shapes
 
 logger = logging.getLogger("ldm.data")
@@ -100,15 +100,8 @@ def _load_shapes(resolution: int, count: int, seed: int) -> ImageSet:
 
 
 def _cache_key(root: Path, files: list[Path], resolution: int) -> str:
-    # os.fsencode gives back the exact bytes of names that are not valid UTF-8 (str.encode would fail).
-    digest = hashlib.sha256(f"v{_CACHE_FORMAT}|".encode() + os.fsencode(root.resolve()) + f"|{resolution}".encode())
-    for path in files:
-        try:
-            st = path.stat()
-            size, mtime = st.st_size, st.st_mtime_ns
-        except OSError:  # a broken link: it is skipped when decoded; (-1, -1) still changes the key
-            size = mtime = -1
-        digest.update(b"|" + os.fsencode(path.relative_to(root).as_posix()) + f"|{size}|{mtime}".encode())
+    digest = hashlib.sha256(f"v{_CACHE_FORMAT}|{resolution}|".encode())
+    hash_file_list(digest, root, files)
     return digest.hexdigest()[:24]
 
 

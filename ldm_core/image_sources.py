@@ -106,15 +106,22 @@ class FolderSource(ImageSource):
         return decode_rgb(self.files[index])
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256(b"folder|" + os.fsencode(self.root.resolve()))
-        for path, name in zip(self.files, self.names):
-            try:
-                st = path.stat()
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:  # a broken link: skipped when decoded; (-1, -1) still marks it
-                size = mtime = -1
-            digest.update(b"|" + os.fsencode(name) + f"|{size}|{mtime}".encode())
+        digest = hashlib.sha256(b"folder|")
+        hash_file_list(digest, self.root, self.files)
         return digest.hexdigest()
+
+
+def hash_file_list(digest, root: Path, files: list[Path]) -> None:
+    """Add the folder, and each file's relative name, size and modification time, to `digest`."""
+    # os.fsencode gives back the exact bytes of names that are not valid UTF-8 (str.encode would fail).
+    digest.update(os.fsencode(root.resolve()))
+    for path in files:
+        try:
+            st = path.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a broken link: skipped when decoded; (-1, -1) still marks it
+            size = mtime = -1
+        digest.update(b"|" + os.fsencode(path.relative_to(root).as_posix()) + f"|{size}|{mtime}".encode())
 
 
 class TarShardSource(ImageSource):
