@@ -125,10 +125,17 @@ def hash_file_list(digest, root: Path, files: list[Path]) -> None:
 
 
 class TarShardSource(ImageSource):
-    """WebDataset shards. Each shard is indexed once at start-up (wids scans its headers, not its data);
-    a shard that cannot be opened is named in a warning and left out."""
+    """WebDataset shards, indexed once at start-up and then read by offset.
+
+    `wids` (webdataset's indexed reader) parses each shard's headers and groups its members into samples;
+    of each sample only the offset and size of its image member are kept (16 bytes a sample, so an index
+    of a million images is 16 MB) and, when the sample has one, its ``.cls`` label. A read is one `pread`
+    of the image's bytes from a kept file descriptor: random access over thousands of shards never parses
+    a header again. A shard that cannot be opened is named in a warning and left out.
+    """
 
     kind = "webdataset"
+    _OPEN_FILES = 64  # descriptors kept open per process; reopening a file costs microseconds, not a parse
 
     def __init__(self, pattern: str):
         import braceexpand
@@ -137,33 +144,50 @@ class TarShardSource(ImageSource):
         paths = [p for part in braceexpand.braceexpand(pattern) for p in (sorted(glob.glob(part)) or [part])]
         self.shards: list[str] = []
         self.sizes: list[int] = []
-        bad = []
+        offsets, lengths, keys, labels, bad = [], [], [], [], []
         for path in paths:
             try:
-                count = len(_open_shard(path))
+                shard = _index_shard(path)
             except Exception as err:  # wids raises assertion, OS and parse errors alike
                 bad.append(path)
                 logger.warning("skipping WebDataset shard %s: it cannot be opened (%s)", path, _reason(err))
                 continue
             self.shards.append(path)
-            self.sizes.append(count)
+            self.sizes.append(len(shard["offsets"]))
+            offsets += shard["offsets"]
+            lengths += shard["lengths"]
+            keys += shard["keys"]
+            labels += shard["labels"]
         if not self.shards:
             raise DataError(f"No readable WebDataset shard in {pattern!r} ({len(paths)} named, "
                             f"{len(bad)} unreadable: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}).")
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64).tolist()
+        self.offsets = np.asarray(offsets, dtype=np.int64)  # -1: the sample has no image member
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.keys = keys
+        if all(label is not None for label in labels):
+            self.labels = np.asarray(labels, dtype=np.int64)
+            self.class_names = [str(c) for c in range(int(self.labels.max()) + 1)]
+        elif any(label is not None for label in labels):
+            logger.warning("%s: only %d of %d samples have a .cls label; training unconditionally",
+                           pattern, sum(label is not None for label in labels), len(labels))
         self.skipped_shards = bad
-        self._open: dict[int, object] = {}
-        self._lock = threading.Lock()  # evaluation decodes on a thread pool; readers are opened and closed here
+        self._files: dict[int, int] = {}
+        self._lock = threading.Lock()  # evaluation decodes on a thread pool; files are opened and closed here
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_open"] = {}  # open readers hold memory maps and file handles: each worker opens its own
+        state["_files"] = {}  # file descriptors belong to the process: each worker opens its own
         del state["_lock"]
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_files", {}).values():
+            os.close(fd)
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -172,30 +196,31 @@ class TarShardSource(ImageSource):
         shard = bisect.bisect_right(self.starts, index) - 1
         return shard, index - self.starts[shard]
 
-    def _sample(self, index: int) -> dict:
-        shard, local = self._locate(index)
+    def _descriptor(self, shard: int) -> int:
         with self._lock:
-            reader = self._open.get(shard)
-            if reader is None:
-                if len(self._open) >= 8:  # a few shards open per process: random access touches all of them
-                    self._open.pop(next(iter(self._open))).close()
-                reader = self._open[shard] = _open_shard(self.shards[shard])
-            return reader[local]
+            fd = self._files.pop(shard, None)  # re-inserted below: the dict's order is least recently used first
+            if fd is None:
+                if len(self._files) >= self._OPEN_FILES:
+                    os.close(self._files.pop(next(iter(self._files))))
+                fd = os.open(self.shards[shard], os.O_RDONLY)
+            self._files[shard] = fd
+            return fd
 
     def name(self, index: int) -> str:
         shard, local = self._locate(index)
         return f"{Path(self.shards[shard]).name}#{local}"
 
     def open(self, index: int) -> Image.Image:
+        shard, _ = self._locate(index)
+        if self.offsets[index] < 0:
+            raise BadImageError(f"sample {self.keys[index]!r} has no image member", kind="no image")
         try:
-            sample = self._sample(index)
-        except Exception as err:
+            data = os.pread(self._descriptor(shard), int(self.lengths[index]), int(self.offsets[index]))
+        except OSError as err:
             raise BadImageError(f"tar member unreadable: {_reason(err)}", kind="unreadable") from None
-        for suffix in _IMAGE_SUFFIXES:
-            for key, value in sample.items():
-                if key.lower() == f".{suffix}" or key.lower() == suffix:
-                    return decode_rgb(value.getvalue() if hasattr(value, "getvalue") else value)
-        raise BadImageError(f"sample {sample.get('__key__')!r} has no image member", kind="no image")
+        if len(data) != self.lengths[index]:
+            raise BadImageError("tar member unreadable: the shard is shorter than its index", kind="unreadable")
+        return decode_rgb(data)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(b"webdataset")
@@ -205,10 +230,32 @@ class TarShardSource(ImageSource):
         return digest.hexdigest()
 
 
-def _open_shard(path: str):
+def _index_shard(path: str) -> dict:
+    """One shard's samples, from wids's index: each sample's key, the byte range of its image, its label."""
     import wids
 
-    return wids.wids.IndexedTarSamples(path=path)
+    samples = wids.wids.IndexedTarSamples(path=path)
+    try:
+        members = samples.reader.by_index  # (name, header offset, size) of every file, in tar order
+        shard = {"offsets": [], "lengths": [], "keys": [], "labels": []}
+        for indexes in samples.samples:
+            by_suffix = {}
+            for i in indexes:
+                name, header, size = members[i]
+                key, suffix = wids.wids.splitname(name)
+                by_suffix[suffix.lower().lstrip(".")] = (header + 512, size)  # the data follows its 512-byte header
+            image = next((by_suffix[s] for s in _IMAGE_SUFFIXES if s in by_suffix), (-1, 0))
+            label = None
+            if "cls" in by_suffix:
+                start, size = by_suffix["cls"]
+                label = int(bytes(samples.reader.mmapped_file[start:start + size]).decode().strip())
+            shard["offsets"].append(image[0])
+            shard["lengths"].append(image[1])
+            shard["keys"].append(key)
+            shard["labels"].append(label)
+        return shard
+    finally:
+        samples.close()
 
 
 def _reason(err: Exception) -> str:

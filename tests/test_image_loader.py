@@ -3,6 +3,7 @@ and two-process sharding are exact, random crops are fresh at every draw, and ba
 
 import io
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 
 from ldm_core.batches import StepBatches
 from ldm_core.config import DataConfig
-from ldm_core.image_files import DataError
+from ldm_core.image_files import BadImageError, DataError
 from ldm_core.image_sources import open_image_source, source_kind
 from ldm_core.training_images import TrainingImages, choose_loader
 
@@ -222,3 +223,22 @@ def test_decoded_images_are_kept_within_their_budget_and_change_no_crop(formats)
     for d in draws:
         small[d]
     assert len(opened) == 12 and small._decoded_bytes <= one_image * 2
+
+
+def test_shards_read_cls_labels_and_name_a_sample_without_an_image(tmp_path):
+    import webdataset
+
+    good = io.BytesIO()
+    photo(0).save(good, format="PNG")
+    with webdataset.TarWriter(str(tmp_path / "labelled.tar")) as sink:
+        for k in range(5):
+            sink.write({"__key__": f"s{k}", "png": good.getvalue(), "cls": str(k % 3).encode()})
+        sink.write({"__key__": "text_only", "txt": b"no image here", "cls": b"1"})
+    source = open_image_source(str(tmp_path / "labelled.tar"))
+    assert source.labels.tolist() == [0, 1, 2, 0, 1, 1] and source.class_names == ["0", "1", "2"]
+    assert np.array_equal(np.asarray(source.open(3)), np.asarray(Image.open(io.BytesIO(good.getvalue())).convert("RGB")))
+    with pytest.raises(BadImageError, match="'text_only' has no image member"):
+        source.open(5)
+    # A worker gets its own copy (no descriptors travel) that reads the same bytes.
+    clone = pickle.loads(pickle.dumps(source))
+    assert np.array_equal(np.asarray(clone.open(4)), np.asarray(source.open(4)))
