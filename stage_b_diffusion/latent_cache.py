@@ -6,8 +6,8 @@ posterior sample. Caching the posterior mean and std instead keeps LDM's reparam
 does in CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py) while the encoder leaves the training
 step. Horizontal flips are encoded as separate entries, since the encoder is not flip-equivariant.
 
-The cache is a folder of shards, each a .npy array memory-mapped when read, so training on a million
-images needs no more memory than the rows of a batch; the values are stored in float32, float16 or
+The cache is a folder of shards, each a .npy array of which a batch reads only its own rows, so
+training on a million images needs no more memory than the rows of a batch; the values are stored in float32, float16 or
 bfloat16 (`data.latent_cache_dtype`). Every process encodes its own shards, and a killed encoding keeps
 the shards it finished. The folder name carries a hash of everything the latents depend on (VAE weights
 and config, the images, the flip setting, the storage layout), so a changed autoencoder or dataset can
@@ -35,14 +35,14 @@ _FORMAT = "2"
 
 
 class LatentCache:
-    """Posterior mean and std of N training images, in shards memory-mapped from disk.
+    """Posterior mean and std of N training images, in shards on disk read row by row.
 
     Shard s holds images [s * shard_size, (s + 1) * shard_size) as one array (2, M_s, C, h, w): mean then
     std, M_s = n_s entries, or 2 n_s with flips (entry n_s + j is image j of the shard flipped). Only the
     rows a batch draws are read, so a cache of a million images needs no more memory than a batch.
 
     Parameters:
-        shards: the shard arrays (np.memmap or arrays), stored as float32, float16 or bfloat16 bits (uint16).
+        shards: the stored shards (`ShardFile`) or in-memory arrays, as float32, float16 or bfloat16 bits (uint16).
         shard_size: images per shard (the last may hold fewer).
         num_images: N.
         has_flips: whether every shard also holds its images flipped.
@@ -79,7 +79,8 @@ class LatentCache:
             array = self.shards[int(shard)]
             images_in_shard = array.shape[1] // (2 if self.has_flips else 1)
             entries = local[rows] + images_in_shard * flips[rows]
-            values = _to_float32(np.asarray(array[:, entries]), self.dtype)
+            taken = array.take(entries) if isinstance(array, ShardFile) else np.asarray(array[:, entries])
+            values = _to_float32(taken, self.dtype)
             mean[rows], std[rows] = values[0], values[1]
         return torch.from_numpy(mean), torch.from_numpy(std)
 
@@ -204,16 +205,59 @@ def _shard_path(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:06d}.npy"
 
 
-def _open_shard(path: Path, expected: tuple, dtype: str) -> Optional[np.ndarray]:
-    """The shard at `path` memory-mapped, if it is complete and of the expected shape, else None."""
+class ShardFile:
+    """One stored shard, read by explicit reads of the rows a batch draws (no memory map).
+
+    A memory map would serve the same rows, but every page it touches stays in the process's resident
+    set until the system reclaims it, so a long run over a large cache would look as if it held the whole
+    cache. Reading with `os.pread` leaves those pages in the page cache, shared and reclaimable, and the
+    process holds only the rows of the batch.
+    """
+
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype, data_offset: int):
+        self.path, self.shape, self.dtype, self.data_offset = path, tuple(shape), np.dtype(dtype), int(data_offset)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def take(self, entries: np.ndarray) -> np.ndarray:
+        """(2, len(entries), C, h, w): the mean and std rows of `entries`, in that order."""
+        row_bytes = int(np.prod(self.shape[2:])) * self.dtype.itemsize
+        out = np.empty((2, len(entries), *self.shape[2:]), dtype=self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for which in range(2):  # mean rows, then the std rows M entries later
+                for k, entry in enumerate(entries):
+                    start = self.data_offset + (which * self.shape[1] + int(entry)) * row_bytes
+                    data = os.pread(fd, row_bytes, start)
+                    if len(data) != row_bytes:
+                        raise RuntimeError(f"Latent cache shard {self.path} is shorter than its header says; "
+                                           f"delete {self.path.parent} and run again.")
+                    out[which, k] = np.frombuffer(data, dtype=self.dtype).reshape(self.shape[2:])
+        finally:
+            os.close(fd)
+        return out
+
+
+def _open_shard(path: Path, expected: tuple, dtype: str) -> Optional[ShardFile]:
+    """The shard at `path`, if it is complete and of the expected shape, else None."""
     try:
-        array = np.load(path, mmap_mode="r")
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, stored = read_header(fh)
+            data_offset = fh.tell()
+        size = path.stat().st_size
     except (OSError, ValueError):
         return None
-    stored = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
-    if array.dtype != stored or array.shape[:2] != expected:
+    wanted = np.uint16 if dtype == "bfloat16" else np.dtype(dtype)
+    if stored != wanted or fortran_order or tuple(shape[:2]) != expected:
         return None
-    return array
+    if size < data_offset + int(np.prod(shape)) * stored.itemsize:  # truncated
+        return None
+    return ShardFile(path, shape, stored, data_offset)
 
 
 def _encode_shard(vae, images: ImagesToEncode, start: int, stop: int, flip: bool, batch_size: int) -> torch.Tensor:

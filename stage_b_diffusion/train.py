@@ -65,7 +65,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
                                       tc.latent_stats_images, tc.seed)
     # A relative data.latent_cache_dir lives inside the run folder (config paths never write outside it).
     cache_dir = resolve_run_path(run.run_dir, cfg.data.latent_cache_dir, "data.latent_cache_dir")
-    # Every process encodes its own shards of the cache, then all open every shard memory-mapped.
+    # Every process encodes its own shards of the cache, then all open every shard (read row by row).
     cache = load_or_build_latent_cache(
         vae, ImagesToEncode(len(train_idx), cfg.data.resolution,
                             images.fingerprint() + "|" + hashlib.sha256(train_idx.tobytes()).hexdigest(),
