@@ -104,10 +104,17 @@ class VAETrainConfig(TrainConfig):
     adam_beta2: float = 0.9
     lr: float = 1e-4
     disc_lr: Optional[float] = None  # None: same as lr
+    # The discriminator's Adam betas; None: the autoencoder's. A recipe may give the autoencoder other
+    # betas and keep LDM's (0.5, 0.9) for the adversarial game.
+    disc_adam_beta1: Optional[float] = None
+    disc_adam_beta2: Optional[float] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.disc_lr is None or self.disc_lr > 0, "train.disc_lr", self.disc_lr, "a positive number or null")
+        for key in ("disc_adam_beta1", "disc_adam_beta2"):
+            value = getattr(self, key)
+            _require(value is None or 0 <= value < 1, f"train.{key}", value, "a number in [0, 1) or null")
 
 
 @dataclass

@@ -39,6 +39,7 @@ BAD_VALUES = [
     ("train-vae", ["train.validate_every=0"], "train.validate_every=0"),
     ("train-vae", ["train.seed=-1"], "train.seed=-1"),
     ("train-vae", ["train.adam_beta1=1.5"], "train.adam_beta1=1.5"),
+    ("train-vae", ["train.disc_adam_beta2=1.0"], "train.disc_adam_beta2=1.0"),
     ("train-vae", ["model.preset=kl-f8-huge"], "model.preset='kl-f8-huge'"),
     ("train-vae", ["loss.disc_channels=0"], "loss.disc_channels=0"),
     ("train-vae", ["data.resolution=0"], "data.resolution=0"),
