@@ -22,6 +22,9 @@ class UNetModelConfig:
     preset: str = "unet-small"
     block_out_channels: Optional[List[int]] = None
     layers_per_block: Optional[int] = None
+    # GroupNorm groups of every resnet and attention block (null: the preset's). With as many groups as
+    # channels a GroupNorm removes each channel's spatial mean, the level that carries a flat colour.
+    norm_num_groups: Optional[int] = None
     # Class conditioning: 0 = unconditional. With N classes the U-Net gets N + 1 embeddings, the last
     # one being the "null" class used for classifier-free guidance.
     num_classes: int = 0
@@ -30,7 +33,7 @@ class UNetModelConfig:
     def __post_init__(self) -> None:
         from stage_b_diffusion.presets import UNET_PRESETS  # the presets module builds models; config stays light
 
-        check_architecture(self, UNET_PRESETS, ("layers_per_block",))
+        check_architecture(self, UNET_PRESETS, ("layers_per_block", "norm_num_groups"))
         _require(self.num_classes >= 0, "model.num_classes", self.num_classes, "0 or more")
         _require(0.0 <= self.class_dropout < 1.0, "model.class_dropout", self.class_dropout, "in [0, 1)")
 

@@ -92,7 +92,8 @@ def build_unet(model_cfg: "UNetModelConfig", *, latent_channels: int, latent_siz
     """Build the latent U-Net of `model_cfg.preset` for `latent_channels` x `latent_size`^2 latents.
 
     Parameters:
-        model_cfg: preset name plus optional `block_out_channels` / `layers_per_block` overrides and
+        model_cfg: preset name plus optional `block_out_channels` / `layers_per_block` / `norm_num_groups`
+            overrides and
             `num_classes` (> 0 adds `num_classes + 1` class embeddings; the last id is the null class
             used for classifier-free guidance).
         latent_channels: the VAE's `latent_channels` (U-Net in and out channels).
@@ -115,6 +116,8 @@ def build_unet(model_cfg: "UNetModelConfig", *, latent_channels: int, latent_siz
         if model_cfg.layers_per_block < 1:
             raise ConfigError(f"model.layers_per_block={model_cfg.layers_per_block} must be 1 or more.")
         kwargs["layers_per_block"] = int(model_cfg.layers_per_block)
+    if model_cfg.norm_num_groups is not None:
+        kwargs["norm_num_groups"] = int(model_cfg.norm_num_groups)
     groups = kwargs["norm_num_groups"]
     bad = [c for c in kwargs["block_out_channels"] if c % groups]
     if bad:

@@ -108,3 +108,14 @@ def test_out_channels_must_match_too():
     unet.register_to_config(out_channels=8)
     with pytest.raises(ValueError, match="out_channels=8"):
         check_unet_matches_vae(unet, vae, 64)
+
+
+def test_norm_groups_override_reaches_every_group_norm():
+    unet = build_unet(UNetModelConfig(preset="unet-small", block_out_channels=[32, 64, 64], norm_num_groups=8),
+                      latent_channels=4, latent_size=8)
+    groups = {m.num_groups for m in unet.modules() if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8} and unet.config.norm_num_groups == 8
+    with pytest.raises(ConfigError, match="multiples of norm_num_groups=3"):
+        build_unet(UNetModelConfig(preset="unet-small", norm_num_groups=3), latent_channels=4, latent_size=8)
+    with pytest.raises(ConfigError, match="model.norm_num_groups=0"):
+        UNetModelConfig(norm_num_groups=0)
