@@ -27,9 +27,10 @@ CHECKPOINTS = (250, 500, 1000)
 
 # The demo's Stage A before this benchmark, on the demo's architecture widths: 8 normalisation groups
 # (2 channels a group at width 16, as kl-f8-small's 16 groups at width 32), mid-block attention,
-# diffusers' initialisation, L1 throughout, Adam lr 1e-4.
+# diffusers' initialisation, L1 throughout, LDM's Adam (betas 0.5, 0.9) at lr 1e-4.
+LDM_BETAS = ["train.adam_beta1=0.5", "train.adam_beta2=0.9"]
 BEFORE = ["model.norm_num_groups=8", "model.mid_block_attention=true", "model.zero_init_residual=false",
-          "model.posterior_logvar_init=null", "loss.l2_warmup_steps=0", "train.lr=1e-4"]
+          "model.posterior_logvar_init=null", "loss.l2_warmup_steps=0", "train.lr=1e-4", *LDM_BETAS]
 
 # (name, overrides on top of the demo config): cumulative from BEFORE to the final recipe, then
 # leave-one-out from the final recipe.
@@ -37,9 +38,10 @@ ROWS: list[tuple[str, list[str]]] = [
     ("before: LDM step, diffusers init, L1, lr 1e-4", BEFORE),
     ("+ residual branches start at zero", BEFORE[:2] + BEFORE[3:]),
     ("+ posterior log-variance starts at -6", BEFORE[:2] + BEFORE[4:]),
-    ("+ squared error for the first 750 steps", BEFORE[:2] + ["loss.l2_warmup_steps=750", "train.lr=1e-4"]),
-    ("+ lr 5e-4", BEFORE[:2] + ["loss.l2_warmup_steps=750"]),
-    ("+ one normalisation group, no mid-block attention = the demo's recipe", ["loss.l2_warmup_steps=750"]),
+    ("+ squared error for the first 750 steps", BEFORE[:2] + ["loss.l2_warmup_steps=750", "train.lr=1e-4", *LDM_BETAS]),
+    ("+ lr 5e-4", BEFORE[:2] + ["loss.l2_warmup_steps=750", *LDM_BETAS]),
+    ("+ one normalisation group, no mid-block attention", ["loss.l2_warmup_steps=750", *LDM_BETAS]),
+    ("+ Adam betas (0.9, 0.99) instead of LDM's (0.5, 0.9) = the demo's recipe", ["loss.l2_warmup_steps=750"]),
     ("demo's recipe with diffusers' initialisation of the residual branches",
      ["loss.l2_warmup_steps=750", "model.zero_init_residual=false"]),
     ("demo's recipe without gradient clipping", ["loss.l2_warmup_steps=750", "train.max_grad_norm=0"]),
