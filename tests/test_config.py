@@ -125,5 +125,9 @@ def test_the_demo_names_its_stage_presets_instead_of_restating_them():
     demo = load_config(LDMConfig, "demo.yaml")
     assert demo.stage_a == load_config(StageAConfig, "vae/kl-f8-mini")
     unet = load_config(StageBConfig, "unet/unet-small")
-    assert demo.stage_b.train.lr == unet.train.lr and demo.stage_b.diffusion == unet.diffusion
-    assert demo.stage_b.train.max_steps != unet.train.max_steps  # what the demo changes, it states
+    # Inherited from the preset: the noise schedule and what the demo does not state.
+    for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"):
+        assert getattr(demo.stage_b.diffusion, key) == getattr(unet.diffusion, key), key
+    assert demo.stage_b.train.lr_schedule == unet.train.lr_schedule and demo.stage_b.ema == unet.ema
+    # What the demo changes, it states.
+    assert demo.stage_b.train.max_steps != unet.train.max_steps and demo.stage_b.model.norm_num_groups == 8
