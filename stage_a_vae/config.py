@@ -116,6 +116,12 @@ class VAETrainConfig(TrainConfig):
             value = getattr(self, key)
             _require(value is None or 0 <= value < 1, f"train.{key}", value, "a number in [0, 1) or null")
 
+    @property
+    def disc_betas(self) -> tuple[float, float]:
+        """The discriminator's Adam betas: its own where set, else the autoencoder's."""
+        return (self.adam_beta1 if self.disc_adam_beta1 is None else self.disc_adam_beta1,
+                self.adam_beta2 if self.disc_adam_beta2 is None else self.disc_adam_beta2)
+
 
 @dataclass
 class StageAConfig:

@@ -81,9 +81,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual, discriminator).to(device)
     ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
     opt_ae = make_adam(ae_params, tc, lr=tc.lr)
-    disc_betas = (tc.adam_beta1 if tc.disc_adam_beta1 is None else tc.disc_adam_beta1,
-                  tc.adam_beta2 if tc.disc_adam_beta2 is None else tc.disc_adam_beta2)
-    opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_lr or tc.lr, betas=disc_betas)
+    opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_lr or tc.lr, betas=tc.disc_betas)
     # LR schedules are stepped once per optimizer step by us (not prepared), so their meaning does not
     # change with the number of processes.
     sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc)

@@ -93,8 +93,7 @@ def build_unet(model_cfg: "UNetModelConfig", *, latent_channels: int, latent_siz
 
     Parameters:
         model_cfg: preset name plus optional `block_out_channels` / `layers_per_block` / `norm_num_groups`
-            overrides and
-            `num_classes` (> 0 adds `num_classes + 1` class embeddings; the last id is the null class
+            overrides and `num_classes` (> 0 adds `num_classes + 1` class embeddings; the last id is the null class
             used for classifier-free guidance).
         latent_channels: the VAE's `latent_channels` (U-Net in and out channels).
         latent_size: resolution / f, the latent height and width (U-Net `sample_size`).
