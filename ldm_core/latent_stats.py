@@ -183,16 +183,26 @@ def unscale_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     return latents / vae_config.scaling_factor + shift
 
 
-def resolve_latent_scale(vae, vae_path: Path, images: np.ndarray, max_images: int, seed: int):
-    """Use the VAE folder's measured scale (latent_stats.json); otherwise measure 1/std, say so, and write it
-    into `vae.config.scaling_factor` (so the saved pipeline carries it). Returns what was used, for metrics.json."""
+def resolve_latent_scale(vae, vae_path: Path, images: np.ndarray, max_images: int, seed: int,
+                         input_scale: float = 1.0):
+    """Set `vae.config.scaling_factor` to the scale Stage B trains with, and return it for metrics.json.
+
+    The unit-variance scale comes from the VAE folder's measurement (latent_stats.json, written by Stage A,
+    whose config then already holds 1/std); without one, 1/std is measured here and the warning says so.
+    `input_scale` (Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models", sec. 3: the
+    input scaling factor b) multiplies it: the U-Net sees latents of standard deviation b, so every
+    timestep's SNR is b^2 times the schedule's. It is written into the VAE's config, so the saved pipeline
+    and any diffusers user divide by the same number before decoding."""
     stats_file = Path(vae_path) / "latent_stats.json"
     if stats_file.is_file():
-        stats = json.loads(stats_file.read_text())
-        return {"source": str(stats_file), **stats}
-    stats = measure_latent_stats(vae, images, max_images=max_images, seed=seed)
-    logger.warning("%s has no measured latent scale (latent_stats.json); measured 1/std = %.5f over %d images "
-                   "(its config says %.5f). Using the measured value.", vae_path, stats.scaling_factor,
-                   stats.num_images, float(vae.config.scaling_factor))
-    apply_scaling_factor(vae, stats)
-    return {"source": "measured", **stats.to_json()}
+        info = {"source": str(stats_file), **json.loads(stats_file.read_text())}
+    else:
+        stats = measure_latent_stats(vae, images, max_images=max_images, seed=seed)
+        logger.warning("%s has no measured latent scale (latent_stats.json); measured 1/std = %.5f over %d images "
+                       "(its config says %.5f). Using the measured value.", vae_path, stats.scaling_factor,
+                       stats.num_images, float(vae.config.scaling_factor))
+        apply_scaling_factor(vae, stats)
+        info = {"source": "measured", **stats.to_json()}
+    if input_scale != 1.0:
+        vae.register_to_config(scaling_factor=float(vae.config.scaling_factor) * input_scale)
+    return {**info, "input_scale": input_scale, "trained_scaling_factor": float(vae.config.scaling_factor)}

@@ -49,6 +49,10 @@ class DiffusionConfig:
     snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off, 5 recommended
     noise_offset: float = 0.0  # offset noise strength; 0 = off
     latent_sampling: str = "sample"  # sample: z = mean + std * eps each epoch; mode: z = mean
+    # The standard deviation of the latents the U-Net sees (Chen 2023's input scaling b; LDM: 1). b > 1
+    # raises every timestep's SNR by b^2, for latents so small that the schedule destroys their detail
+    # early (README "The demo"). The saved pipeline's VAE config carries scaling_factor * b.
+    input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.beta_schedule in ("scaled_linear", "linear", "squaredcos_cap_v2"),
@@ -60,6 +64,7 @@ class DiffusionConfig:
         _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start/beta_end",
                  (self.beta_start, self.beta_end), "0 < beta_start < beta_end < 1")
         _require(self.snr_gamma >= 0, "diffusion.snr_gamma", self.snr_gamma, "0 or more")
+        _require(self.input_scale > 0, "diffusion.input_scale", self.input_scale, "a positive number")
         _require(self.noise_offset >= 0, "diffusion.noise_offset", self.noise_offset, "0 or more")
         _require(self.num_train_timesteps > 0, "diffusion.num_train_timesteps", self.num_train_timesteps,
                  "a positive integer")

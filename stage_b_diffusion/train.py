@@ -62,7 +62,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     images = TrainingImages(data, cfg.data, None, seed=tc.seed, progress=run.is_main)
     train_idx = images.train_idx
     scale_info = resolve_latent_scale(vae, vae_dir, images.read(train_idx[:tc.latent_stats_images]),
-                                      tc.latent_stats_images, tc.seed)
+                                      tc.latent_stats_images, tc.seed, cfg.diffusion.input_scale)
     # A relative data.latent_cache_dir lives inside the run folder (config paths never write outside it).
     cache_dir = resolve_run_path(run.run_dir, cfg.data.latent_cache_dir, "data.latent_cache_dir")
     # Every process encodes its own shards of the cache, then all open every shard (read row by row).

@@ -53,6 +53,11 @@ def test_impossible_values_are_refused(override, key):
         load_config(StageAConfig, None, [override])
 
 
+def test_a_latent_input_scale_must_be_positive():
+    with pytest.raises(ConfigError, match=r"diffusion\.input_scale"):
+        load_config(StageBConfig, None, ["diffusion.input_scale=0"])
+
+
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(StageAConfig, None, ["train.max_steps"])

@@ -12,6 +12,7 @@ from PIL import Image
 from workflows.cli import main
 from ldm_core.config import load_config
 from stage_b_diffusion.config import StageBConfig
+from workflows.config import LDMConfig
 from workflows.train_unet import train_unet
 
 STAGE_A = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_a.data.shapes_count=64",
@@ -42,9 +43,10 @@ def test_ldm_train_writes_both_stages_and_a_loadable_pipeline(trained):
     unet = UNet2DModel.from_pretrained(pipe_dir / "unet")
     assert unet.config.in_channels == vae.config.latent_channels == 4
     assert unet.config.sample_size == 32 // 8
-    # the VAE in the pipeline carries Stage A's measured scale
+    # the VAE in the pipeline carries Stage A's measured scale times the demo's input scale
     stats = json.loads((trained / "stage_a" / "vae" / "latent_stats.json").read_text())
-    assert vae.config.scaling_factor == pytest.approx(stats["scaling_factor"])
+    input_scale = load_config(LDMConfig, "configs/demo.yaml").stage_b.diffusion.input_scale
+    assert vae.config.scaling_factor == pytest.approx(stats["scaling_factor"] * input_scale)
     for name in ("samples_step0000002.png", "samples_final.png", "loss_curves.png"):
         assert (trained / "stage_b" / "images" / name).is_file()
 
@@ -96,6 +98,19 @@ def test_vae_without_measured_scale_is_measured_and_recorded(trained, tmp_path, 
     assert info["source"] == "measured"
     saved = AutoencoderKL.from_pretrained(out / "pipeline" / "vae")
     assert saved.config.scaling_factor == pytest.approx(info["scaling_factor"])
+
+
+def test_input_scale_multiplies_the_measured_scale_in_the_saved_pipeline_only(trained, tmp_path):
+    vae_dir = trained / "stage_a" / "vae"
+    measured = json.loads((vae_dir / "latent_stats.json").read_text())["scaling_factor"]
+    out = tmp_path / "run"
+    train_unet(_stage_b_cfg(tmp_path, "train.max_steps=1", "diffusion.input_scale=2.5"), vae_dir, "builtin:shapes", out)
+    info = json.loads((out / "metrics.json").read_text())["latent_scale"]
+    assert info["input_scale"] == 2.5 and info["scaling_factor"] == pytest.approx(measured)
+    assert info["trained_scaling_factor"] == pytest.approx(2.5 * measured)
+    # The pipeline divides by what the U-Net was trained on; the autoencoder's own folder is untouched.
+    assert AutoencoderKL.from_pretrained(out / "pipeline" / "vae").config.scaling_factor == pytest.approx(2.5 * measured)
+    assert AutoencoderKL.from_pretrained(vae_dir).config.scaling_factor == pytest.approx(measured)
 
 
 def test_mismatched_unet_and_vae_is_a_clear_error(trained, tmp_path, capsys):
