@@ -20,7 +20,8 @@ import torch
 from benchmarks.harness import machine_description, markdown_table, pick_device, write_results
 
 # (sampler, steps): DDPM at its training length is the reference every other row is compared with.
-SAMPLER_PLAN = [("ddpm", 1000), ("ddim", 50), ("dpmsolver++", 20), ("unipc", 20), ("dpmsolver++", 10)]
+SAMPLER_PLAN = [("ddpm", 1000), ("ddim", 50), ("dpmsolver++", 50), ("dpmsolver++", 20), ("unipc", 20),
+                ("dpmsolver++", 10)]
 
 
 def run(pipeline_path: Path, out: Path, num_images: int, batch_size: int, device: str) -> list[dict]:
