@@ -22,14 +22,13 @@ import argparse
 import functools
 import json
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import markdown_table, run_isolated, write_results
+from benchmarks.harness import markdown_table, peak_rss_mib, run_isolated, write_results
 
 RESOLUTION = 64
 PHOTO_SIZE = 256
@@ -110,15 +109,8 @@ def subset_folder(paths: list[Path], folder: Path) -> None:
 
 def _peaks() -> dict:
     # The training process alone: DataLoader workers are forked from it, so their RSS counts the pages they
-    # share with it and says little about what they add. Linux's VmHWM belongs to this process's own
-    # memory map; getrusage's ru_maxrss survives exec, so it would start at the RSS of the benchmark
-    # process that forked this worker (every row then read the same 2,030 MiB).
-    try:
-        status = Path("/proc/self/status").read_text()
-        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_mib": kib / 1024}
+    # share with it and says little about what they add.
+    return {"peak_rss_mib": peak_rss_mib()}
 
 
 def loader_worker(data: str, batches: int) -> dict:

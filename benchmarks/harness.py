@@ -34,9 +34,23 @@ def run_isolated(module: str, args: Sequence[str], timeout_s: float = 900) -> di
         return json.loads(result.read_text())
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process's own memory map, in MiB.
+
+    Linux's VmHWM starts afresh at exec. getrusage's ru_maxrss does not (it survives exec), so in a worker
+    started by `run_isolated` it would start at the RSS of the benchmark process that forked it; it is
+    used only where /proc is missing.
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
     """Peak resident memory of this process (and peak accelerator memory on CUDA), in MiB."""
-    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    peak = {"peak_rss_mib": peak_rss_mib()}
     if device.type == "cuda":
         peak["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return peak

@@ -27,14 +27,13 @@ def run(vae_path: Path, num_images: int, seed: int) -> list[dict]:
     from diffusers import AutoencoderKL
 
     from evaluation.shapes_score import score_images
-    from ldm_core.image_values import to_model_input, to_uint8
-    from ldm_core.latent_stats import scale_latents, unscale_latents
+    from ldm_core.image_values import to_uint8
+    from ldm_core.latent_stats import iter_posteriors, scale_latents, unscale_latents
     from ldm_core.shapes import make_shapes
 
     vae = AutoencoderKL.from_pretrained(vae_path, use_safetensors=True).eval()
     images, labels, _ = make_shapes(num_images, seed, size=64)
-    latents = torch.cat([scale_latents(vae.encode(to_model_input(torch.from_numpy(images[i:i + 32]))).latent_dist.mean,
-                                       vae.config) for i in range(0, num_images, 32)])
+    latents = scale_latents(torch.cat([mean for mean, _ in iter_posteriors(vae, images)]), vae.config)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for sigma in SIGMAS:
