@@ -54,11 +54,21 @@ def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True)
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    cpu = getattr(torch._C, "_cpu", None)
-    return bool(cpu is not None and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                                     or getattr(cpu, "_is_amx_tile_supported", lambda: False)()))
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays off.
 
+    torch's own detection (`torch.cpu._is_avx512_bf16_supported`, which moved there from `torch._C._cpu`)
+    first; where neither exists, the kernel's CPU flags (Linux)."""
+    for module in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
+        avx512_bf16 = getattr(module, "_is_avx512_bf16_supported", None)
+        amx = getattr(module, "_is_amx_tile_supported", None)
+        if avx512_bf16 is not None and amx is not None:
+            return bool(avx512_bf16() or amx())
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def apply_memory_format(module: torch.nn.Module, train_cfg: TrainConfig) -> torch.nn.Module:

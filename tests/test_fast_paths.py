@@ -12,7 +12,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from ldm_core.config import TrainConfig
-from ldm_core.accelerator import apply_memory_format
+from ldm_core.accelerator import apply_memory_format, cpu_has_native_bf16
 from ldm_core.optimization import make_adam
 from ldm_core.step_timer import StepTimer
 from stage_a_vae.config import VAEModelConfig
@@ -102,6 +102,23 @@ def test_sdpa_attention_is_the_default_and_equals_the_explicit_softmax(unet):
                 module.set_processor(AttnProcessor())
         plain = plain_unet(latents, t).sample
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def _cpuinfo_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+def test_native_bf16_detection_agrees_with_the_kernels_cpu_flags():
+    # The bf16 warning and the README's precision advice rest on this answer; torch has moved its private
+    # detection between releases, and a detection that always said "no" warned on every bf16 CPU.
+    flags = _cpuinfo_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    assert cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def test_step_timer_averages_and_resets():
