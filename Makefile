@@ -38,7 +38,7 @@ bench-stage-a: $(STAMP)
 	$(BIN)/python -m benchmarks.stage_a_factors --out runs/bench
 
 # Streaming input at 2,000 and 20,000 photo-like images (README "Data"; ~30 min), and an autoencoder
-# trained on scikit-image's photographs, benchmarked on ones it never saw (~30 min).
+# trained on scikit-image's photographs, benchmarked on ones it never saw (~5 min).
 bench-data: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_data --out runs/bench
 
