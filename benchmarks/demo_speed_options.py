@@ -1,7 +1,7 @@
 """What would make the demo's training steps faster on this machine: each option against the demo's own
 step, side by side in one run, as a ratio of seconds per step.
 
-    python -m benchmarks.demo_speed_options --out runs/bench        # about 5 minutes on a 2-core CPU
+    python -m benchmarks.demo_speed_options --out runs/bench        # about 3 minutes on a 2-core CPU
 
 Every row runs the real trainer (`train_vae` / `train_unet`) with `configs/demo.yaml`'s stage config plus
 the row's overrides, in its own process, and reads the trainer's own `step_time` log after warm-up (the
