@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -98,3 +101,27 @@ def end_run(accelerator) -> None:
         atexit.register(PartialState().destroy_process_group)
         end_run._registered = True
 
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with exit status `code`; in a multi-process run, without the interpreter's teardown.
+
+    gloo runs each collective on a worker thread of its own, and the thread that drops the last C++
+    reference to a collective's tensors must take the GIL to release their Python objects. If the main
+    thread has begun tearing the interpreter down by then (a process that returns right after its last
+    collective, as rank 1 of `ldm bench-recon` does after gathering its scores), CPython ends the worker
+    thread inside a C++ destructor and the process aborts with "terminate called without an active
+    exception" (SIGABRT), although the command itself succeeded. That happened in about 1 of 13 two-process
+    runs of tests/test_multiprocess.py on a 2-core CPU. Destroying the process group does not stop those
+    threads once a DistributedDataParallel model has held the group (torch keeps it alive), so the sure
+    way is to skip the teardown: every file a command writes is closed when it returns, so flush the
+    logs and the standard streams and leave.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)

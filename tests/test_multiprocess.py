@@ -78,6 +78,7 @@ ldm_core.batches.StepBatches.__call__ = record_call
 ldm_core.training_run.end_run = record_end
 for command in json.loads(Path(sys.argv[2]).read_text()):
     assert main(command) == 0, command
+ldm_core.accelerator.exit_process(0)  # as the `ldm` executable ends (workflows.cli.run)
 '''
 
 
@@ -193,6 +194,7 @@ import json, os, signal, sys
 from pathlib import Path
 from accelerate import PartialState
 import ldm_core.batches
+from ldm_core.accelerator import exit_process
 from workflows.cli import main
 
 out = Path(sys.argv[1])
@@ -206,6 +208,7 @@ def call(self, micro_step):
 
 ldm_core.batches.StepBatches.__call__ = call
 (out / f"rc{rank}").write_text(str(main(json.loads(sys.argv[2]))))
+exit_process(0)  # as the `ldm` executable ends (workflows.cli.run)
 '''
 
 

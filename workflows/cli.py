@@ -103,5 +103,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     return int(importlib.import_module(args._module).main(args) or 0)
 
 
+def run() -> None:
+    """The `ldm` executable: run `main` and exit with its status (see `exit_process` for a multi-process run)."""
+    code = main()
+    from ldm_core.accelerator import exit_process
+
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
