@@ -85,7 +85,6 @@ def apply_memory_format(module: torch.nn.Module, train_cfg: TrainConfig) -> torc
     return module
 
 
-
 def end_run(accelerator) -> None:
     """Close the trackers but keep the process group: `ldm train` runs Stage B in the same processes.
 
