@@ -49,7 +49,7 @@ def _stage_a_config(disc_on: bool, steps: int, images: int):
         "train.progress_bar=false", "train.lr_warmup_steps=0"])
 
 
-def _stage_b_config(steps: int, images: int, cache_dir: str):
+def _stage_b_config(steps: int, images: int, cache_dir: str | None = None):
     from ldm_core.config import load_config
     from ldm_core.preset_files import config_path
     from stage_b_diffusion.config import StageBConfig
@@ -58,7 +58,8 @@ def _stage_b_config(steps: int, images: int, cache_dir: str):
         f"train.max_steps={steps}", "train.time_budget_minutes=0", "train.log_every=1",
         f"train.checkpoint_every={NEVER}", f"sampling.sample_every={NEVER}", "sampling.grid_images=1",
         "sampling.num_inference_steps=1", "train.latent_stats_images=8", f"data.shapes_count={images}",
-        f"data.latent_cache_dir={cache_dir}", "train.progress_bar=false", "train.lr_warmup_steps=0"])
+        "train.progress_bar=false", "train.lr_warmup_steps=0",
+        *([f"data.latent_cache_dir={cache_dir}"] if cache_dir is not None else [])])
 
 
 def _random_vae(folder: Path) -> Path:
@@ -156,7 +157,7 @@ def worker_reference(args) -> dict[str, Any]:
 
         with tempfile.TemporaryDirectory() as tmp:
             vae, _ = load_frozen_vae(_random_vae(Path(tmp) / "vae"))
-        cfg = _stage_b_config(1, args.images, "")
+        cfg = _stage_b_config(1, args.images)  # the reference encodes every batch: no cache
         tc = cfg.train
         vae = vae.to(device)
         unet = build_unet(cfg.model, latent_channels=4, latent_size=cfg.data.resolution // 8).to(device)
