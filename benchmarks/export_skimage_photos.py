@@ -9,34 +9,41 @@ benchmark on real images can be reproduced on an offline machine:
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from benchmarks.real_photos import load_photo
+
 # Colour photographs stored inside the package itself (others are fetched on first use).
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "stereo_motorcycle")
 
 
 def export(folder: Path) -> list[Path]:
-    import skimage.data
-
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name in PHOTOS:
         try:
-            image = np.asarray(getattr(skimage.data, name)())
+            image = load_photo(name)
         except Exception as err:  # noqa: BLE001 - a photo that would need a download is simply left out
             print(f"skipped {name}: {err}", file=sys.stderr)
             continue
         path = folder / f"{name}.png"
-        Image.fromarray(image[..., :3]).save(path)
+        Image.fromarray(image).save(path)
         written.append(path)
     return written
 
 
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", nargs="?", type=Path, default=Path("runs/photos"), help="folder to write into")
+    args = parser.parse_args(argv)
+    paths = export(args.out)
+    print(f"{len(paths)} photographs written to {args.out}")
+
+
 if __name__ == "__main__":
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/photos")
-    paths = export(out)
-    print(f"{len(paths)} photographs written to {out}")
+    main()

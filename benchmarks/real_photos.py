@@ -34,7 +34,8 @@ TRAIN = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "re
          "camera", "coins", "brick", "grass")
 
 
-def _photo(name: str) -> np.ndarray:
+def load_photo(name: str) -> np.ndarray:
+    """A photograph bundled with scikit-image as RGB uint8 (grayscale repeated; a stereo pair's left view)."""
     import skimage.data
 
     image = getattr(skimage.data, name)()
@@ -53,7 +54,7 @@ def export_training_photos(folder: Path, names: tuple[str, ...] = TRAIN) -> list
     written = []
     for name in names:
         try:
-            Image.fromarray(_photo(name)).save(folder / f"{name}.png")
+            Image.fromarray(load_photo(name)).save(folder / f"{name}.png")
             written.append(name)
         except Exception as err:  # noqa: BLE001 - a photograph that would need a download is left out
             print(f"skipped {name}: {err}")
@@ -63,7 +64,7 @@ def export_training_photos(folder: Path, names: tuple[str, ...] = TRAIN) -> list
 def export_test_crops(folder: Path, count: int, seed: int = 0) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    photos = [_photo(name) for name in HELD_OUT]
+    photos = [load_photo(name) for name in HELD_OUT]
     for k in range(count):
         image = photos[k % len(photos)]
         h, w = image.shape[:2]
