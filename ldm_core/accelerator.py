@@ -88,7 +88,8 @@ def apply_memory_format(module: torch.nn.Module, train_cfg: TrainConfig) -> torc
 def end_run(accelerator) -> None:
     """Close the trackers but keep the process group: `ldm train` runs Stage B in the same processes.
 
-    (`Accelerator.end_training` would destroy the group.) It is destroyed when the process exits.
+    (`Accelerator.end_training` would destroy the group.) A process that exits normally destroys it at exit;
+    the `ldm` executable leaves without the interpreter's teardown instead (`exit_process`).
     """
     for tracker in accelerator.trackers:
         tracker.finish()
