@@ -44,8 +44,9 @@ class DataConfig:
     # into one uint8 array, "stream" decodes each batch in DataLoader workers, "auto" streams unless the
     # decoded dataset is a folder or the shapes, centre-cropped, and small (README "Data").
     loader: str = "auto"
-    # Training crop: center | random (LDM's ImageNet crop) | random_resized (torchvision's RandomResizedCrop,
-    # area fraction in [crop_min_scale, 1]). Validation and the latent cache always use the centre crop.
+    # Training crop (ldm_core/image_transforms.py): center | random (LDM's ImageNet crop) | random_resized
+    # (torchvision's RandomResizedCrop, area fraction in [crop_min_scale, 1]) | random_scaled (a square whose
+    # area fraction is log-uniform in [crop_min_scale, 1]). Validation and the latent cache use the centre crop.
     crop: str = "center"
     crop_min_scale: float = 0.35
     # DataLoader worker processes when streaming (0 decodes in the training process).
@@ -59,8 +60,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.loader in ("auto", "memory", "stream"), "data.loader", self.loader, "auto, memory or stream")
-        _require(self.crop in ("center", "random", "random_resized"), "data.crop", self.crop,
-                 "center, random or random_resized")
+        _require(self.crop in ("center", "random", "random_resized", "random_scaled"), "data.crop", self.crop,
+                 "center, random, random_resized or random_scaled")
         _require(0.0 < self.crop_min_scale <= 1.0, "data.crop_min_scale", self.crop_min_scale, "in (0, 1]")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "0 or more")
         _require(self.decoded_cache_mb >= 0, "data.decoded_cache_mb", self.decoded_cache_mb, "0 or more")

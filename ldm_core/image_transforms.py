@@ -7,6 +7,12 @@ optional horizontal flip, each drawn from a generator the caller seeds, so a res
   (CompVis/latent-diffusion: ldm/data/imagenet.py, `SmallestMaxSize` then `RandomCrop`).
 - ``random_resized``: torchvision's `RandomResizedCrop` (a random area fraction in
   [`min_scale`, 1] and aspect ratio in [3/4, 4/3], resized to R x R), the Inception-style crop.
+- ``random_scaled``: a square of a random size at a random place, resized to R x R: its side is a
+  fraction of the image's shorter side drawn log-uniformly from [sqrt(`min_scale`), 1] (so each octave
+  of zoom is equally likely, where an area drawn uniformly almost always zooms far out), and never
+  below R px, so a crop is never enlarged. It is a random downscale followed by a random crop, without
+  RandomResizedCrop's change of aspect ratio: for photographs far larger than R, whose R-px windows at
+  full size are mostly flat or out of focus.
 
 Each crop is one bicubic resampling of the source region (Pillow's `resize` with a `box`), so a crop
 never resamples twice.
@@ -23,7 +29,7 @@ from torchvision.transforms import RandomResizedCrop
 
 from ldm_core.image_files import DataError, pil_to_chw, resize_center_crop
 
-CROPS = ("center", "random", "random_resized")
+CROPS = ("center", "random", "random_resized", "random_scaled")
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,7 @@ class ImageTransform:
 
     resolution: int
     crop: str = "center"
-    min_scale: float = 0.35  # random_resized only: the smallest area fraction kept
+    min_scale: float = 0.35  # random_resized and random_scaled: the smallest area fraction kept
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
@@ -56,8 +62,11 @@ class ImageTransform:
 
     def _box(self, image: Image.Image, rng: np.random.Generator) -> tuple[float, float, float, float]:
         width, height = image.size
-        if self.crop == "random":
+        if self.crop in ("random", "random_scaled"):
             side = min(width, height)
+            if self.crop == "random_scaled":
+                smallest = min(1.0, max(self.min_scale ** 0.5, self.resolution / side))
+                side *= float(np.exp(rng.uniform(np.log(smallest), 0.0)))
             left, top = rng.uniform(0, width - side), rng.uniform(0, height - side)
             return left, top, left + side, top + side
         # torchvision's own parameter draw, fed from our generator so that it is reproducible and leaves

@@ -154,6 +154,24 @@ def test_random_crops_are_fresh_at_every_draw(formats):
                        centre.batch(1, torch.device("cpu"))[0][order1[0]])
 
 
+def test_random_scaled_crops_draw_their_side_log_uniformly_and_never_enlarge():
+    from ldm_core.image_transforms import ImageTransform
+
+    image, R = Image.new("RGB", (1024, 512)), 32
+    rng = np.random.default_rng(0)
+    boxes = [ImageTransform(R, "random_scaled", min_scale=1 / 64)._box(image, rng) for _ in range(4000)]
+    sides = np.array([(right - left, bottom - top) for left, top, right, bottom in boxes])
+    assert np.allclose(sides[:, 0], sides[:, 1])  # squares: no change of aspect ratio
+    assert all(0 <= b[0] and 0 <= b[1] and b[2] <= 1024 and b[3] <= 512 for b in boxes)
+    # Side fraction of the shorter side log-uniform in [1/8, 1]: each of the three octaves holds a third.
+    octaves = np.histogram(np.log2(sides[:, 0] / 512), bins=[-3, -2, -1, 0])[0] / len(sides)
+    assert np.allclose(octaves, 1 / 3, atol=0.03), octaves
+    # A range reaching below R px is cut at R: the crop is never enlarged.
+    small = [ImageTransform(R, "random_scaled", min_scale=1e-4)._box(Image.new("RGB", (100, 64)), rng)
+             for _ in range(500)]
+    assert min(b[2] - b[0] for b in small) >= R - 1e-9
+
+
 def test_a_corrupt_tar_member_and_a_corrupt_file_are_skipped_and_counted(formats, tmp_path, caplog):
     import webdataset
 
