@@ -228,10 +228,13 @@ def _rows(plan: BenchPlan, indices, names, upscaled, ref: torch.Tensor, rec: tor
     ssim = M.ssim_per_image(ref, rec)
     msssim = M.msssim_per_image(ref, rec) if "msssim" not in plan.unavailable else None
     lp = M.lpips_per_image(plan.lpips_model, ref, rec) if plan.lpips_model is not None else None
+    detail = {key: (fn(ref), fn(rec)) for key, fn in (("hf_power", M.high_frequency_power), ("chroma", M.mean_chroma))}
     return [{"index": int(idx), "name": str(name), "upscaled": bool(upscaled[i]), "psnr": float(psnr[i]),
              "ssim": float(ssim[i]) if "ssim" not in plan.unavailable else None,
              "msssim": float(msssim[i]) if msssim is not None else None,
-             "lpips": float(lp[i]) if lp is not None else None}
+             "lpips": float(lp[i]) if lp is not None else None,
+             **{f"ref_{key}": float(r[i]) for key, (r, _) in detail.items()},
+             **{key: float(y[i]) for key, (_, y) in detail.items()}}
             for i, (idx, name) in enumerate(zip(indices, names))]
 
 
@@ -263,6 +266,10 @@ def finalize(plan: BenchPlan, shards_per_process: Sequence[list[dict]]) -> dict:
                 else M.summarize([])
             entry["metrics"][name] = {**summary, "impl": impls[name], "reason": plan.unavailable.get(name)}
         entry["metrics"]["rfid"] = _rfid(plan, parts, reference_states, len(rows))
+        # Blur and desaturation as the share of the originals' fine detail and colour that is kept.
+        entry["kept"] = {key: {"ratio": M.kept_ratio([r[key] for r in rows], [r[f"ref_{key}"] for r in rows]),
+                               "impl": impl}
+                         for key, impl in (("hf_power", M.HIGH_FREQUENCY_IMPL), ("chroma", M.CHROMA_IMPL))}
         entry["throughput"] = _throughput(parts)
         entry["peak_memory"] = {"bytes": max(p["peak_memory_bytes"] for p in parts),
                                 "method": PeakMemory.describe(plan.device)}

@@ -29,7 +29,8 @@ import torch
 from evaluation.reconstructors import sha256_file
 from ldm_core.image_grids import save_reconstruction_grid
 
-CSV_COLUMNS = ("model", "index", "name", "upscaled", "psnr", "ssim", "msssim", "lpips")
+CSV_COLUMNS = ("model", "index", "name", "upscaled", "psnr", "ssim", "msssim", "lpips", "hf_power", "ref_hf_power",
+               "chroma", "ref_chroma")
 DIFFERENCE_GAIN = 4.0
 _PACKAGES = ("two-stage-ldm", "torch", "torchvision", "diffusers", "accelerate", "lpips", "torchmetrics",
              "torch-fidelity", "numpy", "pillow", "safetensors")
@@ -159,20 +160,24 @@ def _pm(metric: dict, digits: int) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    """The model-card table: model | rFID | PSNR ± std | SSIM ± std | LPIPS ± std | img/s, with notes."""
+    """The model-card table: model | rFID | PSNR | SSIM | LPIPS (± std) | HF kept | chroma kept | img/s, with notes."""
     meta = results["meta"]
-    lines = ["| model | rFID | PSNR ± std | SSIM ± std | LPIPS ± std | img/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | rFID | PSNR ± std | SSIM ± std | LPIPS ± std | HF kept | chroma kept | img/s |",
+             "|---|---|---|---|---|---|---|---|"]
     for model in results["models"]:
-        m = model["metrics"]
+        m, kept = model["metrics"], model.get("kept", {})
         speed = model["throughput"]["images_per_s"]
+        ratios = [kept.get(key, {}).get("ratio") for key in ("hf_power", "chroma")]
         lines.append(f"| {model['name']} | {_pm(m['rfid'], 2)} | {_pm(m['psnr'], 2)} | {_pm(m['ssim'], 3)} "
-                     f"| {_pm(m['lpips'], 3)} | {'n/a' if speed is None else f'{speed:.1f}'} |")
+                     f"| {_pm(m['lpips'], 3)} | {' | '.join('n/a' if r is None else f'{r:.3f}' for r in ratios)} "
+                     f"| {'n/a' if speed is None else f'{speed:.1f}'} |")
     n = results["models"][0]["metrics"]["psnr"]["n"] if results["models"] else 0
     lines.append("")
     lines.append(f"N={n} images of {meta['data']} at {meta['resolution']}px, latent {meta['latent']}, "
                  f"{meta['dtype']} on {meta['device']}; PSNR capped at {meta['psnr_cap_db']:g} dB; "
-                 f"LPIPS backbone {meta['lpips']['backbone']}; rFID against the same N references.")
+                 f"LPIPS backbone {meta['lpips']['backbone']}; rFID against the same N references; HF kept: "
+                 f"top-octave spectral power and chroma kept: mean max(RGB)-min(RGB), each the reconstructions' "
+                 f"sum over the originals' (1.0 = no blur, no desaturation).")
     upscaled = (meta.get("upscaled") or {}).get("count")
     if upscaled:
         lines.append(f"upscaled: {upscaled} of the {n} images {'was' if upscaled == 1 else 'were'} smaller than "

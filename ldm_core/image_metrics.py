@@ -12,6 +12,9 @@ per image (mean, std and n are taken afterwards, never a pooled number).
   scales and an 11-tap window the coarsest scale would otherwise be smaller than the window.
 - LPIPS (Zhang et al. 2018) with a named backbone, whose ImageNet trunk weights are read from a local
   file; without that file the metric is unavailable, never computed with a random trunk.
+- Two measures that need no pretrained network, read as a ratio over a set of images (reconstructions'
+  sum over originals' sum; 1.0 means kept): the power of the top octave of spatial frequencies (blur
+  lowers it) and the mean chroma (desaturation lowers it).
 """
 
 from __future__ import annotations
@@ -162,6 +165,65 @@ def lpips_per_image(model, reference: torch.Tensor, reconstruction: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
+# Blur and colour, without a pretrained network
+
+HIGH_FREQUENCY_IMPL = ("mean power of the top octave of the radially averaged power spectrum (radial frequency "
+                       "in [0.25, 0.5) cycles/px), per channel after removing the image mean and applying a 2-D "
+                       "Hann window, averaged over channels; reported as reconstructions' sum / originals' sum")
+CHROMA_IMPL = ("mean over pixels of max(R,G,B) - min(R,G,B) on [0,255] (the chroma of HSV/HSL); reported as "
+               "reconstructions' sum / originals' sum")
+
+
+def high_frequency_power(images: torch.Tensor) -> torch.Tensor:
+    """Mean spectral power of each image in the top octave of spatial frequencies.
+
+    The power spectrum |FFT|^2 of each channel (mean removed, 2-D Hann window so that the image's borders do
+    not leak into high frequencies) is averaged over the annulus 0.25 <= sqrt(fx^2 + fy^2) < 0.5 cycles per
+    pixel, the octave below the Nyquist frequency, which is the mean of the radially averaged spectrum
+    there weighted by each radius's share of the annulus. Blur removes that octave first, so
+    ``high_frequency_power(reconstructions).sum() / high_frequency_power(originals).sum()`` is the share
+    of the originals' fine detail that the reconstructions keep: 1.0 for no blur, below for blur, above
+    for added noise or ringing.
+
+    Parameters:
+        images: uint8 tensor (N, 3, H, W).
+
+    Returns:
+        float64 CPU tensor of N values (on the scale of [0, 255] pixel values squared).
+    """
+    _check_pair(images, images)
+    x = images.to(torch.float64).cpu()
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    height, width = x.shape[-2:]
+    window = torch.outer(torch.hann_window(height, periodic=False, dtype=torch.float64),
+                         torch.hann_window(width, periodic=False, dtype=torch.float64))
+    power = torch.fft.fft2(x * window).abs().square()
+    fy = torch.fft.fftfreq(height, dtype=torch.float64)[:, None]
+    fx = torch.fft.fftfreq(width, dtype=torch.float64)[None, :]
+    radius = torch.sqrt(fy ** 2 + fx ** 2)
+    band = (radius >= 0.25) & (radius < 0.5)
+    return power[..., band].mean(dim=-1).mean(dim=1) / (height * width)
+
+
+def mean_chroma(images: torch.Tensor) -> torch.Tensor:
+    """Mean chroma of each image, max(R,G,B) - min(R,G,B) per pixel on [0, 255]: 0 for gray, 255 for a
+    pure primary. A desaturating autoencoder gives reconstructions of lower mean chroma than its inputs."""
+    _check_pair(images, images)
+    x = images.to(torch.float64).cpu()
+    return (x.amax(dim=1) - x.amin(dim=1)).flatten(1).mean(dim=1)
+
+
+def kept_ratio(reconstruction_values: Sequence[float], reference_values: Sequence[float]) -> Optional[float]:
+    """Reconstructions' sum over the references' sum of a per-image quantity (None when the references'
+    sum is 0). A pooled ratio, not a mean of per-image ratios: a flat crop's tiny high-frequency power
+    would make its own ratio mostly noise."""
+    reference = float(np.sum(np.asarray(reference_values, dtype=np.float64)))
+    if reference <= 0:
+        return None
+    return float(np.sum(np.asarray(reconstruction_values, dtype=np.float64))) / reference
+
+
+# --------------------------------------------------------------------------------------------------
 # Summaries
 
 
@@ -175,4 +237,5 @@ def summarize(values: Sequence[float]) -> dict:
 
 __all__ = ["PSNR_CAP_DB", "LPIPS_BACKBONES", "MSSSIM_MIN_SIDE", "PSNR_IMPL", "SSIM_IMPL", "MSSSIM_IMPL",
            "psnr_per_image", "ssim_per_image", "msssim_per_image", "msssim_unavailable_reason",
-           "load_lpips", "lpips_impl", "lpips_per_image", "summarize"]
+           "load_lpips", "lpips_impl", "lpips_per_image", "HIGH_FREQUENCY_IMPL", "CHROMA_IMPL",
+           "high_frequency_power", "mean_chroma", "kept_ratio", "summarize"]

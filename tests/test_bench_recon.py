@@ -109,7 +109,7 @@ def test_report_files_schema_and_missing_weights(no_download, vae_dirs, tmp_path
                "--no-progress", "--save-recon", str(tmp_path / "recon")])
     assert rc == 0
     table = capsys.readouterr().out
-    assert "| model | rFID | PSNR ± std | SSIM ± std | LPIPS ± std | img/s |" in table
+    assert "| model | rFID | PSNR ± std | SSIM ± std | LPIPS ± std | HF kept | chroma kept | img/s |" in table
     assert "alexnet-owt-7be5be79.pth" in table and INCEPTION_FID_FILE in table
 
     doc = json.loads(out.read_text())

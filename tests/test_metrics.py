@@ -215,3 +215,49 @@ def test_inception_is_read_from_a_local_file_without_download(no_download, tmp_p
     assert net.features_list == ["2048"] and not net.training
     with pytest.raises(MissingWeightsError, match="does not exist"):
         load_fid_inception(tmp_path / "elsewhere.pth")
+
+
+def _sinusoid_u8(cycles_per_px: float, size: int = 64) -> torch.Tensor:
+    x = np.arange(size)
+    wave = 127.5 + 100 * np.sin(2 * np.pi * cycles_per_px * x)[None, :].repeat(size, 0)
+    return torch.from_numpy(np.repeat(wave[None, None], 3, axis=1).round().astype(np.uint8))
+
+
+def test_high_frequency_power_lies_in_the_top_octave():
+    # A sinusoid puts its power at one frequency: inside [0.25, 0.5) cycles/px it counts, below it does
+    # not (up to the Hann window's leakage, which is orders of magnitude smaller).
+    inside, below = M.high_frequency_power(_sinusoid_u8(0.375)), M.high_frequency_power(_sinusoid_u8(0.1))
+    assert inside.item() > 1000 * below.item()
+    flat = torch.full((1, 3, 64, 64), 90, dtype=torch.uint8)
+    assert M.high_frequency_power(flat).item() == 0.0
+
+
+def test_blur_keeps_less_high_frequency_power_and_identity_keeps_all():
+    from PIL import Image, ImageFilter
+
+    ref = _random_u8(2, size=64, seed=3)
+    ref = torch.nn.functional.avg_pool2d(ref.float(), 2).repeat_interleave(2, -1).repeat_interleave(2, -2)
+    ref = ref.round().to(torch.uint8)  # texture with power at every frequency, less at the top
+
+    def blurred(radius):
+        return torch.stack([torch.from_numpy(np.array(Image.fromarray(img.permute(1, 2, 0).numpy()).filter(
+            ImageFilter.GaussianBlur(radius)))).permute(2, 0, 1) for img in ref])
+
+    keep = lambda rec: M.kept_ratio(M.high_frequency_power(rec), M.high_frequency_power(ref))  # noqa: E731
+    assert keep(ref) == pytest.approx(1.0)
+    assert keep(blurred(2.0)) < keep(blurred(0.7)) < 0.9
+    noisy = (ref.int() + torch.from_numpy(np.random.default_rng(0).integers(-40, 41, ref.shape))).clamp(0, 255)
+    assert keep(noisy.to(torch.uint8)) > 1.0
+
+
+def test_chroma_is_zero_for_gray_and_falls_with_desaturation():
+    gray = torch.full((1, 3, 8, 8), 128, dtype=torch.uint8)
+    assert M.mean_chroma(gray).item() == 0.0
+    red = torch.zeros((1, 3, 8, 8), dtype=torch.uint8)
+    red[:, 0] = 255
+    assert M.mean_chroma(red).item() == 255.0
+    ref = _smooth_u8(4)
+    half = ((ref.float() + ref.float().mean(dim=1, keepdim=True)) / 2).round().to(torch.uint8)  # halfway to gray
+    ratio = M.kept_ratio(M.mean_chroma(half), M.mean_chroma(ref))
+    assert ratio == pytest.approx(0.5, abs=0.02)
+    assert M.kept_ratio([1.0], [0.0]) is None
