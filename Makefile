@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test bench bench-stage-a bench-data bench-photos install clean
+.PHONY: demo test bench bench-stage-a bench-data bench-photos bench-photos-gan photo-corpus gpu-check install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,29 @@ bench: $(STAMP) $(DEMO_OUT)/summary.json
 bench-stage-a: $(STAMP)
 	$(BIN)/python -m benchmarks.stage_a_factors --out runs/bench
 
-# Streaming input at 2,000 and 20,000 photo-like images (README "Data"; ~30 min), and an autoencoder
-# trained on scikit-image's photographs, benchmarked on ones it never saw (~5 min).
+# Streaming input at 2,000 and 20,000 photo-like images (README "Data"; ~30 min).
 bench-data: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_data --out runs/bench
 
+# Real photographs (docs/real-photographs.md): Debian's wallpaper photographs, fetched with apt-get into
+# PHOTO_CORPUS (outside the repository), train configs/vae/kl-f8-photo.yaml and are benchmarked on crops of
+# scikit-image photographs they never saw. bench-photos-gan adds the same run with the PatchGAN switched on.
+PHOTO_CORPUS ?= $(HOME)/.cache/two-stage-ldm/photo-corpus
+
+photo-corpus: $(STAMP)
+	$(BIN)/python -m benchmarks.photo_corpus --out $(PHOTO_CORPUS)
+
 bench-photos: $(STAMP)
-	$(BIN)/python -m benchmarks.real_photos --out runs/bench/real_photos --steps 1500
+	$(BIN)/python -m benchmarks.real_photos --corpus $(PHOTO_CORPUS) --out runs/bench/real_photos
+
+bench-photos-gan: $(STAMP)
+	$(BIN)/python -m benchmarks.real_photos --corpus $(PHOTO_CORPUS) --out runs/bench/real_photos --compare-gan
+
+# On a GPU machine: the machine, its measured limits, Stage A under bf16/fp16 autocast, both stages' speed,
+# sampling and the demo, in at most 8 minutes (README "Performance"). runs/gpu_check/gpu_check.json is
+# rewritten after every section; without CUDA the same script runs its tiny mode.
+gpu-check: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check --out runs/gpu_check
 
 clean:
 	rm -rf $(VENV) runs

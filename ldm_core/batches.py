@@ -66,3 +66,15 @@ def images_to_batch(images_uint8: np.ndarray, indices: np.ndarray, flips: np.nda
         batch = torch.where(mask[:, None, None, None], batch.flip(-1), batch)
     return to_model_input(batch)
 
+
+
+def shuffle_channels(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image's colour channels in an order drawn from `generator` (one of the six of RGB).
+
+    A colour augmentation that keeps every other statistic of a photograph: a hue becomes another hue, an
+    edge stays the edge. On a few photographs an autoencoder otherwise learns their colours as a palette
+    and shifts colours it has not seen (docs/real-photographs.md).
+    """
+    order = torch.argsort(torch.rand(batch.shape[0], batch.shape[1], generator=generator,
+                                     device=generator.device), dim=1).to(batch.device)
+    return torch.gather(batch, 1, order[:, :, None, None].expand_as(batch))

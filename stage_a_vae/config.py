@@ -90,6 +90,9 @@ class VAEDataConfig(DataConfig):
     # by every run. A relative path lies inside the run folder (see `resolve_run_path`); an absolute one
     # is a cache shared by runs.
     image_cache_dir: Optional[str] = None
+    # Put each training image's RGB channels in a random order (ldm_core/batches.py `shuffle_channels`), so
+    # a small dataset shows the autoencoder every hue instead of a palette. Validation images are not shuffled.
+    channel_shuffle: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

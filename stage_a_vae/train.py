@@ -23,11 +23,13 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm_core.accelerator import apply_memory_format
+from ldm_core.batches import shuffle_channels
 from ldm_core.config import resolve_run_path
 from ldm_core.ema import ema_weights, exported_copy, make_ema
 from ldm_core.image_grids import save_reconstruction_grid
 from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
 from ldm_core.optimization import make_adam, make_lr_scheduler
+from ldm_core.randomness import seeded_generator
 from ldm_core.run_folder import write_json
 from ldm_core.training_images import TrainingImages
 from ldm_core.training_run import TrainingRun
@@ -39,6 +41,7 @@ from stage_a_vae.presets import build_autoencoder
 from stage_a_vae.validation import reconstruct_uint8, validate_reconstructions
 
 logger = logging.getLogger("ldm.train_vae")
+CHANNEL_SHUFFLE_STREAM = 1  # the fourth seed key of the channel orders, after (seed, micro-step, rank)
 
 
 class AutoencoderForTraining(torch.nn.Module):
@@ -122,6 +125,9 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         logs: dict = {}
         for micro_step in run.micro_steps(model, disc_ddp):
             x, _ = images.batch(micro_step, device)
+            if cfg.data.channel_shuffle:  # its own stream, so the posterior's samples stay as without it
+                x = shuffle_channels(x, seeded_generator(tc.seed, micro_step, accelerator.process_index,
+                                                         CHANNEL_SHUFFLE_STREAM))
             # Autoencoder update. The discriminator only scores reconstructions here, so its parameters
             # are frozen and its unwrapped module is used (no DDP bookkeeping).
             if disc_on:
@@ -175,7 +181,8 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         apply_scaling_factor(export, stats)
         export.save_pretrained(run.run_dir / "vae")
         write_json(run.run_dir / "vae" / "latent_stats.json", stats.to_json())
-    run.finish(curves=(["rec", "kl", "g_loss", "d_loss", "d_weight", "val_psnr", "val_ssim"], "Stage A"),
+    run.finish(curves=(["rec", "kl", "g_loss", "d_loss", "d_weight", "logits_real", "logits_fake", "val_psnr",
+                        "val_ssim"], "Stage A"),
                metrics={"validation": final_metrics, "latent_stats": stats.to_json() if stats else None},
                run_info={"data": data, "dataset": images.summary(),
                          "lpips_trunk": lc.lpips_trunk if lc.perceptual_weight > 0 else "none",

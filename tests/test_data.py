@@ -306,3 +306,18 @@ def test_cache_is_reused_and_bad_cache_files_are_not(tmp_path, write_image, monk
     write_image(folder / "img_0.png", solid(30, 30, RED))
     changed = load_dataset(str(folder), 16, cache_dir=cache, progress=False)
     assert pixel(changed.images[0], 8, 8) == RED and len(list(cache.glob("*.npy"))) == 2
+
+
+def test_shuffle_channels_reorders_each_image_alone_and_reproducibly():
+    from ldm_core.batches import shuffle_channels
+    from ldm_core.randomness import seeded_generator
+
+    # Channel c of image i holds the value 10 * i + c, so every output channel names its source.
+    batch = (torch.arange(64)[:, None] * 10 + torch.arange(3)[None, :]).float()[:, :, None, None].expand(64, 3, 4, 4)
+    out = shuffle_channels(batch, seeded_generator(0, 5, 0, 1))
+    assert torch.equal(out, shuffle_channels(batch, seeded_generator(0, 5, 0, 1)))  # same stream, same orders
+    sources = out[:, :, 0, 0] - batch[:, :1, 0, 0]
+    orders = {tuple(int(v) for v in row) for row in sources}
+    assert all(sorted(order) == [0, 1, 2] for order in orders)  # a permutation of the image's own channels
+    assert len(orders) == 6  # 64 images draw all six orders of RGB
+    assert torch.equal(out.sum(dim=1), batch.sum(dim=1))  # nothing but the order changes

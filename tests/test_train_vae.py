@@ -56,6 +56,11 @@ def test_discriminator_switches_on_at_disc_start(trained_run):
     # `step` is logged after the update, so the update of optimizer step s is logged as s + 1.
     assert all("d_loss" not in r for r in train_rows if r["step"] <= 280)
     assert all("d_loss" in r and r["d_weight"] > 0 for r in train_rows if r["step"] > 280)
+    # The game over the run is readable from metrics.json: the discriminator's mean logits on real and
+    # reconstructed images, which a hinge loss pushes apart once it learns to tell them.
+    on = [r for r in train_rows if r["step"] > 280]
+    assert all(all(k in r and r[k] == r[k] for k in ("logits_real", "logits_fake")) for r in on)
+    assert sum(r["logits_real"] - r["logits_fake"] for r in on) > 0
 
 
 def test_saved_vae_reloads_with_plain_diffusers(trained_run):
