@@ -70,7 +70,7 @@ STAGE_A_PRESET = "vae/kl-f8.yaml"
 STAGE_B_PRESET = "unet/unet-ldm-kl8.yaml"
 
 # Printed beside the numbers; none of them was measured here.
-ANCHORS = {
+REFERENCE_FIGURES = {
     "bf16_matmul": "a tuned bf16 matmul on an H100/H200 reaches about 790 TFLOP/s of the 989 nominal "
                    "(dense bf16, NVIDIA's H100 SXM datasheet)",
     "conv_utilisation": "conv U-Nets and autoencoders typically reach 20-35% of that matmul peak",
@@ -178,7 +178,7 @@ class Runner:
         self.report: dict[str, Any] = {
             "script": "benchmarks/gpu_check.py", "mode": plan.name, "device": str(device),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget_s,
-            "argv": list(args.argv), "anchors": ANCHORS, "complete": False,
+            "argv": list(args.argv), "anchors": REFERENCE_FIGURES, "complete": False,
             "sections": {name: {"status": "pending"} for name in sections}}
 
     def time_left(self) -> float:
@@ -343,7 +343,7 @@ def section_limits(r: Runner) -> dict[str, Any]:
     copy_gbs = 2 * nbytes / copy_s / 1e9
     return {"matmul_size": plan.matmul_size, "bf16_matmul_tflops": bf16 / 1e12, "fp32_matmul_tflops": fp32 / 1e12,
             "copy_bytes": nbytes, "copy_s": copy_s, "copy_read_plus_write_gb_per_s": copy_gbs,
-            "anchors": [ANCHORS["bf16_matmul"], ANCHORS["hbm_bandwidth"]]}
+            "anchors": [REFERENCE_FIGURES["bf16_matmul"], REFERENCE_FIGURES["hbm_bandwidth"]]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -748,7 +748,7 @@ def section_stage_a_speed(r: Runner) -> dict[str, Any]:
                                  "batch": len(x)}
     results["vs_ldm"] = {f"ours_{a}_over_{b}": s(ref) / s(ours) for a, ours in (("after", full), ("before", before))
                          for b, ref in (("ldm_fp32", ldm32), ("ldm_bf16", ldm16)) if s(ours) and s(ref)}
-    results["anchors"] = [ANCHORS["conv_utilisation"]]
+    results["anchors"] = [REFERENCE_FIGURES["conv_utilisation"]]
     return results
 
 
@@ -822,7 +822,7 @@ def section_stage_b_speed(r: Runner) -> dict[str, Any]:
     ref = rows[-1] if "step_s" in rows[-1] else None
     return {"preset": cfg.model.preset, "parameters": count_parameters(unet), "latent_shape": [4, size, size],
             "rows": rows, "ours_over_text_to_image": ref["step_s"] / ours["step_s"] if ours and ref else None,
-            "anchors": [ANCHORS["stage_b_images_per_s"], ANCHORS["conv_utilisation"]]}
+            "anchors": [REFERENCE_FIGURES["stage_b_images_per_s"], REFERENCE_FIGURES["conv_utilisation"]]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1005,7 +1005,7 @@ def summary_markdown(report: dict) -> str:
     return (f"# gpu_check ({report['mode']}, {report['device']})\n\n{table}\n\n"
             f"Checks: {sum(c['ok'] for c in checks)} passed, {len(failed)} failed, "
             f"{sum(bool(c.get('skipped')) for c in checks)} skipped" + (f" (failed: {'; '.join(failed)})" if failed else "")
-            + f". Sections: {status}.\n\nAnchors: " + " ".join(f"{v}." for v in ANCHORS.values()) + "\n")
+            + f". Sections: {status}.\n\nAnchors: " + " ".join(f"{v}." for v in REFERENCE_FIGURES.values()) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
