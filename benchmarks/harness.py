@@ -103,22 +103,12 @@ def machine_description(device: torch.device) -> str:
 
 
 def cpu_description() -> dict[str, Any]:
-    """The CPU's model name (as `lscpu` prints it) and the vector extensions that decide its fp32 and bf16
-    speed, from the kernel's /proc/cpuinfo (Linux; elsewhere the platform's processor string)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                if model and flags and key.strip() == "flags":
-                    break
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
+    """The CPU's model name and the vector extensions that decide its fp32 and bf16 speed."""
+    from ldm_core.accelerator import cpu_info
+
+    info = cpu_info()
+    flags = info["flags"]
+    return {"model": info["model"], "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
             "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
 
 

@@ -136,7 +136,9 @@ def recipe_config(steps: Optional[int], zoom: int, gan_start: Optional[int], ove
 
     return load_config(StageAConfig, config_path(RECIPE), [
         *([f"train.max_steps={steps}", f"train.checkpoint_every={steps}"] if steps else []),
-        f"loss.disc_start={NEVER if gan_start is None else gan_start}", "data.crop=random_scaled", f"data.crop_min_scale={1 / zoom ** 2}", *overrides])
+        # The recipe crops with data.crop=random_scaled; its smallest side follows --zoom.
+        f"loss.disc_start={NEVER if gan_start is None else gan_start}", f"data.crop_min_scale={1 / zoom ** 2}",
+        *overrides])
 
 
 def train(cfg, photos: Path, run: Path) -> float:
@@ -166,19 +168,26 @@ def train_with_snapshot(cfg, photos: Path, run: Path, snapshot_step: int, snapsh
     return seconds + train(cfg, photos, run)
 
 
-def benchmark(vaes: dict[str, Path], test: Path, resolution: int, out: Path) -> dict:
-    """bench-recon of the named autoencoders on the test crops; returns its results."""
-    from evaluation.bench_recon import run_bench_recon
+def reconstructors(vaes: dict[str, Path]) -> list:
+    """bench-recon's reconstructor of each autoencoder, labelled with its name instead of its folder's."""
     from evaluation.reconstructors import VAEReconstructor
 
-    if out.exists():  # results of an earlier run are replaced
-        shutil.rmtree(out)
     models = []
     for name, folder in vaes.items():
         model = VAEReconstructor(folder)
-        model.name = name  # the table's row label, instead of the folder's name
+        model.name = name
         models.append(model)
-    return run_bench_recon(models, str(test), resolution, out_dir=out, metrics=("psnr", "ssim"), progress=False)
+    return models
+
+
+def benchmark(vaes: dict[str, Path], test: Path, resolution: int, out: Path) -> dict:
+    """bench-recon of the named autoencoders on the test crops; returns its results."""
+    from evaluation.bench_recon import run_bench_recon
+
+    if out.exists():  # results of an earlier run are replaced
+        shutil.rmtree(out)
+    return run_bench_recon(reconstructors(vaes), str(test), resolution, out_dir=out, metrics=("psnr", "ssim"),
+                           progress=False)
 
 
 def table(results_by_resolution: dict[int, dict]) -> str:
@@ -191,16 +200,19 @@ def table(results_by_resolution: dict[int, dict]) -> str:
             psnr, ssim, kept = model["metrics"]["psnr"], model["metrics"]["ssim"], model["kept"]
             lines.append(f"| {resolution} px, n={psnr['n']} | {model['name']} | {psnr['mean']:.2f} ± {psnr['std']:.2f} "
                          f"| {psnr['mean'] - bicubic:+.2f} | {ssim['mean']:.3f} ± {ssim['std']:.3f} "
-                         f"| {kept['hf_power']['ratio']:.3f} | {kept['chroma']['ratio']:.3f} |")
+                         f"| {_ratio(kept['hf_power'])} | {_ratio(kept['chroma'])} |")
     return "\n".join(lines)
+
+
+def _ratio(kept: dict) -> str:
+    return "n/a" if kept["ratio"] is None else f"{kept['ratio']:.3f}"
 
 
 def zoom_figure(test: Path, resolution: int, vaes: dict[str, Path], out: Path, count: int = 4, zoom: int = 4) -> Path:
     """Test crops at `zoom`x (nearest neighbour): original, then each autoencoder's reconstruction, side by side."""
     import torch
-    from diffusers import AutoencoderKL
 
-    from ldm_core.image_files import list_image_files, resize_center_crop, pil_to_chw
+    from ldm_core.image_files import list_image_files, pil_to_chw, resize_center_crop
     from ldm_core.image_values import to_model_input, to_uint8
 
     files = list_image_files(test)
@@ -209,9 +221,10 @@ def zoom_figure(test: Path, resolution: int, vaes: dict[str, Path], out: Path, c
                                      for p in picks]))
     columns = [ref]
     with torch.no_grad():
-        for folder in vaes.values():
-            vae = AutoencoderKL.from_pretrained(folder).eval()
-            columns.append(to_uint8(vae.decode(vae.encode(to_model_input(ref)).latent_dist.mode()).sample))
+        for model in reconstructors(vaes):  # bench-recon's reconstruction: posterior mode, fp32, uint8
+            model.load(torch.device("cpu"))
+            columns.append(to_uint8(model.reconstruct(to_model_input(ref), range(count))[0].float()))
+            model.unload()
     tiles = [[Image.fromarray(col[i].permute(1, 2, 0).numpy()).resize((resolution * zoom,) * 2, Image.Resampling.NEAREST)
               for col in columns] for i in range(count)]
     side, gap = resolution * zoom, 4
@@ -266,12 +279,14 @@ def main(argv=None) -> int:
         seconds["with_gan"] = train_with_snapshot(with_gan, photos, args.out / "with_gan", gan_start, before)
         vaes = {**vaes, f"with-gan-at-{gan_start}": before, "with-gan": args.out / "with_gan" / "vae"}
     results = {r: benchmark(vaes, args.out / f"test{r}", r, args.out / f"bench{r}") for r in tests}
-    summary = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(), "training_photos": names, "steps": steps, "zoom": args.zoom,
-               "gan_start": gan_start if args.compare_gan else None, "train_seconds": seconds,
-               "overrides": args.overrides, "command": " ".join(["python -m benchmarks.real_photos", *(argv or sys.argv[1:])]),
+    summary = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(), "training_photos": names,
+               "steps": steps, "zoom": args.zoom, "gan_start": gan_start if args.compare_gan else None,
+               "train_seconds": seconds, "overrides": args.overrides,
+               "command": " ".join(["python -m benchmarks.real_photos", *(argv or sys.argv[1:])]),
                "table_markdown": table(results)}
     if args.compare_gan:
-        summary["zoom_figure"] = str(zoom_figure(args.out / f"test{min(tests)}", min(tests), vaes, args.out / "gan_zoom.png"))
+        smallest = min(tests)
+        summary["zoom_figure"] = str(zoom_figure(args.out / f"test{smallest}", smallest, vaes, args.out / "gan_zoom.png"))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     (args.out / "summary.md").write_text(summary["table_markdown"] + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("table_markdown", "training_photos")}, indent=2))

@@ -66,12 +66,28 @@ def cpu_has_native_bf16() -> bool:
         amx = getattr(module, "_is_amx_tile_supported", None)
         if avx512_bf16 is not None and amx is not None:
             return bool(avx512_bf16() or amx())
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = cpu_info()["flags"]
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_info() -> dict:
+    """The CPU's model name (as `lscpu` prints it) and flags, from the kernel's /proc/cpuinfo (Linux; elsewhere
+    the platform's processor string and no flags)."""
+    import platform
+
+    info = {"model": platform.processor() or platform.machine(), "flags": frozenset()}
+    try:
+        with open("/proc/cpuinfo") as lines:
+            for line in lines:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    info["model"] = value.strip()
+                elif key.strip() == "flags":
+                    info["flags"] = frozenset(value.split())
+                    break  # the model name comes first in each processor's block
+    except OSError:
+        pass
+    return info
 
 
 def apply_memory_format(module: torch.nn.Module, train_cfg: TrainConfig) -> torch.nn.Module:
