@@ -1,21 +1,21 @@
 """Exact scorer for images meant to look like the built-in `shapes` dataset (no learned model).
 
-An image is *valid* when it shows what `ldm_core/shapes.py` defines: a uniform palette-coloured
-background and exactly one filled circle, square or upright triangle in another palette colour, its
-bounding box 16-40 px, inside the frame. Every dataset image passes exactly; the tolerances below exist
-only for what a generative model adds (slight blur and colour error):
+An image is *valid* when it shows what `ldm_core/shapes.py` defines: a uniform background and exactly
+one filled circle, square or upright triangle in another colour, its bounding box 16-40 px, inside the
+frame. Every dataset image passes exactly; the tolerances below exist only for what a generative model
+adds (slight blur and colour error):
 
-1. Colours: a pixel is attributed to its nearest palette colour when it lies within COLOUR_TOLERANCE of
-   it (the palette's colours are at least 215 apart, so the attribution is unambiguous).
-2. Background: the most common attributed colour. At least BORDER_FRACTION of the outer 2-px ring must
-   be that colour (the dataset keeps shapes 2 px from the edge).
+1. Colours: a pixel belongs to a colour when it lies within COLOUR_TOLERANCE of it (RGB distance on the
+   0-255 scale; the dataset's two colours are at least MIN_CONTRAST = 128 apart).
+2. Background: the per-channel median of the outer 2-px ring (the dataset keeps shapes 2 px from the
+   edge). At least BORDER_FRACTION of the ring must be that colour.
 3. One shape: the non-background pixels are split into 8-connected components. The largest is the shape;
    any other component of EXTRA_COMPONENT_PIXELS or more means a second object.
-4. Foreground: the most common palette colour in that component. Pixels on the straight RGB segment
-   between background and foreground colours are blends (blurred edges); those closer to the
-   foreground form the shape mask.
-5. Noise: pixels explained neither as background nor as the shape or its edge (other colours, off-palette
-   values, loose specks) must stay below NOISE_FRACTION of the image.
+4. Foreground: the per-channel median of that component, at least MIN_CONTRAST - COLOUR_TOLERANCE from
+   the background. Pixels on the straight RGB segment between background and foreground colours are
+   blends (blurred edges); those closer to the foreground form the shape mask.
+5. Noise: pixels explained neither as background nor as the shape or its edge (other colours, loose
+   specks) must stay below NOISE_FRACTION of the image.
 6. Class: each class's ideal shape (`ldm_core.shapes.shape_mask`) is fitted to the mask by matching
    its centroid and second moments, which fixes the box the shape would need (a square's side is
    sqrt(12 var), a circle's diameter 4 std, a triangle's centroid sits 2/3 down from the apex). The
@@ -48,12 +48,12 @@ from PIL import Image
 from scipy import ndimage
 
 from ldm_core.image_files import BadImageError, BUILTIN_SHAPES, DataError, load_image_uint8, resize_center_crop
-from ldm_core.shapes import PALETTE_ARRAY, PALETTE_NAMES, SHAPE_CLASSES, shape_mask
+from ldm_core.shapes import CORNER_NAMES, MIN_CONTRAST, SHAPE_CLASSES, corner_name, shape_mask
 
 logger = logging.getLogger("ldm.eval")
 
 SIZE = 64
-COLOUR_TOLERANCE = 80.0  # RGB distance on 0-255; under half the palette's minimum separation (215)
+COLOUR_TOLERANCE = 40.0  # RGB distance on 0-255; under a third of the dataset's least contrast (128)
 BORDER_RING = 2
 BORDER_FRACTION = 0.9
 EXTRA_COMPONENT_PIXELS = 16
@@ -73,15 +73,15 @@ class ShapeVerdict:
     Parameters:
         valid: the image shows one clean shape of a known class on a uniform background.
         shape: the recognised class (None when invalid).
-        background, foreground: palette colour names, when they could be determined.
+        background, foreground: RGB colours (ints, 0-255), when they could be determined.
         reason: "ok" when valid, otherwise a short fixed phrase (used as a counter key).
         bbox: the shape's (x0, y0, x1, y1) in 64x64 coordinates, end-exclusive, when found.
     """
 
     valid: bool
     shape: Optional[str]
-    background: Optional[str]
-    foreground: Optional[str]
+    background: Optional[tuple[int, int, int]]
+    foreground: Optional[tuple[int, int, int]]
     reason: str
     bbox: Optional[tuple[int, int, int, int]] = None
 
@@ -109,19 +109,13 @@ def score_image(image_uint8_chw: np.ndarray) -> ShapeVerdict:
             bicubic, centre crop), as the dataset loader does.
     """
     pixels = _as_64(image_uint8_chw)
-    palette = PALETTE_ARRAY.astype(np.float64)
-    distances = np.linalg.norm(pixels[:, :, None, :] - palette[None, None], axis=-1)  # (64, 64, 8)
-    nearest = distances.argmin(axis=-1)
-    attributed = distances.min(axis=-1) < COLOUR_TOLERANCE
 
     # 2. Background.
-    if not attributed.any():
-        return ShapeVerdict(False, None, None, None, "colours not in palette")
-    bg = int(np.bincount(nearest[attributed], minlength=len(palette)).argmax())
-    bg_name = PALETTE_NAMES[bg]
-    is_bg = attributed & (nearest == bg)
     ring = np.ones((SIZE, SIZE), dtype=bool)
     ring[BORDER_RING:-BORDER_RING, BORDER_RING:-BORDER_RING] = False
+    bg = np.median(pixels[ring], axis=0)
+    bg_name = _rgb(bg)
+    is_bg = np.linalg.norm(pixels - bg, axis=-1) < COLOUR_TOLERANCE
     if is_bg[ring].mean() < BORDER_FRACTION:
         return ShapeVerdict(False, None, bg_name, None, "background not uniform")
 
@@ -136,14 +130,13 @@ def score_image(image_uint8_chw: np.ndarray) -> ShapeVerdict:
     in_main = components == main
 
     # 4. Foreground colour, blends and the shape mask.
-    candidates = in_main & attributed & (nearest != bg)
-    if not candidates.any():
-        return ShapeVerdict(False, None, bg_name, None, "no shape")
-    fg = int(np.bincount(nearest[candidates], minlength=len(palette)).argmax())
-    fg_name = PALETTE_NAMES[fg]
-    direction = palette[fg] - palette[bg]
-    t = np.clip(((pixels - palette[bg]) @ direction) / (direction @ direction), 0.0, 1.0)
-    off_segment = np.linalg.norm(pixels - (palette[bg] + t[..., None] * direction), axis=-1)
+    fg = np.median(pixels[in_main], axis=0)
+    fg_name = _rgb(fg)
+    direction = fg - bg
+    if np.linalg.norm(direction) < MIN_CONTRAST - COLOUR_TOLERANCE:
+        return ShapeVerdict(False, None, bg_name, fg_name, "too little contrast")
+    t = np.clip(((pixels - bg) @ direction) / (direction @ direction), 0.0, 1.0)
+    off_segment = np.linalg.norm(pixels - (bg + t[..., None] * direction), axis=-1)
     on_edge = in_main & (off_segment < COLOUR_TOLERANCE)
     mask = on_edge & (t >= 0.5)
 
@@ -172,6 +165,10 @@ def score_image(image_uint8_chw: np.ndarray) -> ShapeVerdict:
     if edge_width(mask, blend) > MAX_EDGE_WIDTH:
         return ShapeVerdict(False, None, bg_name, fg_name, "blurred edge", bbox)
     return ShapeVerdict(True, shape, bg_name, fg_name, "ok", bbox)
+
+
+def _rgb(colour: np.ndarray) -> tuple[int, int, int]:
+    return tuple(int(round(float(v))) for v in colour)
 
 
 def edge_width(mask: np.ndarray, blend: np.ndarray) -> float:
@@ -236,7 +233,7 @@ def score_images(images: np.ndarray, requested_labels: Optional[np.ndarray] = No
     Returns:
         dict with `n`, `n_valid`, `validity` (fraction valid), `class_histogram` ({class: fraction of
         the valid images}), `max_class_deviation` (max |fraction - 1/3|), `foreground_colour_histogram`
-        and `background_colour_histogram` ({colour: fraction of the valid images}), `reasons` ({reason:
+        and `background_colour_histogram` ({nearest corner of the RGB cube: fraction of the valid images}), `reasons` ({reason:
         count} over invalid images) and, with `requested_labels`, the fields of `class_match_summary`.
     """
     images = np.asarray(images)
@@ -266,8 +263,8 @@ def score_images(images: np.ndarray, requested_labels: Optional[np.ndarray] = No
         "validity": n_valid / n if n else 0.0,
         "class_histogram": class_hist,
         "max_class_deviation": max(abs(f - 1.0 / len(SHAPE_CLASSES)) for f in class_hist.values()),
-        "foreground_colour_histogram": histogram([v.foreground for v in valid], PALETTE_NAMES),
-        "background_colour_histogram": histogram([v.background for v in valid], PALETTE_NAMES),
+        "foreground_colour_histogram": histogram([corner_name(v.foreground) for v in valid], CORNER_NAMES),
+        "background_colour_histogram": histogram([corner_name(v.background) for v in valid], CORNER_NAMES),
         "reasons": dict(Counter(v.reason for v in verdicts if not v.valid)),
     }
     if requested_labels is not None:

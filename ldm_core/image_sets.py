@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm_core.image_files import (BUILTIN_SHAPES, IMAGE_EXTENSIONS, BadImageError, DataError, check_resolution,
+from ldm_core.image_files import (IMAGE_EXTENSIONS, SHAPES_COLOUR_SETS, BadImageError, DataError, check_resolution,
                                   decode_stream, default_workers, require_image_files, resize_center_crop)
 from ldm_core.image_sources import folder_labels, hash_file_list, source_kind
 from ldm_core.shapes import SHAPE_CLASSES, make_shapes
@@ -90,12 +90,12 @@ def shapes_at(images64: np.ndarray, resolution: int) -> np.ndarray:
     return out
 
 
-def _load_shapes(resolution: int, count: int, seed: int) -> ImageSet:
-    images, labels, _ = make_shapes(count, seed, SHAPES_NATIVE_RESOLUTION)
+def _load_shapes(spec: str, resolution: int, count: int, seed: int) -> ImageSet:
+    images, labels, _ = make_shapes(count, seed, SHAPES_NATIVE_RESOLUTION, SHAPES_COLOUR_SETS[spec])
     report = LoadReport(total_files=count, resolution=resolution,
                         upscaled=count if resolution > SHAPES_NATIVE_RESOLUTION else 0)
     return ImageSet(images=np.ascontiguousarray(shapes_at(images, resolution)), labels=labels,
-                    class_names=list(SHAPE_CLASSES), source=BUILTIN_SHAPES, report=report,
+                    class_names=list(SHAPE_CLASSES), source=spec, report=report,
                     names=[f"shapes_{i:06d}" for i in range(count)])
 
 
@@ -161,8 +161,8 @@ def load_dataset(spec: str | Path, resolution: int, *, shapes_count: int = 4096,
     resolution = check_resolution(resolution)
     spec = str(spec)
     if source_kind(spec) == "shapes":  # raises DataError for an unknown builtin: name
-        result = _load_shapes(resolution, int(shapes_count), shapes_seed)
-        logger.info("%s: %s", BUILTIN_SHAPES, result.report.summary())
+        result = _load_shapes(spec, resolution, int(shapes_count), shapes_seed)
+        logger.info("%s: %s", spec, result.report.summary())
         return result
 
     root = Path(spec).expanduser()

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from ldm_core.image_files import (BUILTIN_SHAPES, IMAGE_EXTENSIONS, BadImageError, DataError, decode_rgb,
+from ldm_core.image_files import (BUILTIN_SHAPES, IMAGE_EXTENSIONS, SHAPES_COLOUR_SETS, BadImageError, DataError, decode_rgb,
                                   require_image_files)
 from ldm_core.shapes import SHAPE_CLASSES, make_shapes
 
@@ -68,9 +68,9 @@ class ImageSource:
 class ShapesSource(ImageSource):
     kind = "shapes"
 
-    def __init__(self, count: int, seed: int):
-        self.spec, self.count, self.seed = BUILTIN_SHAPES, int(count), int(seed)
-        self.images, self.labels, _ = make_shapes(self.count, self.seed, SHAPES_SIZE)
+    def __init__(self, count: int, seed: int, spec: str = BUILTIN_SHAPES):
+        self.spec, self.count, self.seed = spec, int(count), int(seed)
+        self.images, self.labels, _ = make_shapes(self.count, self.seed, SHAPES_SIZE, SHAPES_COLOUR_SETS[spec])
         self.class_names = list(SHAPE_CLASSES)
 
     def __len__(self) -> int:
@@ -83,7 +83,8 @@ class ShapesSource(ImageSource):
         return Image.fromarray(self.images[index].transpose(1, 2, 0))
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(f"shapes|{self.count}|{self.seed}".encode()).hexdigest()
+        # v2: colours from the whole RGB cube (v1 had an eight-colour palette).
+        return hashlib.sha256(f"shapes-v2|{self.count}|{self.seed}|{SHAPES_COLOUR_SETS[self.spec]}".encode()).hexdigest()
 
 
 class FolderSource(ImageSource):
@@ -338,8 +339,9 @@ def folder_labels(names: list[str]) -> tuple[Optional[np.ndarray], Optional[list
 def source_kind(spec: str) -> str:
     """Which source `--data` names: shapes, webdataset, huggingface or folder (see the module docstring)."""
     if spec.startswith("builtin:"):
-        if spec != BUILTIN_SHAPES:
-            raise DataError(f"Unknown built-in dataset {spec!r}; the built-in dataset is {BUILTIN_SHAPES}.")
+        if spec not in SHAPES_COLOUR_SETS:
+            raise DataError(f"Unknown built-in dataset {spec!r}; the built-in datasets are "
+                            f"{' and '.join(SHAPES_COLOUR_SETS)}.")
         return "shapes"
     if spec.startswith("hf:"):
         return "huggingface"
@@ -361,7 +363,7 @@ def open_image_source(spec: str | Path, *, shapes_count: int = 4096, shapes_seed
     spec = str(spec)
     kind = source_kind(spec)
     if kind == "shapes":
-        return ShapesSource(shapes_count, shapes_seed)
+        return ShapesSource(shapes_count, shapes_seed, spec)
     if kind == "webdataset":
         return TarShardSource(spec)
     if kind == "huggingface":

@@ -91,6 +91,22 @@ def test_source_kind_follows_the_data_argument(formats):
     assert source_kind(formats["saved"]) == "huggingface" and source_kind(formats["parquet"]) == "huggingface"
     assert source_kind("hf:" + formats["folder"]) == "huggingface"
     assert source_kind(formats["folder"]) == "folder"
+    assert source_kind("builtin:shapes-unseen-colours") == "shapes"
+    with pytest.raises(DataError, match="builtin:shapes and builtin:shapes-unseen-colours"):
+        source_kind("builtin:circles")
+
+
+def test_the_unseen_colours_set_reads_alike_through_both_loaders():
+    from ldm_core.image_sets import load_dataset
+    from ldm_core.shapes import make_shapes
+
+    spec = "builtin:shapes-unseen-colours"
+    expected, labels, _ = make_shapes(12, seed=3, colours="unseen")
+    held = load_dataset(spec, 64, shapes_count=12, shapes_seed=3, progress=False)
+    assert np.array_equal(held.images, expected) and np.array_equal(held.labels, labels) and held.source == spec
+    source = open_image_source(spec, shapes_count=12, shapes_seed=3)
+    assert np.array_equal(np.asarray(source.open(5)).transpose(2, 0, 1), expected[5])
+    assert source.fingerprint() != open_image_source("builtin:shapes", shapes_count=12, shapes_seed=3).fingerprint()
 
 
 @pytest.mark.parametrize("kind", ["webdataset", "saved", "parquet"])

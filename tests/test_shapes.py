@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
 from evaluation.shapes_score import edge_width, score_folder, score_image, score_images
-from ldm_core.shapes import PALETTE, PALETTE_ARRAY, SHAPE_CLASSES, make_shapes, shape_mask
+from ldm_core.shapes import (CORNER_NAMES, HELDOUT_COLOURS, HELDOUT_RADIUS, MIN_CONTRAST, SHAPE_CLASSES, corner_name,
+                              make_shapes, shape_mask)
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +17,37 @@ def dataset():
     return make_shapes(512, seed=0)
 
 
-def paint(mask, fg="red", bg="black"):
-    hwc = np.where(mask[..., None], np.array(PALETTE[fg], np.uint8), np.array(PALETTE[bg], np.uint8))
+RED, BLACK, GREEN, YELLOW, BLUE = (235, 20, 20), (20, 20, 20), (20, 235, 20), (235, 235, 20), (20, 20, 235)
+
+
+def paint(mask, fg=RED, bg=BLACK):
+    hwc = np.where(mask[..., None], np.array(fg, np.uint8), np.array(bg, np.uint8))
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
-def test_palette_is_well_separated():
-    assert len(PALETTE) >= 6
-    distances = [np.linalg.norm(np.subtract(a, b, dtype=float))
-                 for a, b in itertools.combinations(PALETTE.values(), 2)]
-    assert min(distances) >= 150
+def _distance_to_heldout(colours):
+    centres = np.array(list(HELDOUT_COLOURS.values()), float)
+    return np.linalg.norm(np.asarray(colours, float)[:, None] - centres[None], axis=-1).min(axis=1)
+
+
+def test_colours_cover_the_cube_but_the_held_out_ones(dataset):
+    _, _, meta = dataset
+    background = np.array([m["background"] for m in meta])
+    foreground = np.array([m["foreground"] for m in meta])
+    both = np.concatenate([background, foreground])
+    assert np.linalg.norm((background - foreground).astype(float), axis=1).min() >= MIN_CONTRAST
+    assert _distance_to_heldout(both).min() >= HELDOUT_RADIUS
+    # Not a palette: hundreds of distinct colours, every corner region of the cube well represented.
+    assert len({tuple(c) for c in both}) > 900
+    corners = np.bincount([CORNER_NAMES.index(corner_name(c)) for c in both], minlength=8) / len(both)
+    assert corners.min() > 0.05
+    _, _, unseen = make_shapes(200, seed=0, colours="unseen")
+    colours = np.array([m[k] for m in unseen for k in ("background", "foreground")])
+    assert _distance_to_heldout(colours).max() < HELDOUT_RADIUS
+    pairs = colours.reshape(-1, 2, 3).astype(float)
+    assert np.linalg.norm(pairs[:, 0] - pairs[:, 1], axis=1).min() >= MIN_CONTRAST
+    with pytest.raises(ValueError, match="training, unseen"):
+        make_shapes(4, colours="pastel")
 
 
 def test_definition_holds_for_every_image(dataset):
@@ -41,8 +61,8 @@ def test_definition_holds_for_every_image(dataset):
         # Exactly two colours, the named ones; the foreground's extent is exactly the box.
         hwc = image.transpose(1, 2, 0)
         colours = {tuple(c) for c in hwc.reshape(-1, 3)}
-        assert colours == {PALETTE[info["background"]], PALETTE[info["foreground"]]}
-        rows, cols = np.nonzero((hwc == PALETTE[info["foreground"]]).all(axis=-1))
+        assert colours == {info["background"], info["foreground"]}
+        rows, cols = np.nonzero((hwc == info["foreground"]).all(axis=-1))
         assert (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1) == (x0, y0, x1, y1)
 
 
@@ -107,9 +127,10 @@ def test_noise_and_uniform_images_are_invalid():
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (40, 3, 64, 64), dtype=np.uint8)
     assert score_images(noise)["validity"] == 0.0
-    uniform = np.stack([np.broadcast_to(c[:, None, None], (3, 64, 64)) for c in PALETTE_ARRAY])
+    colours = rng.integers(0, 256, (8, 3)).astype(np.uint8)
+    uniform = np.stack([np.broadcast_to(c[:, None, None], (3, 64, 64)) for c in colours])
     result = score_images(uniform)
-    assert result["validity"] == 0.0 and result["reasons"] == {"no shape": len(PALETTE)}
+    assert result["validity"] == 0.0 and result["reasons"] == {"no shape": 8}
 
 
 def test_shapes_outside_the_definition_are_invalid():
@@ -117,7 +138,7 @@ def test_shapes_outside_the_definition_are_invalid():
     two = shape_mask("square", 64, 5, 5, 20, 20) | shape_mask("circle", 64, 35, 35, 20, 20)
     assert score_image(paint(two)).reason == "more than one shape"
     two_colours = paint(shape_mask("square", 64, 5, 5, 20, 20))
-    two_colours[:, 35:55, 35:55] = np.array(PALETTE["green"], np.uint8)[:, None, None]
+    two_colours[:, 35:55, 35:55] = np.array(GREEN, np.uint8)[:, None, None]
     assert not score_image(two_colours).valid
     inverted = shape_mask("triangle", 64, 20, 20, 24, 24)[::-1]
     diamond = (np.abs(xs - 32) + np.abs(ys - 32)) <= 14
@@ -131,8 +152,11 @@ def test_shapes_outside_the_definition_are_invalid():
     spots = rng.random((64, 64)) < 0.08
     speckled[:, spots] = rng.integers(0, 256, (3, int(spots.sum())), dtype=np.uint8)
     assert not score_image(speckled).valid
-    clean = score_image(paint(shape_mask("circle", 64, 20, 20, 24, 24), fg="yellow", bg="blue"))
-    assert (clean.valid, clean.shape, clean.foreground, clean.background) == (True, "circle", "yellow", "blue")
+    clean = score_image(paint(shape_mask("circle", 64, 20, 20, 24, 24), fg=YELLOW, bg=BLUE))
+    assert (clean.valid, clean.shape, clean.foreground, clean.background) == (True, "circle", YELLOW, BLUE)
+    # A shape barely lighter than its background is outside the definition (contrast >= MIN_CONTRAST).
+    faint = score_image(paint(shape_mask("circle", 64, 20, 20, 24, 24), fg=(90, 90, 90), bg=(40, 40, 40)))
+    assert faint.reason == "too little contrast"
 
 
 def test_bad_input_is_refused():
