@@ -8,7 +8,6 @@ is its own and no allocator or thread-pool state leaks from one path into the ne
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -100,16 +99,6 @@ def machine_description(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return (f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}")
-
-
-def cpu_description() -> dict[str, Any]:
-    """The CPU's model name and the vector extensions that decide its fp32 and bf16 speed."""
-    from ldm_core.accelerator import cpu_info
-
-    info = cpu_info()
-    flags = info["flags"]
-    return {"model": info["model"], "cores": os.cpu_count(), "avx2": "avx2" in flags, "avx512": "avx512f" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
 
 
 def pick_device(name: str) -> torch.device:

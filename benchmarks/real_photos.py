@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further Stage A config overrides")
     args = parser.parse_args(argv)
 
-    from benchmarks.harness import cpu_description
+    from ldm_core.accelerator import cpu_description
     from ldm_core.config import ConfigError
 
     try:

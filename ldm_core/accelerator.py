@@ -90,6 +90,15 @@ def cpu_info() -> dict:
     return info
 
 
+def cpu_description() -> dict:
+    """The CPU's model name, core count and the vector extensions that decide its fp32 and bf16 speed."""
+    import os
+
+    flags = cpu_info()["flags"]
+    return {"model": cpu_info()["model"], "cores": os.cpu_count(), "avx2": "avx2" in flags,
+            "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
+
+
 def apply_memory_format(module: torch.nn.Module, train_cfg: TrainConfig) -> torch.nn.Module:
     """Store conv weights channels-last (NHWC) when `train.channels_last`; inputs follow through the first conv.
 

@@ -3,7 +3,8 @@
 builtin:shapes -> Stage A (kl-f8-mini) -> Stage B (unet-small) -> images from noise, scored by the exact
 shapes scorer twice: through the project's pipeline and through plain diffusers models with the
 independent DPM-Solver++ loop of `evaluation/reference_sampler.py` -> reconstruction benchmark of the
-trained VAE against `bicubic-f8` on shapes it never saw. The preset is `configs/demo.yaml`, in fixed step
+trained VAE against `bicubic-f8` on shapes it never saw, in the training colours and in the held-out
+colours (`builtin:shapes-unseen-colours`). The summary gives each part's wall time and the CPU. The preset is `configs/demo.yaml`, in fixed step
 counts, so the same command gives the same result on any machine.
 """
 
@@ -16,7 +17,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ldm_core.accelerator import cpu_description
 from ldm_core.config import load_config
+from ldm_core.image_files import BUILTIN_SHAPES, BUILTIN_SHAPES_UNSEEN_COLOURS
 from ldm_core.preset_files import config_path
 from ldm_core.image_values import to_uint8
 from ldm_core.metric_history import MetricHistory
@@ -25,7 +28,7 @@ from workflows.config import LDMConfig
 from workflows.train_all import train_both_stages
 
 logger = logging.getLogger("ldm.demo")
-DATA = "builtin:shapes"
+DATA = BUILTIN_SHAPES
 
 
 def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
@@ -47,47 +50,63 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     # 1. Both stages; a killed demo continues from its checkpoints when re-run.
     resume = "latest" if (out / "stage_a").exists() else None
     paths = train_both_stages(cfg, DATA, out, resume=resume)
+    seconds = dict(paths["seconds"])
     train_minutes = (time.monotonic() - started) / 60
 
     # 2. Images from noise.
+    clock = time.monotonic()
     ev = cfg.evaluation
     pipe = LatentDiffusionPipeline.from_pretrained(paths["pipeline"])
     pipe.scheduler = make_sampler(ev.scheduler, pipe.scheduler.config)
     samples_dir = out / "samples"
     generate_images(pipe, ev.num_images, seed=ev.seed, batch_size=16, num_inference_steps=ev.num_inference_steps,
                     out_dir=samples_dir, overwrite=True)  # a demo killed after sampling re-samples
+    seconds["sampling"] = round(time.monotonic() - clock, 1)
     scores = score_folder(samples_dir)
     write_json(samples_dir / "scores.json", scores)
     # The same noise through plain diffusers classes and a hand-written sampler (README, "The demo").
+    clock = time.monotonic()
     plain = score_images(_plain_diffusers_samples(paths["pipeline"], pipe, ev))
     write_json(samples_dir / "scores_plain_diffusers.json", plain)
+    seconds["sampling_plain_diffusers"] = round(time.monotonic() - clock, 1)
 
-    # 3. Reconstruction fidelity on shapes the autoencoder never saw (another seed of the generator).
-    bench_dir = out / "bench_recon"
+    # 3. Reconstruction fidelity on shapes the autoencoder never saw (another seed of the generator), in
+    # the training colours and in the colours held out of training.
+    clock = time.monotonic()
+    heldout_seed = cfg.stage_a.data.shapes_seed + 1
+    bench_dir, unseen_dir = out / "bench_recon", out / "bench_recon_unseen_colours"
     bench = run_bench_recon([str(paths["vae"])], DATA, cfg.stage_a.data.resolution, num_images=256,
-                            shapes_seed=cfg.stage_a.data.shapes_seed + 1, out_dir=bench_dir)
+                            shapes_seed=heldout_seed, out_dir=bench_dir)
+    unseen = run_bench_recon([str(paths["vae"])], BUILTIN_SHAPES_UNSEEN_COLOURS, cfg.stage_a.data.resolution,
+                             num_images=256, shapes_seed=heldout_seed, out_dir=unseen_dir)
 
     # How many held-out shapes survive a round trip through the autoencoder: no Stage B can be more valid.
-    round_trip = _reconstruction_validity(paths["vae"], cfg.stage_a.data.shapes_seed + 1, num_images=256,
+    round_trip = _reconstruction_validity(paths["vae"], heldout_seed, num_images=256,
                                           size=cfg.stage_a.data.resolution)
+    seconds["bench_recon"] = round(time.monotonic() - clock, 1)
 
     # 4. Summary.
     a_metrics = json.loads((out / "stage_a" / "metrics.json").read_text())
     b_metrics = json.loads((out / "stage_b" / "metrics.json").read_text())
-    psnr = {m["name"]: m["metrics"]["psnr"]["mean"] for m in bench["models"]}
+    psnr, unseen_psnr = _psnr_by_model(bench), _psnr_by_model(unseen)
     summary = {
         "wall_minutes": round((time.monotonic() - started) / 60, 2),
         "training_minutes": round(train_minutes, 2),
+        "seconds": seconds,
+        "cpu": cpu_description(),
+        "precision": {"stage_a": cfg.stage_a.train.mixed_precision, "stage_b": cfg.stage_b.train.mixed_precision},
         "stage_a": {"steps": a_metrics["steps"], "val_psnr": a_metrics["validation"].get("psnr"),
                     "val_ssim": a_metrics["validation"].get("ssim"),
-                    "heldout_psnr": next(v for k, v in psnr.items() if not k.startswith("bicubic")),
-                    "bicubic_psnr": psnr.get("bicubic-f8"), "reconstructions_valid": round_trip["validity"],
+                    "heldout_psnr": psnr["vae"], "bicubic_psnr": psnr.get("bicubic-f8"),
+                    "unseen_colours_psnr": unseen_psnr["vae"], "unseen_colours_bicubic_psnr": unseen_psnr.get("bicubic-f8"),
+                    "reconstructions_valid": round_trip["validity"],
                     "scaling_factor": a_metrics["latent_stats"]["scaling_factor"]},
         "stage_b": {"steps": b_metrics["steps"], "final_loss": MetricHistory(b_metrics["history"]).last("loss")},
         "samples": {k: scores[k] for k in ("n", "validity", "class_histogram", "max_class_deviation", "reasons")},
         "samples_plain_diffusers": {k: plain[k] for k in ("n", "validity", "class_histogram", "max_class_deviation")},
         "sampler": f"{ev.scheduler}, {ev.num_inference_steps} steps",
         "bench_recon": bench.get("table_markdown"),
+        "bench_recon_unseen_colours": unseen.get("table_markdown"),
         "outputs": {
             "vae": str(paths["vae"]),
             "pipeline": str(paths["pipeline"]),
@@ -99,6 +118,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
             "stage_b_loss_curves": str(out / "stage_b" / "images" / "loss_curves.png"),
             "bench_recon_json": str(bench_dir / "results.json"),
             "bench_recon_examples": str(bench_dir),
+            "bench_recon_unseen_colours_json": str(unseen_dir / "results.json"),
             "tensorboard": f"tensorboard --logdir {out}",
         },
     }
@@ -106,6 +126,11 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     (out / "summary.md").write_text(_summary_markdown(summary))
     print(_summary_markdown(summary))
     return summary
+
+
+def _psnr_by_model(bench: dict) -> dict[str, float]:
+    """{"vae": the autoencoder's mean PSNR, "bicubic-f8": the baseline's} from a bench-recon result."""
+    return {("bicubic-f8" if m["name"] == "bicubic-f8" else "vae"): m["metrics"]["psnr"]["mean"] for m in bench["models"]}
 
 
 def _reconstruction_validity(vae_folder: Path, seed: int, num_images: int, size: int) -> dict:
@@ -141,7 +166,9 @@ def _plain_diffusers_samples(folder: Path, pipe, ev):
 
 
 def _summary_markdown(s: dict) -> str:
-    a, b, sm, pl = s["stage_a"], s["stage_b"], s["samples"], s["samples_plain_diffusers"]
+    a, b, sm, pl, cpu = s["stage_a"], s["stage_b"], s["samples"], s["samples_plain_diffusers"], s["cpu"]
+    extensions = ", ".join(name.upper().replace("_", "-") for name in ("avx2", "avx512", "avx512_bf16", "amx")
+                           if cpu.get(name)) or "no AVX2"
 
     def classes(scores):
         return ", ".join(f"{k} {v:.0%}" for k, v in scores["class_histogram"].items())
@@ -149,12 +176,14 @@ def _summary_markdown(s: dict) -> str:
     lines = [
         "# two-stage-ldm demo",
         "",
-        f"Wall time {s['wall_minutes']:.1f} min (training {s['training_minutes']:.1f} min).",
+        f"Wall time {s['wall_minutes']:.1f} min on {cpu['model']} ({cpu['cores']} cores; {extensions}): "
+        + ", ".join(f"{part.replace('_', ' ')} {value / 60:.1f} min" for part, value in s["seconds"].items()) + ".",
         "",
         f"- Stage A: {a['steps']} steps, held-out PSNR {a['val_psnr']:.2f} dB, SSIM {a['val_ssim']:.4f}; on 256 "
         f"unseen shapes {a['heldout_psnr']:.2f} dB against {a['bicubic_psnr']:.2f} dB for bicubic-f8, and "
-        f"{a['reconstructions_valid']:.1%} of their reconstructions valid shapes; latent scaling factor "
-        f"{a['scaling_factor']:.4f}",
+        f"{a['reconstructions_valid']:.1%} of their reconstructions valid shapes; on 256 shapes in colours held "
+        f"out of training {a['unseen_colours_psnr']:.2f} dB against {a['unseen_colours_bicubic_psnr']:.2f} dB; "
+        f"latent scaling factor {a['scaling_factor']:.4f}",
         f"- Stage B: {b['steps']} steps, final loss {b['final_loss']:.4f}",
         f"- {sm['n']} generated images ({s['sampler']}): {sm['validity']:.1%} valid shapes; classes {classes(sm)} "
         f"(largest deviation from 1/3: {sm['max_class_deviation']:.1%}); invalid because: "
@@ -165,6 +194,10 @@ def _summary_markdown(s: dict) -> str:
         "## Reconstruction benchmark (held-out shapes)",
         "",
         s["bench_recon"] or "(not available)",
+        "",
+        "## Reconstruction benchmark (held-out colours)",
+        "",
+        s["bench_recon_unseen_colours"] or "(not available)",
         "",
         "## Outputs",
         "",

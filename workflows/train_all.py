@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,16 +24,24 @@ logger = logging.getLogger("ldm.train")
 
 
 def train_both_stages(cfg: LDMConfig, data: str, out: str | Path, vae: Optional[str] = None,
-                      resume: Optional[str] = None) -> dict[str, Path]:
-    """Run both stages into `out`; `vae` (an AutoencoderKL folder) skips Stage A. Returns the output paths."""
+                      resume: Optional[str] = None) -> dict:
+    """Run both stages into `out`; `vae` (an AutoencoderKL folder) skips Stage A.
+
+    Returns the output paths (`vae`, `pipeline`, `stage_b`) and `seconds`, each stage's wall time in this
+    process ({"stage_a", "stage_b"}; a resumed stage counts only what it ran now)."""
     out = Path(out)
+    seconds = {}
     if vae is None:
+        started = time.monotonic()
         stage_a_dir = train_vae(cfg.stage_a, data, out / "stage_a", resume=resume)
+        seconds["stage_a"] = round(time.monotonic() - started, 1)
         vae = str(stage_a_dir / "vae")
     else:
         logger.info("Skipping Stage A: using the autoencoder in %s", vae)
+    started = time.monotonic()
     stage_b_dir = train_unet(cfg.stage_b, vae, data, out / "stage_b", resume=resume)
-    return {"vae": Path(vae), "pipeline": stage_b_dir / "pipeline", "stage_b": stage_b_dir}
+    seconds["stage_b"] = round(time.monotonic() - started, 1)
+    return {"vae": Path(vae), "pipeline": stage_b_dir / "pipeline", "stage_b": stage_b_dir, "seconds": seconds}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
