@@ -58,7 +58,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
                     out_dir=samples_dir, overwrite=True)  # a demo killed after sampling re-samples
     scores = score_folder(samples_dir)
     write_json(samples_dir / "scores.json", scores)
-    # The same noise through plain diffusers classes and a hand-written sampler (README, "The demo").
+    # The same noise through plain diffusers classes and a hand-written sampler (docs/demo.md).
     plain = score_images(_plain_diffusers_samples(paths["pipeline"], pipe, ev))
     write_json(samples_dir / "scores_plain_diffusers.json", plain)
 
