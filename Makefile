@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# Speed and sampling quality, ours against the references (README "Performance"). The sampling
+# Speed and sampling quality, ours against the references (docs/performance.md). The sampling
 # benchmark uses the demo's model, so the demo runs first if it has not.
 $(DEMO_OUT)/summary.json: | $(STAMP)
 	$(BIN)/ldm demo --out $(DEMO_OUT)
@@ -33,11 +33,11 @@ $(DEMO_OUT)/summary.json: | $(STAMP)
 bench: $(STAMP) $(DEMO_OUT)/summary.json
 	$(BIN)/python -m benchmarks.run_all --pipeline $(DEMO_OUT)/stage_b/pipeline --out runs/bench
 
-# Why Stage A starts fast (README): held-out PSNR after 250/500/1000 steps, factor by factor (~40 min).
+# Why Stage A starts fast (docs/stage-a-fast-start.md): held-out PSNR after 250/500/1000 steps, factor by factor (~40 min).
 bench-stage-a: $(STAMP)
 	$(BIN)/python -m benchmarks.stage_a_factors --out runs/bench
 
-# Streaming input at 2,000 and 20,000 photo-like images (README "Data"; ~30 min).
+# Streaming input at 2,000 and 20,000 photo-like images (docs/data.md; ~30 min).
 bench-data: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_data --out runs/bench
 
@@ -56,7 +56,7 @@ bench-photos-gan: $(STAMP)
 	$(BIN)/python -m benchmarks.real_photos --corpus $(PHOTO_CORPUS) --out runs/bench/real_photos --compare-gan
 
 # On a GPU machine: the machine, its measured limits, Stage A under bf16/fp16 autocast, both stages' speed,
-# sampling and the demo, in at most 8 minutes (README "Performance"). runs/gpu_check/gpu_check.json is
+# sampling and the demo, in at most 8 minutes (docs/gpu-check.md). runs/gpu_check/gpu_check.json is
 # rewritten after every section; without CUDA the same script runs its tiny mode.
 gpu-check: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu_check --out runs/gpu_check

@@ -13,7 +13,7 @@ and size, each in a fresh process:
   the step-0 validation, the first batch) and the trainer's images/s after it (run_info.json `timing`);
 - `train-unet` on that VAE (unet-tiny, `--steps` steps): the same figures; its start-up includes encoding
   every image into the latent cache once, so it is measured again with the cache already built.
-Writes OUT/bench_data.{md,json}; README "Data" carries the latest table.
+Writes OUT/bench_data.{md,json}; docs/data.md carries the latest table.
 """
 
 from __future__ import annotations

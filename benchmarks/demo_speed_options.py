@@ -10,7 +10,7 @@ demo's preset: a step's speed does not depend on the weights. The last rows time
 (the U-Net's loss, backward and fused AdamW, outside the trainer) eager and under `torch.compile`, with
 the compilation's one-off cost, which the trainer would pay on every run.
 
-What the options cost in quality is not measured here: README "The demo" has the probes (batch size,
+What the options cost in quality is not measured here: docs/demo.md has the probes (batch size,
 steps) and why the demo keeps fp32 whatever the speed of bf16 (the result would depend on the CPU).
 """
 

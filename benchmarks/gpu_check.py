@@ -22,7 +22,7 @@ Sections (each with its wall seconds and its results or an error; `--sections` p
 6. sampling: U-Net forwards/s at batch 256 and VAE decodes at 256 px, bf16 against fp32; images/s of
    DPM-Solver++ at 20 steps end to end through `LatentDiffusionPipeline`.
 7. demo: `ldm demo` (both stages of `make demo`) in a subprocess: wall time and the quality figures of its
-   summary, beside the CPU figures of README "The demo".
+   summary, beside the CPU figures of docs/demo.md.
 
 `OUT/gpu_check.json` is rewritten (atomically) after every section, so a run that is cut keeps what it
 measured; a section that raises is recorded and the next one runs. A section is skipped, with the reason,
@@ -79,7 +79,7 @@ REFERENCE_FIGURES = {
     "hbm_bandwidth": "H200: 4.8 TB/s HBM3e nominal (NVIDIA's H200 datasheet)",
 }
 
-# README "The demo", measured 2026-12-03 on a 2-core CPU (fp32): the figures a GPU demo is read against.
+# docs/demo.md, measured 2026-12-03 on a 2-core CPU (fp32): the figures a GPU demo is read against.
 CPU_DEMO = {"wall_minutes": 19.2, "stage_a_minutes": 8.5, "stage_b_minutes": 10.0, "val_psnr": 32.54,
             "heldout_psnr": 32.49, "bicubic_psnr": 21.18, "reconstructions_valid": 1.0,
             "samples_validity": 0.930, "samples_plain_diffusers_validity": 0.930}
@@ -665,7 +665,7 @@ def _compile_row(r: Runner, batch: int) -> dict[str, Any]:
     if not want:
         return _skipped_row("--compile off" if r.args.compile == "off" else
                             "tiny mode: compiling even the tiny autoencoder costs seconds to minutes on a CPU "
-                            "(README Performance); --compile on runs it", batch, **labels)
+                            "(docs/performance.md); --compile on runs it", batch, **labels)
     timeout = min(r.args.compile_timeout_s, r.time_left() - r.reserve_after("stage_a_speed"))
     if timeout < 10:
         return _skipped_row(f"{timeout:.0f} s of the budget left for it", batch, **labels)

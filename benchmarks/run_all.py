@@ -2,8 +2,8 @@
 
     python -m benchmarks.run_all --pipeline runs/demo/stage_b/pipeline --out runs/bench
 
-Writes OUT/train.{md,json}, OUT/sampling.{md,json} and OUT/report.md (what the README's "Performance"
-section carries).
+Writes OUT/train.{md,json}, OUT/sampling.{md,json} and OUT/report.md (what docs/performance.md
+and docs/demo.md carry).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ steps, held-out PSNR measured by the trainer's own validation (posterior mode, 6
 steps 250, 500 and 1,000. The first row is the recipe the demo used before (LDM's training step with
 diffusers' initialisation); each later row adds one change to the row above it, and the last rows take
 one change away from the final recipe, so both "what it adds" and "what it costs to lose" are measured.
-Writes OUT/stage_a_factors.{md,json}; the README's "Why Stage A starts fast" carries the latest table.
+Writes OUT/stage_a_factors.{md,json}; docs/stage-a-fast-start.md carries the latest table.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class DataConfig:
     shapes_seed: int = 0
     # How training images reach the step (ldm_core/training_images.py): "memory" decodes the dataset once
     # into one uint8 array, "stream" decodes each batch in DataLoader workers, "auto" streams unless the
-    # decoded dataset is a folder or the shapes, centre-cropped, and small (README "Data").
+    # decoded dataset is a folder or the shapes, centre-cropped, and small (docs/data.md).
     loader: str = "auto"
     # Training crop (ldm_core/image_transforms.py): center | random (LDM's ImageNet crop) | random_resized
     # (torchvision's RandomResizedCrop, area fraction in [crop_min_scale, 1]) | random_scaled (a square whose
@@ -118,7 +118,7 @@ class TrainConfig:
     # at most `max_nonfinite_skips` times in a run before stopping anyway.
     nonfinite_loss: str = "stop"
     max_nonfinite_skips: int = 10
-    # Speed options, each measured by benchmarks/ (README "Performance"): fused Adam kernels and the
+    # Speed options, each measured by benchmarks/ (docs/performance.md): fused Adam kernels and the
     # channels-last memory format for convolutions.
     fused_optimizer: bool = True
     channels_last: bool = False

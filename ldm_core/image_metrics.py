@@ -40,7 +40,8 @@ DATA_RANGE = 255.0
 # MS-SSIM needs the short side to exceed (kernel - 1) * 2 ** (scales - 1) = 10 * 16 (torchmetrics' check).
 MSSSIM_MIN_SIDE = (SSIM_KERNEL - 1) * 2 ** 4
 
-# The lpips package's trunks and the torchvision files they are built from (README, "Pretrained weights on an offline machine").
+# The lpips package's trunks and the torchvision files they are built from
+# (docs/commands.md, "Pretrained weights on an offline machine").
 LPIPS_BACKBONES = LPIPS_TRUNK_FILES
 
 PSNR_IMPL = f"per image, float64 on [0,255], MSE 0 capped at {PSNR_CAP_DB:g} dB"

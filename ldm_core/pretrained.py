@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-# README "Pretrained weights on an offline machine": the files, with the names their upstream loaders expect.
+# docs/commands.md, "Pretrained weights on an offline machine": the files, with the names their upstream loaders expect.
 VGG16_FILE = "vgg16-397923af.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 INCEPTION_FID_FILE = "weights-inception-2015-12-05-6726825d.pth"

@@ -53,7 +53,7 @@ class VAELossConfig:
     # Squared error instead of `reconstruction` for the first N optimizer steps (0: LDM's loss throughout).
     l2_warmup_steps: int = 0
     perceptual_weight: float = 1.0
-    # vgg: LPIPS with the pretrained VGG16 trunk (a local file is required, see README);
+    # vgg: LPIPS with the pretrained VGG16 trunk (a local file is required, see docs/commands.md);
     # random: a randomly initialised trunk, only for demos and tests, and recorded as such.
     lpips_trunk: str = "vgg"
     lpips_weights: Optional[str] = None  # path to torchvision's vgg16-397923af.pth

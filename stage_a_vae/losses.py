@@ -94,7 +94,7 @@ class LPIPSWithDiscriminatorLoss(nn.Module):
 
         L1's gradient is a sign: on images that are mostly background it pulls a decoder that cannot yet
         place a shape towards drawing none (the per-pixel median), while squared error weighs each pixel
-        by its error (README, "Why Stage A starts fast").
+        by its error (docs/stage-a-fast-start.md).
         """
         return "l2" if global_step < self.cfg.l2_warmup_steps else self.cfg.reconstruction
 

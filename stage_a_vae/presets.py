@@ -63,7 +63,7 @@ VAE_PRESETS: dict[str, dict] = {
     "kl-f8": _kl_f8_preset((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=256),
     "kl-f8-small": _kl_f8_preset((32, 64, 128, 128), layers_per_block=1, norm_num_groups=16, sample_size=64),
     # The demo's autoencoder: a quarter of kl-f8-small's width, one GroupNorm group (a LayerNorm over
-    # channels and pixels) and no mid-block attention; README "Why Stage A starts fast" has the measurements.
+    # channels and pixels) and no mid-block attention; docs/stage-a-fast-start.md has the measurements.
     "kl-f8-mini": _kl_f8_preset((16, 32, 64, 64), layers_per_block=1, norm_num_groups=1, sample_size=64,
                                 mid_block_attention=False),
     "kl-f8-tiny": _kl_f8_preset((8, 16, 32, 32), layers_per_block=1, norm_num_groups=4, sample_size=32),

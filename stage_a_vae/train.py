@@ -3,7 +3,7 @@
 Read top to bottom: set-up, data, models, optimizers, resume, the loop, export. The step semantics
 follow CompVis latent-diffusion `ldm/models/autoencoder.py` (an autoencoder update and, once the
 discriminator is on, a discriminator update on every batch). Departures, one line each, measured on
-builtin:shapes by `benchmarks/stage_a_factors.py` (README "Why Stage A starts fast"):
+builtin:shapes by `benchmarks/stage_a_factors.py` (docs/stage-a-fast-start.md):
 - residual branches start at zero (`model.zero_init_residual`): the largest gain in held-out PSNR;
 - the posterior log-variance starts at -6 (`model.posterior_logvar_init`), not near 0;
 - optional squared error before LDM's L1 (`loss.l2_warmup_steps`); the run ends on LDM's loss;

@@ -51,7 +51,7 @@ class DiffusionConfig:
     latent_sampling: str = "sample"  # sample: z = mean + std * eps each epoch; mode: z = mean
     # The standard deviation of the latents the U-Net sees (Chen 2023's input scaling b; LDM: 1). b > 1
     # raises every timestep's SNR by b^2, for latents so small that the schedule destroys their detail
-    # early (README "The demo"). The saved pipeline's VAE config carries scaling_factor * b.
+    # early (docs/demo.md). The saved pipeline's VAE config carries scaling_factor * b.
     input_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -103,7 +103,7 @@ class UNetDataConfig(DataConfig):
     # shared by runs, which then skip the encoding (delete its files to reclaim the space).
     latent_cache_dir: str = "latents"
     # How the cache stores mean and std: float32, float16 or bfloat16 (half the disk and page cache;
-    # README "Data" has what it costs in precision), and how many images a shard holds.
+    # docs/data.md has what it costs in precision), and how many images a shard holds.
     latent_cache_dtype: str = "float32"
     latent_shard_size: int = 4096
 

@@ -6,7 +6,7 @@ autoencoder's encoder runs once per image (the latent cache), never in the train
 
 Departure from LDM's step: the latents are scaled by the measured 1/std times `diffusion.input_scale`
 (Chen 2023's input scaling; LDM: 1/std alone, the default here). The demo's 2 took its samples from 22%
-to 31% valid at 3,000 steps (README "The demo").
+to 31% valid at 3,000 steps (docs/demo.md).
 
 The saved pipeline's class is given by the caller (`build_pipeline`), so this stage imports only the
 core; `workflows/` passes `pipelines.latent_diffusion.LatentDiffusionPipeline`.

@@ -1,5 +1,5 @@
 """The training benchmark (`benchmarks/bench_train.py`): every worker path runs with the shipped configs, and
-the work counts that README "Performance" explains its ratios with hold.
+the work counts that docs/performance.md explains its ratios with hold.
 
 Each worker runs one timed step in this process (no warm-up), so its seconds and memory say nothing here;
 the FLOPs per step are counted by `torch.utils.flop_counter` and do not depend on the machine.

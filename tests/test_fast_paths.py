@@ -113,7 +113,7 @@ def _cpuinfo_flags() -> set[str] | None:
 
 
 def test_native_bf16_detection_agrees_with_the_kernels_cpu_flags():
-    # The bf16 warning and the README's precision advice rest on this answer; torch has moved its private
+    # The bf16 warning and the precision advice of docs/demo.md rest on this answer; torch has moved its private
     # detection between releases, and a detection that always said "no" warned on every bf16 CPU.
     flags = _cpuinfo_flags()
     if flags is None:

@@ -151,7 +151,7 @@ def _fast_start_psnr(tmp_path, name, extra):
 
 
 def test_the_demo_recipe_starts_fast_where_ldms_step_stalls(tmp_path):
-    """The guard on the slow start (README "Why Stage A starts fast"): if it came back, the recipe's PSNR
+    """The guard on the slow start (docs/stage-a-fast-start.md): if it came back, the recipe's PSNR
     after 250 steps would fall to the stalled level of LDM's step (when written, without EMA: 17.7 dB
     against 12.9 dB)."""
     recipe = _fast_start_psnr(tmp_path, "recipe", [])

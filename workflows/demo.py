@@ -64,7 +64,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     seconds["sampling"] = round(time.monotonic() - clock, 1)
     scores = score_folder(samples_dir)
     write_json(samples_dir / "scores.json", scores)
-    # The same noise through plain diffusers classes and a hand-written sampler (README, "The demo").
+    # The same noise through plain diffusers classes and a hand-written sampler (docs/demo.md).
     clock = time.monotonic()
     plain = score_images(_plain_diffusers_samples(paths["pipeline"], pipe, ev))
     write_json(samples_dir / "scores_plain_diffusers.json", plain)
