@@ -151,9 +151,9 @@ def _fast_start_psnr(tmp_path, name, extra):
 
 
 def test_the_demo_recipe_starts_fast_where_ldms_step_stalls(tmp_path):
-    """The guard on the slow start (docs/stage-a-fast-start.md): if it came back, the recipe's PSNR
-    after 250 steps would fall to the stalled level of LDM's step (when written, without EMA: 17.7 dB
-    against 12.9 dB)."""
+    """The guard on the slow start (docs/stage-a-fast-start.md): if it came back, the recipe's PSNR after 250
+    steps would fall to the level of LDM's step. Measured on the RGB-cube shapes, without EMA: 15.2 dB against
+    13.8 dB (on the eight-colour shapes of before: 17.7 against 12.9)."""
     recipe = _fast_start_psnr(tmp_path, "recipe", [])
     ldm_step = _fast_start_psnr(tmp_path, "ldm_step", LDM_STEP)
-    assert recipe > 16.0 and recipe > ldm_step + 3.0, (recipe, ldm_step)
+    assert recipe > 14.5 and recipe > ldm_step + 1.0, (recipe, ldm_step)
