@@ -68,18 +68,6 @@ def images_to_batch(images_uint8: np.ndarray, indices: np.ndarray, flips: np.nda
 
 
 
-def random_windows(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """A `size` x `size` window of each image (N, C, H, W) at a position drawn from `generator`.
-
-    A convolutional autoencoder learns the same local maps from windows as from whole images, at a
-    fraction of the FLOPs (a quarter at half the side); docs/demo-speed.md has the measurements.
-    """
-    n, _, height, width = batch.shape
-    tops = torch.randint(0, height - size + 1, (n,), generator=generator, device=generator.device).tolist()
-    lefts = torch.randint(0, width - size + 1, (n,), generator=generator, device=generator.device).tolist()
-    return torch.stack([image[:, top:top + size, left:left + size] for image, top, left in zip(batch, tops, lefts)])
-
-
 def shuffle_channels(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image's colour channels in an order drawn from `generator` (one of the six of RGB).
 

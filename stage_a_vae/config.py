@@ -93,20 +93,11 @@ class VAEDataConfig(DataConfig):
     # Put each training image's RGB channels in a random order (ldm_core/batches.py `shuffle_channels`), so
     # a small dataset shows the autoencoder every hue instead of a palette. Validation images are not shuffled.
     channel_shuffle: bool = False
-    # The first `early_window_steps` steps train on a random `early_window` x `early_window` px window of
-    # each training image (ldm_core/batches.py `random_windows`), the rest on whole images: at half the
-    # side a step costs about a third (docs/demo-speed.md). 0: whole images throughout.
-    early_window: int = 0
-    early_window_steps: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.image_cache_dir is not None:
             check_relative_path("data.image_cache_dir", self.image_cache_dir)
-        _require(self.early_window_steps >= 0, "data.early_window_steps", self.early_window_steps, "0 or more")
-        if self.early_window_steps:
-            _require(0 < self.early_window < self.resolution, "data.early_window", self.early_window,
-                     f"a side between 1 and data.resolution ({self.resolution}) px when data.early_window_steps > 0")
 
 
 @dataclass
@@ -152,9 +143,6 @@ class StageAConfig:
 
     def __post_init__(self) -> None:
         f = self.model.downsample_factor
-        if self.data.early_window_steps and self.data.early_window % f:
-            raise ConfigError(f"data.early_window={self.data.early_window} is not divisible by the autoencoder's "
-                              f"downsampling factor f={f}; pick a multiple of {f}.")
         if self.data.resolution % f:
             raise ConfigError(f"data.resolution={self.data.resolution} is not divisible by the autoencoder's "
                               f"downsampling factor f={f}; pick a multiple of {f}.")

@@ -23,7 +23,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm_core.accelerator import apply_memory_format
-from ldm_core.batches import random_windows, shuffle_channels
+from ldm_core.batches import shuffle_channels
 from ldm_core.config import resolve_run_path
 from ldm_core.ema import ema_weights, exported_copy, make_ema
 from ldm_core.image_grids import save_reconstruction_grid
@@ -41,8 +41,7 @@ from stage_a_vae.presets import build_autoencoder
 from stage_a_vae.validation import reconstruct_uint8, validate_reconstructions
 
 logger = logging.getLogger("ldm.train_vae")
-# The fourth seed key, after (seed, micro-step, rank), of the channel orders and of the early windows.
-CHANNEL_SHUFFLE_STREAM, EARLY_WINDOW_STREAM = 1, 2
+CHANNEL_SHUFFLE_STREAM = 1  # the fourth seed key of the channel orders, after (seed, micro-step, rank)
 
 
 class AutoencoderForTraining(torch.nn.Module):
@@ -129,9 +128,6 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
             if cfg.data.channel_shuffle:  # its own stream, so the posterior's samples stay as without it
                 x = shuffle_channels(x, seeded_generator(tc.seed, micro_step, accelerator.process_index,
                                                          CHANNEL_SHUFFLE_STREAM))
-            if step < cfg.data.early_window_steps:
-                x = random_windows(x, cfg.data.early_window, seeded_generator(
-                    tc.seed, micro_step, accelerator.process_index, EARLY_WINDOW_STREAM))
             # Autoencoder update. The discriminator only scores reconstructions here, so its parameters
             # are frozen and its unwrapped module is used (no DDP bookkeeping).
             if disc_on:

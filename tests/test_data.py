@@ -321,33 +321,3 @@ def test_shuffle_channels_reorders_each_image_alone_and_reproducibly():
     assert all(sorted(order) == [0, 1, 2] for order in orders)  # a permutation of the image's own channels
     assert len(orders) == 6  # 64 images draw all six orders of RGB
     assert torch.equal(out.sum(dim=1), batch.sum(dim=1))  # nothing but the order changes
-
-
-def test_random_windows_are_pieces_of_each_image_at_drawn_positions():
-    from ldm_core.batches import random_windows
-    from ldm_core.randomness import seeded_generator
-
-    # Pixel (y, x) of image i holds 1000 * i + 64 * y + x, so a window's corner names where it was cut.
-    batch = (torch.arange(16)[:, None, None] * 1000 + torch.arange(64 * 64).reshape(64, 64)).float()
-    batch = batch[:, None].expand(16, 3, 64, 64)
-    out = random_windows(batch, 32, seeded_generator(0, 3, 0, 2))
-    assert out.shape == (16, 3, 32, 32)
-    assert torch.equal(out, random_windows(batch, 32, seeded_generator(0, 3, 0, 2)))
-    corners = []
-    for i, window in enumerate(out):
-        top, left = divmod(int(window[0, 0, 0]) - 1000 * i, 64)
-        assert 0 <= top <= 32 and 0 <= left <= 32
-        assert torch.equal(window, batch[i, :, top:top + 32, left:left + 32])
-        corners.append((top, left))
-    assert len(set(corners)) > 8  # each image its own position
-
-
-def test_early_windows_are_checked_against_the_resolution_and_the_downsampling():
-    from ldm_core.config import ConfigError
-    from stage_a_vae.config import StageAConfig, VAEDataConfig
-
-    with pytest.raises(ConfigError, match="data.early_window"):
-        VAEDataConfig(resolution=64, early_window=64, early_window_steps=10)
-    with pytest.raises(ConfigError, match="divisible"):
-        StageAConfig(data=VAEDataConfig(resolution=64, early_window=36, early_window_steps=10))
-    assert StageAConfig(data=VAEDataConfig(resolution=64, early_window=32, early_window_steps=10)).data.early_window == 32

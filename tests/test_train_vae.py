@@ -116,23 +116,6 @@ def test_the_discriminator_keeps_its_own_adam_betas(tmp_path):
     assert _cfg().train.disc_adam_beta1 is None and _cfg().train.disc_adam_beta2 is None
 
 
-def test_early_windows_reach_the_autoencoder_for_their_steps_only(tmp_path, monkeypatch):
-    """data.early_window: the first steps' batches are windows of the images, the later ones whole images."""
-    from stage_a_vae import train as stage_a
-
-    sides = []
-    original = stage_a.AutoencoderForTraining.forward
-
-    def recording(self, x, generator=None):
-        sides.append(x.shape[-1])
-        return original(self, x, generator)
-
-    monkeypatch.setattr(stage_a.AutoencoderForTraining, "forward", recording)
-    train_vae(_cfg("train.max_steps=4", "data.early_window=16", "data.early_window_steps=3"), "builtin:shapes",
-              tmp_path / "run")
-    assert sides == [16, 16, 16, 32]
-
-
 # The demo's Stage A recipe (configs/vae/kl-f8-mini.yaml) on its 64 px shapes, against LDM's training step with
 # diffusers' initialisation (row 0 of benchmarks/stage_a_factors.py) on the same model, data and steps.
 FAST_START_STEPS = 250
