@@ -24,6 +24,15 @@ def test_demo_writes_every_output_its_summary_names_and_does_not_rerun(tmp_path,
     assert "| vae |" in summary["bench_recon"] and "bicubic-f8" in summary["bench_recon"]
     assert summary["stage_a"]["bicubic_psnr"] > 0 and summary["stage_a"]["heldout_psnr"] > 0
     assert 0.0 <= summary["stage_a"]["reconstructions_valid"] <= 1.0
+    # Shapes in the colours held out of training are benchmarked beside the training colours.
+    assert summary["stage_a"]["unseen_colours_psnr"] > 0 and "| vae |" in summary["bench_recon_unseen_colours"]
+    assert summary["stage_a"]["unseen_colours_bicubic_psnr"] != summary["stage_a"]["bicubic_psnr"]
+    # Each part's wall time and the machine it ran on.
+    seconds = summary["seconds"]
+    assert set(seconds) == {"stage_a", "stage_b", "sampling", "sampling_plain_diffusers", "bench_recon"}
+    assert all(value >= 0 for value in seconds.values()) and sum(seconds.values()) <= summary["wall_minutes"] * 60 + 1
+    assert summary["cpu"]["model"] and {"avx512", "avx512_bf16", "amx"} <= set(summary["cpu"])
+    assert summary["precision"] == {"stage_a": "no", "stage_b": "no"}
     # The plain-diffusers path scored the same number of images from the same noise.
     plain = json.loads((out / "samples" / "scores_plain_diffusers.json").read_text())
     assert plain["n"] == summary["samples_plain_diffusers"]["n"] == 4
@@ -31,7 +40,7 @@ def test_demo_writes_every_output_its_summary_names_and_does_not_rerun(tmp_path,
         if name != "tensorboard":
             assert Path(path).exists(), name
     printed = capsys.readouterr().out
-    assert "# two-stage-ldm demo" in printed
+    assert "# two-stage-ldm demo" in printed and "stage a" in printed and summary["cpu"]["model"] in printed
     # A finished demo is not trained again: the second call prints the summary and says how to start anew.
     before = (out / "summary.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(out), *TINY]) == 0
