@@ -93,9 +93,10 @@ def test_identity_model_hits_the_psnr_cap_and_ssim_one_and_rfid_zero(no_download
     m = identity["metrics"]
     assert m["psnr"] == {"mean": 100.0, "std": 0.0, "n": 8, "impl": m["psnr"]["impl"], "reason": None}
     assert m["ssim"]["mean"] == pytest.approx(1.0, abs=1e-9) and m["ssim"]["n"] == 8
-    assert abs(m["rfid"]["mean"]) < 1e-3 and m["rfid"]["n"] == 8
-    # Plain resampling by f=8 loses detail: far from the cap, and a positive rFID.
-    assert baseline["metrics"]["psnr"]["mean"] < 40 and baseline["metrics"]["rfid"]["mean"] > 1e-3
+    assert abs(m["rfid"]["mean"]) < 1e-5 and m["rfid"]["n"] == 8
+    # Plain resampling by f=8 loses detail: far from the cap, and an rFID far above the identity's (the
+    # random 8-feature stand-in for Inception gives small distances: 4.7e-4 on these shapes).
+    assert baseline["metrics"]["psnr"]["mean"] < 40 and baseline["metrics"]["rfid"]["mean"] > 1e-4
     assert m["msssim"]["mean"] is None and "not requested" in m["msssim"]["reason"]
 
 
