@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +30,7 @@ from PIL import Image
 from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
 from evaluation.report import check_can_create, printable_name
 from evaluation.shapes_score import GRID_NAME
+from ldm_core.atomic_files import write_atomic
 from ldm_core.config import DataConfig
 from ldm_core.image_files import BUILTIN_SHAPES, DataError, decode_stream, default_workers, list_image_files
 from ldm_core.image_sources import open_image_source, source_kind
@@ -175,13 +175,8 @@ def run_eval_samples(folder: str | Path, *, dataset: Optional[str] = None, refer
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        try:
-            # ensure_ascii (the default) keeps the file ASCII, whatever the image names.
-            partial.write_text(json.dumps(result, indent=2), encoding="utf-8")
-            os.replace(partial, out)
-        finally:
-            partial.unlink(missing_ok=True)
+        # ensure_ascii (the default) keeps the file ASCII, whatever the image names.
+        write_atomic(out, json.dumps(result, indent=2))
     return result
 
 

@@ -37,6 +37,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ldm_core.atomic_files import fsync_folder, leftover_temporaries, write_atomic
+
 LATEST = "latest"
 STATE_FILE = "training_state.pt"
 META_FILE = "meta.json"
@@ -56,19 +58,6 @@ class Checkpoint:
     models: dict[str, dict[str, torch.Tensor]]
     state: dict[str, Any]
     meta: dict[str, Any]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
@@ -130,7 +119,7 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, models: dict[str, di
                       fh, indent=2)
         for f in tmp.iterdir():
             _fsync_file(f)
-        _fsync_dir(tmp)
+        fsync_folder(tmp)
     except BaseException as err:
         need = _bytes_needed(models, state)
         no_space = _out_of_space(err, _free_bytes(root), need)  # measured while the partial files still fill it
@@ -144,7 +133,7 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, models: dict[str, di
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_folder(root)
     try:
         _write_latest(root, final.name)
     except OSError as err:  # the checkpoint is complete; only the pointer to it could not be replaced
@@ -156,17 +145,7 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, models: dict[str, di
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(name + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, root / LATEST)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(root)
+    write_atomic(root / LATEST, name + "\n", fsync=True, sync_folder=True)
 
 
 def _bytes_needed(models: dict[str, dict[str, torch.Tensor]], state: Any) -> int:
@@ -347,7 +326,8 @@ def _apply_retention(root: Path, keep: int, current: Optional[str] = None) -> No
         for old in doomed:
             if old.name not in (current, pointed):
                 shutil.rmtree(old, ignore_errors=True)
-    for stale in [*root.glob(".step-*.tmp-*"), *root.glob(f".{LATEST}.tmp-*")]:  # left by a run killed mid-write
+    # Left by a run killed mid-write (`.latest.tmp-<pid>` by versions before `write_atomic`).
+    for stale in [*root.glob(".step-*.tmp-*"), *root.glob(f".{LATEST}.tmp-*"), *leftover_temporaries(root / LATEST)]:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:

@@ -11,8 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,6 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ldm_core.atomic_files import write_atomic
 from ldm_core.image_files import (IMAGE_EXTENSIONS, SHAPES_COLOUR_SETS, BadImageError, DataError, check_resolution,
                                   decode_stream, default_workers, require_image_files, resize_center_crop)
 from ldm_core.image_sources import folder_labels, hash_file_list, source_kind
@@ -103,19 +102,6 @@ def _cache_key(root: Path, files: list[Path], resolution: int) -> str:
     digest = hashlib.sha256(f"v{_CACHE_FORMAT}|{resolution}|".encode())
     hash_file_list(digest, root, files)
     return digest.hexdigest()[:24]
-
-
-def _atomic_write(target: Path, write) -> None:
-    """Write via a unique temporary name in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_cache(array_path: Path, meta_path: Path, resolution: int) -> Optional[tuple]:
@@ -204,10 +190,10 @@ def load_dataset(spec: str | Path, resolution: int, *, shapes_count: int = 4096,
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}.")
     images = images[:len(names)]  # a view of the first rows: still C-contiguous
     if array_path is not None:
-        _atomic_write(array_path, lambda fh: np.save(fh, images))
+        write_atomic(array_path, lambda fh: np.save(fh, images))
         meta = {"count": len(names), "nbytes": array_path.stat().st_size, "names": names,
                 "report": dataclasses.asdict(report)}
-        _atomic_write(meta_path, lambda fh: fh.write(json.dumps(meta).encode()))
+        write_atomic(meta_path, json.dumps(meta))
     labels, class_names = folder_labels(names)
     logger.info("%s: %s", root, report.summary())
     return ImageSet(images, labels, class_names, str(root), report, names)

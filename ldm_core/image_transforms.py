@@ -46,10 +46,6 @@ class ImageTransform:
         if not 0.0 < self.min_scale <= 1.0:
             raise DataError(f"data.crop_min_scale={self.min_scale} must lie in (0, 1].")
 
-    @property
-    def is_random(self) -> bool:
-        return self.crop != "center"
-
     def __call__(self, image: Image.Image, rng: np.random.Generator, flip: bool = False) -> np.ndarray:
         R = self.resolution
         if self.crop == "center":

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import torch
 
+from ldm_core.atomic_files import write_atomic
 from ldm_core.config import save_config
 
 
@@ -188,8 +189,7 @@ def environment_info() -> dict[str, str]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)
+    """Write `data` as indented JSON (str() of what JSON cannot hold), replacing `path` atomically: a
+    reader of metrics.json or run_info.json sees the previous version or the new one, never half of one."""
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 

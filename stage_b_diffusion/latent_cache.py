@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm_core.atomic_files import write_atomic
 from ldm_core.latent_stats import iter_posteriors
 
 _FORMAT = "2"
@@ -277,19 +277,6 @@ def _encode_shard(vae, images: ImagesToEncode, start: int, stop: int, flip: bool
     return torch.stack([mean, std])
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_or_build_latent_cache(vae, images: np.ndarray | ImagesToEncode, *, flip: bool, cache_dir: str | Path,
                                batch_size: int = 32, progress: bool = True, dtype: str = "float32",
                                shard_size: int = 4096, rank: int = 0, world_size: int = 1,
@@ -335,7 +322,8 @@ def load_or_build_latent_cache(vae, images: np.ndarray | ImagesToEncode, *, flip
         if not torch.isfinite(values).all():
             raise FloatingPointError(f"The VAE gave non-finite latents for images {start}..{stop - 1}; the cache "
                                      f"is not written. Check the VAE ({vae.config.get('_name_or_path', '')}).")
-        _save_atomic(_shard_path(folder, s), _from_float32(values, dtype))
+        stored = _from_float32(values, dtype)
+        write_atomic(_shard_path(folder, s), lambda fh: np.save(fh, stored), fsync=True)  # survives a crash
     wait_for_everyone()
     shards = []
     for s in range(num_shards):

@@ -42,6 +42,7 @@ import torch
 from PIL import Image
 
 from evaluation.eval_samples import SCORES_FILE
+from ldm_core.atomic_files import write_atomic
 from ldm_core.image_grids import save_grid
 from ldm_core.randomness import image_generator
 from pipelines.latent_diffusion import (LatentDiffusionPipeline, PipelineFolder, check_sampling_arguments,
@@ -151,7 +152,8 @@ def _labels_for(indices: Sequence[int], class_labels, num_images: int, num_class
 
 def write_labels_file(out_dir: Union[str, Path], labels: dict[str, Union[str, int]],
                       class_names: Optional[Sequence[str]], guidance_scale: float) -> Path:
-    """Write `out_dir/labels.json`: the class each image file was generated for.
+    """Write `out_dir/labels.json`, the class each image file was generated for, replacing any earlier one
+    atomically (a reader sees the old file or the new one, never half of one).
 
     Parameters:
         labels: image file name (inside out_dir) -> requested class name, or class id for unnamed classes.
@@ -163,10 +165,7 @@ def write_labels_file(out_dir: Union[str, Path], labels: dict[str, Union[str, in
     path = Path(out_dir) / LABELS_FILE
     record = {"class_names": list(class_names) if class_names is not None else None,
               "guidance_scale": float(guidance_scale), "labels": dict(sorted(labels.items()))}
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)  # a reader sees the old file or the new one, never half of one
-    return path
+    return write_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
