@@ -92,10 +92,9 @@ def cpu_info() -> dict:
 
 def cpu_description() -> dict:
     """The CPU's model name, core count and the vector extensions that decide its fp32 and bf16 speed."""
-    import os
-
-    flags = cpu_info()["flags"]
-    return {"model": cpu_info()["model"], "cores": os.cpu_count(), "avx2": "avx2" in flags,
+    info = cpu_info()
+    flags = info["flags"]
+    return {"model": info["model"], "cores": os.cpu_count(), "avx2": "avx2" in flags,
             "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags}
 
 
