@@ -116,9 +116,9 @@ def _peaks() -> dict:
 def loader_worker(data: str, batches: int) -> dict:
     import torch
 
-    from ldm_core.batches import StepBatches
-    from ldm_core.config import DataConfig
-    from ldm_core.training_images import TrainingImages
+    from ldm_core.data.step_batches import StepBatches
+    from ldm_core.config.settings import DataConfig
+    from ldm_core.data.training_images import TrainingImages
 
     started = time.monotonic()
     cfg = DataConfig(resolution=RESOLUTION, crop="random_resized", loader="stream", num_workers=2)
@@ -134,7 +134,7 @@ def loader_worker(data: str, batches: int) -> dict:
 
 
 def stage_worker(stage: str, data: str, out: str, steps: int, vae: str, cache: str) -> dict:
-    from ldm_core.config import load_config
+    from ldm_core.config.settings import load_config
 
     common = [f"train.max_steps={steps}", "train.progress_bar=false", f"train.checkpoint_every={steps}",
               f"data.resolution={RESOLUTION}", "data.loader=stream", "data.num_workers=2"]

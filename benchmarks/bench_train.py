@@ -37,8 +37,8 @@ NEVER = 10 ** 9  # a step count no benchmark reaches: validation/checkpoints off
 
 
 def _stage_a_config(disc_on: bool, steps: int, images: int):
-    from ldm_core.config import load_config
-    from ldm_core.preset_files import config_path
+    from ldm_core.config.settings import load_config
+    from ldm_core.config.preset_files import config_path
     from stage_a_vae.config import StageAConfig
 
     return load_config(StageAConfig, config_path("vae/kl-f8-small.yaml"), [
@@ -50,8 +50,8 @@ def _stage_a_config(disc_on: bool, steps: int, images: int):
 
 
 def _stage_b_config(steps: int, images: int, cache_dir: str | None = None):
-    from ldm_core.config import load_config
-    from ldm_core.preset_files import config_path
+    from ldm_core.config.settings import load_config
+    from ldm_core.config.preset_files import config_path
     from stage_b_diffusion.config import StageBConfig
 
     return load_config(StageBConfig, config_path("unet/unet-small.yaml"), [
@@ -94,10 +94,10 @@ def worker_ours(args) -> dict[str, Any]:
         if args.stage == "b":  # the one-time latent encoding, reported next to the step rate
             import time
 
-            from ldm_core.batches import train_val_split
-            from ldm_core.image_sets import load_dataset
+            from ldm_core.data.step_batches import train_val_split
+            from ldm_core.data.in_memory import load_dataset
             from stage_b_diffusion.latent_cache import load_or_build_latent_cache
-            from ldm_core.autoencoder_folders import load_frozen_vae
+            from ldm_core.models.autoencoder_folders import load_frozen_vae
 
             cfg = _stage_b_config(1, args.images, str(tmp / "cache"))
             vae, _ = load_frozen_vae(_random_vae(tmp / "vae"))
@@ -127,7 +127,7 @@ def worker_ours(args) -> dict[str, Any]:
 
 def worker_reference(args) -> dict[str, Any]:
     from benchmarks.reference_loops import ldm_stage_a_step, text_to_image_stage_b_step
-    from ldm_core.image_sets import load_dataset
+    from ldm_core.data.in_memory import load_dataset
 
     device = pick_device(args.device)
     torch.manual_seed(0)
@@ -153,7 +153,7 @@ def worker_reference(args) -> dict[str, Any]:
     else:
         from stage_b_diffusion.noise_schedule import build_noise_scheduler
         from stage_b_diffusion.presets import build_unet
-        from ldm_core.autoencoder_folders import load_frozen_vae
+        from ldm_core.models.autoencoder_folders import load_frozen_vae
 
         with tempfile.TemporaryDirectory() as tmp:
             vae, _ = load_frozen_vae(_random_vae(Path(tmp) / "vae"))

@@ -43,8 +43,8 @@ ROWS = [
 
 
 def _demo_stage_config(stage: str, steps: int, overrides: list[str]):
-    from ldm_core.config import load_config
-    from ldm_core.preset_files import config_path
+    from ldm_core.config.settings import load_config
+    from ldm_core.config.preset_files import config_path
     from workflows.config import LDMConfig
 
     common = [f"train.max_steps={steps}", "train.log_every=1", f"train.checkpoint_every={NEVER}",

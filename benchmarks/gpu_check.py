@@ -62,7 +62,7 @@ import torch
 
 from benchmarks.harness import (count_flops, machine_description, markdown_table, matmul_peak_flops,
                                 peak_memory_mib, pick_device, run_isolated, seconds_per_call, synchronize)
-from ldm_core.run_folder import write_json
+from ldm_core.training.run_folder import write_json
 
 WORKER = "benchmarks.gpu_check"
 FP16_MAX = 65504.0  # the largest finite IEEE 754 binary16 value
@@ -143,16 +143,16 @@ TINY = Plan(name="tiny", vae_overrides=("model.preset=kl-f8-tiny", "data.resolut
 
 
 def stage_a_config(plan: Plan, extra: tuple[str, ...] = ()):
-    from ldm_core.config import load_config
-    from ldm_core.preset_files import config_path
+    from ldm_core.config.settings import load_config
+    from ldm_core.config.preset_files import config_path
     from stage_a_vae.config import StageAConfig
 
     return load_config(StageAConfig, config_path(STAGE_A_PRESET), [*plan.vae_overrides, *extra])
 
 
 def stage_b_config(plan: Plan):
-    from ldm_core.config import load_config
-    from ldm_core.preset_files import config_path
+    from ldm_core.config.settings import load_config
+    from ldm_core.config.preset_files import config_path
     from stage_b_diffusion.config import StageBConfig
 
     return load_config(StageBConfig, config_path(STAGE_B_PRESET), list(plan.unet_overrides))
@@ -309,7 +309,7 @@ def section_machine(r: Runner) -> dict[str, Any]:
     import accelerate
     import diffusers
 
-    from ldm_core.accelerator import cpu_has_native_bf16
+    from ldm_core.training.accelerator import cpu_has_native_bf16
 
     dev = r.device
     info: dict[str, Any] = {
@@ -366,7 +366,7 @@ class StageAParts:
 def build_perceptual(loss_cfg, device: torch.device) -> tuple[Any, str]:
     """LPIPS with the config's VGG trunk where its weights are on this machine, else a random trunk of the
     same cost (nothing is downloaded; the trunk used is reported)."""
-    from ldm_core.pretrained import MissingWeightsError
+    from ldm_core.models.pretrained import MissingWeightsError
     from stage_a_vae.perceptual import build_lpips
 
     try:
@@ -379,8 +379,8 @@ def build_stage_a(cfg, perceptual, device: torch.device, *, channels_last: bool 
                   ldm_optimizers: bool = False) -> StageAParts:
     """Our Stage A models, loss and optimizers as `train_vae` builds them (stage_a_vae/train.py, section 3),
     without Accelerate; with `ldm_optimizers` plain Adam(0.5, 0.9) for both, as LDM's `configure_optimizers`."""
-    from ldm_core.accelerator import apply_memory_format
-    from ldm_core.optimization import make_adam
+    from ldm_core.training.accelerator import apply_memory_format
+    from ldm_core.training.optimization import make_adam
     from stage_a_vae.discriminator import build_discriminator
     from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
     from stage_a_vae.presets import build_autoencoder
@@ -527,7 +527,7 @@ class ActivationPeaks:
 def _images(count: int, size: int, device: torch.device) -> torch.Tensor:
     """`count` builtin:shapes images at `size` px in [-1, 1] (real edges and flat colours, not noise)."""
     from ldm_core.image_values import to_model_input
-    from ldm_core.shapes import make_shapes
+    from ldm_core.data.shapes import make_shapes
 
     images, _, _ = make_shapes(count, 0, size=size)
     return to_model_input(torch.from_numpy(images).to(device))
@@ -758,8 +758,8 @@ def section_stage_a_speed(r: Runner) -> dict[str, Any]:
 
 def section_stage_b_speed(r: Runner) -> dict[str, Any]:
     from benchmarks.reference_loops import text_to_image_stage_b_step
-    from ldm_core.ema import make_ema
-    from ldm_core.optimization import make_adam
+    from ldm_core.training.ema import make_ema
+    from ldm_core.training.optimization import make_adam
     from stage_a_vae.presets import build_autoencoder
     from stage_b_diffusion.noise_schedule import build_noise_scheduler
     from stage_b_diffusion.objective import diffusion_loss

@@ -28,8 +28,8 @@ def run(vae_path: Path, num_images: int, seed: int) -> list[dict]:
 
     from evaluation.shapes_score import score_images
     from ldm_core.image_values import to_uint8
-    from ldm_core.latent_stats import iter_posteriors, scale_latents, unscale_latents
-    from ldm_core.shapes import make_shapes
+    from ldm_core.models.latent_scale import iter_posteriors, scale_latents, unscale_latents
+    from ldm_core.data.shapes import make_shapes
 
     vae = AutoencoderKL.from_pretrained(vae_path, use_safetensors=True).eval()
     images, labels, _ = make_shapes(num_images, seed, size=64)

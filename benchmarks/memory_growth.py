@@ -25,8 +25,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from ldm_core.config import load_config
-from ldm_core.run_control import TimeBudget
+from ldm_core.config.settings import load_config
+from ldm_core.training.stopping import TimeBudget
 
 STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
            "data.resolution=16", "data.shapes_count=64", "data.val_count=4", "loss.lpips_trunk=random",

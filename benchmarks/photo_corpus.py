@@ -33,7 +33,7 @@ from typing import Iterable, Optional, Sequence
 
 from PIL import Image
 
-from ldm_core.run_folder import write_json
+from ldm_core.training.run_folder import write_json
 
 PACKAGES = ("plasma-workspace-wallpapers", "mate-backgrounds", "ukui-wallpapers", "lomiri-wallpapers-20.04")
 DEFAULT_OUT = Path("~/.cache/two-stage-ldm/photo-corpus")

@@ -52,8 +52,8 @@ FAMILY_ORDER = ("conv forward", "conv backward", "GroupNorm", "attention", "matm
 
 def stage_config(stage: str, steps: int, overrides: list[str]):
     """The demo's config of one stage ("a" or "b") for `steps` steps with nothing periodic."""
-    from ldm_core.config import load_config
-    from ldm_core.preset_files import config_path
+    from ldm_core.config.settings import load_config
+    from ldm_core.config.preset_files import config_path
     from workflows.config import LDMConfig
 
     common = [f"train.max_steps={steps}", "train.log_every=1", f"train.checkpoint_every={NEVER}",
@@ -101,7 +101,7 @@ def _annotated(cls, method: str, label: str):
 def _profiled_steps(warmup: int, steps: int, record: dict):
     """Patch `TrainingRun.train` so that its step function runs `warmup` steps plain, one under the FLOP
     counter, then `steps` under the profiler; fills `record` with the profile and the step times."""
-    from ldm_core.training_run import TrainingRun
+    from ldm_core.training.run import TrainingRun
 
     original = TrainingRun.train
 
@@ -138,7 +138,7 @@ def _profiled_steps(warmup: int, steps: int, record: dict):
 def worker(args) -> dict[str, Any]:
     from diffusers.training_utils import EMAModel
 
-    from ldm_core.training_images import TrainingImages
+    from ldm_core.data.training_images import TrainingImages
 
     total = args.warmup + 1 + args.steps
     cfg = stage_config(args.stage, total, args.overrides)
@@ -219,7 +219,7 @@ def run(out: Path, warmup: int, steps: int, overrides: list[str]) -> dict[str, A
                      f"{r['flops_per_step'] / 1e9:.2f} GFLOP per step, {r['achieved_gflops']:.1f} GFLOP/s achieved, "
                      f"{r['achieved_gflops'] / r['matmul_peak_gflops']:.0%} of this machine's fp32 matmul "
                      f"({r['matmul_peak_gflops']:.0f} GFLOP/s)")
-    from ldm_core.accelerator import cpu_description
+    from ldm_core.training.accelerator import cpu_description
 
     lines.append(f"\n{machine_description(torch.device('cpu'))}; {cpu_description()}; mean of {steps} profiled steps "
                  f"after {warmup} + 1; overrides: {' '.join(overrides) or 'none'}.")

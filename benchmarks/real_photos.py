@@ -130,8 +130,8 @@ def corpus_sources(corpus: Path, kinds: Sequence[str]) -> list[Path]:
 
 def recipe_config(steps: Optional[int], zoom: int, gan_start: Optional[int], overrides: Sequence[str]):
     """The recipe with this benchmark's step count (None: the recipe's), crop range and discriminator start."""
-    from ldm_core.config import load_config
-    from ldm_core.preset_files import config_path
+    from ldm_core.config.settings import load_config
+    from ldm_core.config.preset_files import config_path
     from stage_a_vae.config import StageAConfig
 
     return load_config(StageAConfig, config_path(RECIPE), [
@@ -212,7 +212,7 @@ def zoom_figure(test: Path, resolution: int, vaes: dict[str, Path], out: Path, c
     """Test crops at `zoom`x (nearest neighbour): original, then each autoencoder's reconstruction, side by side."""
     import torch
 
-    from ldm_core.image_files import list_image_files, pil_to_chw, resize_center_crop
+    from ldm_core.data.image_files import list_image_files, pil_to_chw, resize_center_crop
     from ldm_core.image_values import to_model_input, to_uint8
 
     files = list_image_files(test)
@@ -251,8 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further Stage A config overrides")
     args = parser.parse_args(argv)
 
-    from ldm_core.accelerator import cpu_description
-    from ldm_core.config import ConfigError
+    from ldm_core.training.accelerator import cpu_description
+    from ldm_core.config.settings import ConfigError
 
     try:
         cfg = recipe_config(None, args.zoom, None, args.overrides)

@@ -50,8 +50,8 @@ ROWS: list[tuple[str, list[str]]] = [
 
 def run_row(overrides: list[str], folder: Path) -> dict:
     """Train one row's config for STEPS steps and return its PSNR at CHECKPOINTS and its wall time."""
-    from ldm_core.config import load_config
-    from ldm_core.preset_files import config_path
+    from ldm_core.config.settings import load_config
+    from ldm_core.config.preset_files import config_path
     from workflows.config import LDMConfig
     from stage_a_vae.train import train_vae
 

@@ -34,19 +34,19 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from ldm_core import image_metrics as M
+from ldm_core.images import metrics as M
 from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
 from evaluation.reconstructors import (BicubicReconstructor, PeakMemory, Reconstructor,
                                        VAEReconstructor)
 from evaluation.report import (check_can_create, markdown_table, printable_name, run_meta, save_pngs,
                                write_outputs)
-from ldm_core.config import DataConfig
-from ldm_core.image_files import DataError
-from ldm_core.image_sources import open_image_source, source_kind
-from ldm_core.image_streams import iter_image_batches
+from ldm_core.config.settings import DataConfig
+from ldm_core.data.image_files import DataError
+from ldm_core.data.sources import open_image_source, source_kind
+from ldm_core.data.streaming import iter_image_batches
 from ldm_core.image_values import to_model_input, to_uint8
-from ldm_core.latent_stats import LatentMoments
-from ldm_core.pretrained import MissingWeightsError
+from ldm_core.models.latent_scale import LatentMoments
+from ldm_core.models.pretrained import MissingWeightsError
 
 logger = logging.getLogger("ldm.bench")
 
@@ -91,7 +91,7 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
         metrics: a subset of psnr, ssim, msssim, lpips, rfid.
         latent: "mode" (the protocol's default) or "sample" (seeded per image from `seed`).
         dtype: fp32 (default), bf16 or fp16 for the autoencoders.
-        lpips_backbone / lpips_weights / fid_weights: see `ldm_core.image_metrics.load_lpips` and
+        lpips_backbone / lpips_weights / fid_weights: see `ldm_core.images.metrics.load_lpips` and
             `evaluation.inception.load_fid_inception`; a missing file makes that metric null.
         batch_source: `(rank, world_size) -> batches`, replacing the data reader (Python API only).
         fid_feature_net: replaces the Inception network (structural tests only; never reported).
@@ -415,7 +415,7 @@ def _publish_folder(staging: Path, folder: Path) -> None:
 
 def _check_data(data: str) -> None:
     """--data names a source with at least 2 images (decoded later, during the run): builtin:shapes, a
-    folder, WebDataset shards or a Hugging Face dataset (ldm_core/image_sources.py)."""
+    folder, WebDataset shards or a Hugging Face dataset (ldm_core/data/sources.py)."""
     if source_kind(str(data)) == "shapes":  # raises DataError for an unknown builtin: name
         return
     count = len(open_image_source(str(data)))
@@ -458,7 +458,7 @@ def _process_state():
     """accelerate's process state; without CUDA, several processes (torchrun) join over gloo on the CPU."""
     from accelerate import PartialState
 
-    from ldm_core.accelerator import cpu_only
+    from ldm_core.training.accelerator import cpu_only
 
     return PartialState(cpu=cpu_only())
 

@@ -31,11 +31,11 @@ from evaluation.inception import FID_IMPL, FIDStatistics, load_fid_inception
 from evaluation.report import check_can_create, printable_name
 from evaluation.shapes_score import GRID_NAME
 from ldm_core.atomic_files import write_atomic
-from ldm_core.config import DataConfig
-from ldm_core.image_files import BUILTIN_SHAPES, DataError, decode_stream, default_workers, list_image_files
-from ldm_core.image_sources import open_image_source, source_kind
-from ldm_core.image_streams import iter_image_batches
-from ldm_core.pretrained import MissingWeightsError
+from ldm_core.config.settings import DataConfig
+from ldm_core.data.image_files import BUILTIN_SHAPES, DataError, decode_stream, default_workers, list_image_files
+from ldm_core.data.sources import open_image_source, source_kind
+from ldm_core.data.streaming import iter_image_batches
+from ldm_core.models.pretrained import MissingWeightsError
 
 logger = logging.getLogger("ldm.eval")
 

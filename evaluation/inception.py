@@ -2,7 +2,7 @@
 
 The feature extractor is torch-fidelity's InceptionV3 (pool3, 2048 features) as wrapped by
 torchmetrics' `NoTrainInceptionV3`, built from a local weights file found with
-`ldm_core.pretrained.find_weights`; `feature_extractor_weights_path` is always given, so neither
+`ldm_core.models.pretrained.find_weights`; `feature_extractor_weights_path` is always given, so neither
 library ever tries its download URL. Resizing to 299 uses torch-fidelity's TF1-compatible bilinear
 interpolation (`antialias=False`): torchmetrics >= 1.8 defaults to an antialiased resize that gives
 numbers not comparable with published FIDs (docs/reconstruction-protocol.md). Images are fed as
@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
-from ldm_core.pretrained import INCEPTION_FID_FILE, WeightsFileError, expected_weights, find_weights, load_state_dict
+from ldm_core.models.pretrained import INCEPTION_FID_FILE, WeightsFileError, expected_weights, find_weights, load_state_dict
 
 FID_FEATURES = 2048
 FID_IMPL = ("torchmetrics 1.9 FrechetInceptionDistance with torch-fidelity InceptionV3 "

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ldm_core.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
+from ldm_core.models.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
 from ldm_core.randomness import image_generator
 
 
@@ -82,7 +82,7 @@ class VAEReconstructor(Reconstructor):
         self.path = Path(path)
         # Everything that can be wrong with the folder is found now, before any model of the run is loaded:
         # a config that is not an AutoencoderKL's (a U-Net folder, a JSON list, not JSON) or weights that
-        # do not match it (`ldm_core.autoencoder_folders.read_vae_folder`).
+        # do not match it (`ldm_core.models.autoencoder_folders.read_vae_folder`).
         self.folder, self.config = read_vae_folder(self.path)
         self.factor = vae_downsampling_factor(self.config)
         self.name = printable_name(self.path.resolve().name)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
-from ldm_core.latent_stats import unscale_latents
+from ldm_core.models.latent_scale import unscale_latents
 
 
 def alphas_cumprod_from_config(config: dict) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from evaluation.reconstructors import sha256_file
-from ldm_core.image_grids import save_reconstruction_grid
+from ldm_core.images.grids import save_reconstruction_grid
 
 CSV_COLUMNS = ("model", "index", "name", "upscaled", "psnr", "ssim", "msssim", "lpips", "hf_power", "ref_hf_power",
                "chroma", "ref_chroma")
@@ -113,9 +113,9 @@ def run_meta(*, models, metrics, device, data: str, num_images, resolution: int,
     `lpips_file` is the LPIPS trunk file in use (None when LPIPS is unavailable); `fid` is "inception",
     "injected" (a test network) or None (unavailable). Weight files are identified by sha256.
     """
-    from ldm_core import image_metrics as M
+    from ldm_core.images import metrics as M
     from evaluation.inception import FID_IMPL
-    from ldm_core.pretrained import INCEPTION_FID_FILE, find_weights
+    from ldm_core.models.pretrained import INCEPTION_FID_FILE, find_weights
 
     lpips_hash = sha256_file(find_weights(lpips_file, lpips_weights)) if lpips_file else None
     fid_hash = sha256_file(find_weights(INCEPTION_FID_FILE, fid_weights)) if fid == "inception" else None
@@ -125,7 +125,7 @@ def run_meta(*, models, metrics, device, data: str, num_images, resolution: int,
         "data": printable_name(data), "shapes_seed": shapes_seed if data.startswith("builtin:") else None,
         "num_images_requested": num_images, "resolution": resolution,
         "crop": f"shorter side resized to {resolution} (Pillow bicubic, antialiased) then centre-cropped "
-                f"to {resolution}x{resolution}, once, kept as uint8 (ldm_core.image_files)",
+                f"to {resolution}x{resolution}, once, kept as uint8 (ldm_core.data.image_files)",
         "latent": latent, "seed": seed, "dtype": dtype, "device": str(device),
         "quantisation": "round((clamp(y, -1, 1) + 1) * 127.5) to uint8",
         "psnr_cap_db": M.PSNR_CAP_DB, "std": "population standard deviation over images (ddof=0)",

@@ -1,6 +1,6 @@
 """Exact scorer for images meant to look like the built-in `shapes` dataset (no learned model).
 
-An image is *valid* when it shows what `ldm_core/shapes.py` defines: a uniform background and exactly
+An image is *valid* when it shows what `ldm_core/data/shapes.py` defines: a uniform background and exactly
 one filled circle, square or upright triangle in another colour, its bounding box 16-40 px, inside the
 frame. Every dataset image passes exactly; the tolerances below exist only for what a generative model
 adds (slight blur and colour error):
@@ -16,7 +16,7 @@ adds (slight blur and colour error):
    blends (blurred edges); those closer to the foreground form the shape mask.
 5. Noise: pixels explained neither as background nor as the shape or its edge (other colours, loose
    specks) must stay below NOISE_FRACTION of the image.
-6. Class: each class's ideal shape (`ldm_core.shapes.shape_mask`) is fitted to the mask by matching
+6. Class: each class's ideal shape (`ldm_core.data.shapes.shape_mask`) is fitted to the mask by matching
    its centroid and second moments, which fixes the box the shape would need (a square's side is
    sqrt(12 var), a circle's diameter 4 std, a triangle's centroid sits 2/3 down from the apex). The
    class whose fitted template (refined by a short search) overlaps the mask best is the answer, if
@@ -47,8 +47,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ldm_core.image_files import BadImageError, BUILTIN_SHAPES, DataError, load_image_uint8, resize_center_crop
-from ldm_core.shapes import CORNER_NAMES, MIN_CONTRAST, SHAPE_CLASSES, corner_name, shape_mask
+from ldm_core.data.image_files import BadImageError, BUILTIN_SHAPES, DataError, load_image_uint8, resize_center_crop
+from ldm_core.data.shapes import CORNER_NAMES, MIN_CONTRAST, SHAPE_CLASSES, corner_name, shape_mask
 
 logger = logging.getLogger("ldm.eval")
 

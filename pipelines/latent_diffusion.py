@@ -33,8 +33,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNe
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from ldm_core.latent_stats import unscale_latents
-from ldm_core.pretrained import (ModelFolderError, UnsafeModelFolderError, check_model_folder, check_model_weights,
+from ldm_core.models.latent_scale import unscale_latents
+from ldm_core.models.pretrained import (ModelFolderError, UnsafeModelFolderError, check_model_folder, check_model_weights,
                                  load_model_folder, read_config_file, read_model_config, short_reason)
 
 # The only components a saved folder may name, each a class of the diffusers package.
@@ -284,12 +284,12 @@ class LatentDiffusionPipeline(DiffusionPipeline):
                 and `use_safetensors`, which is always True.
 
         The folder is checked first (`inspect_pipeline_folder`), and vae/ and unet/ are loaded with
-        `ldm_core.pretrained.load_model_folder`, which refuses weights that do not fill every tensor of the
+        `ldm_core.models.pretrained.load_model_folder`, which refuses weights that do not fill every tensor of the
         model (diffusers alone would start missing tensors from random values with only a warning).
 
         Raises:
             FileNotFoundError: not a pipeline folder.
-            UnsafeModelFolderError: see `check_model_index` and `ldm_core.pretrained.check_model_folder`.
+            UnsafeModelFolderError: see `check_model_index` and `ldm_core.models.pretrained.check_model_folder`.
             ModelFolderError: a config that is not JSON or describes another class, or weights that do not
                 match their config; the message names the file.
             ValueError: a code-loading option was passed, or the U-Net does not fit the VAE.

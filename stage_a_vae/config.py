@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config import (ConfigError, DataConfig, EMAConfig, TrainConfig, _require, check_architecture,
+from ldm_core.config.settings import (ConfigError, DataConfig, EMAConfig, TrainConfig, _require, check_architecture,
                              check_relative_path)
 
 
@@ -90,7 +90,7 @@ class VAEDataConfig(DataConfig):
     # by every run. A relative path lies inside the run folder (see `resolve_run_path`); an absolute one
     # is a cache shared by runs.
     image_cache_dir: Optional[str] = None
-    # Put each training image's RGB channels in a random order (ldm_core/batches.py `shuffle_channels`), so
+    # Put each training image's RGB channels in a random order (ldm_core/data/step_batches.py `shuffle_channels`), so
     # a small dataset shows the autoencoder every hue instead of a palette. Validation images are not shuffled.
     channel_shuffle: bool = False
 
@@ -137,7 +137,7 @@ class StageAConfig:
     def model_fingerprint(self) -> str:
         """Hash of what a Stage A checkpoint's tensors depend on (model, loss, resolution); a checkpoint
         is only resumed by a config with the same fingerprint."""
-        from ldm_core.config import fingerprint
+        from ldm_core.config.settings import fingerprint
 
         return fingerprint(self.model, self.loss, self.data.resolution)
 

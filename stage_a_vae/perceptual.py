@@ -4,7 +4,7 @@ LDM's loss uses LPIPS with a VGG16 trunk (Zhang et al. 2018). The `lpips` packag
 calibrated linear heads but fetches the VGG16 trunk through torchvision at construction time, which is
 impossible offline. So the module is built with a random trunk (``pnet_rand=True``, nothing is fetched)
 and torchvision's ImageNet VGG16 weights are then copied in from a local file found by
-`ldm_core.pretrained.find_weights`. A missing file is an error that says where to put it; a random trunk
+`ldm_core.models.pretrained.find_weights`. A missing file is an error that says where to put it; a random trunk
 is only ever used when asked for by name (``trunk="random"``), and then with a warning.
 """
 
@@ -15,8 +15,8 @@ from typing import Optional
 
 import lpips
 
-from ldm_core.config import ConfigError
-from ldm_core.pretrained import build_pretrained_lpips, build_random_lpips
+from ldm_core.config.settings import ConfigError
+from ldm_core.models.pretrained import build_pretrained_lpips, build_random_lpips
 
 logger = logging.getLogger(__name__)
 

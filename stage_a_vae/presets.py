@@ -28,8 +28,8 @@ from diffusers import AutoencoderKL
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
-from ldm_core.autoencoder_folders import downsampling_factor
-from ldm_core.config import ConfigError
+from ldm_core.models.autoencoder_folders import downsampling_factor
+from ldm_core.config.settings import ConfigError
 
 if TYPE_CHECKING:
     from stage_a_vae.config import VAEModelConfig

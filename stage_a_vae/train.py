@@ -22,17 +22,17 @@ from typing import Optional
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ldm_core.accelerator import apply_memory_format
-from ldm_core.batches import shuffle_channels
-from ldm_core.config import resolve_run_path
-from ldm_core.ema import ema_weights, exported_copy, make_ema
-from ldm_core.image_grids import save_reconstruction_grid
-from ldm_core.latent_stats import apply_scaling_factor, measure_latent_stats
-from ldm_core.optimization import make_adam, make_lr_scheduler
+from ldm_core.training.accelerator import apply_memory_format
+from ldm_core.data.step_batches import shuffle_channels
+from ldm_core.config.settings import resolve_run_path
+from ldm_core.training.ema import ema_weights, exported_copy, make_ema
+from ldm_core.images.grids import save_reconstruction_grid
+from ldm_core.models.latent_scale import apply_scaling_factor, measure_latent_stats
+from ldm_core.training.optimization import make_adam, make_lr_scheduler
 from ldm_core.randomness import seeded_generator
-from ldm_core.run_folder import write_json
-from ldm_core.training_images import TrainingImages
-from ldm_core.training_run import TrainingRun
+from ldm_core.training.run_folder import write_json
+from ldm_core.data.training_images import TrainingImages
+from ldm_core.training.run import TrainingRun
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
@@ -63,11 +63,11 @@ class AutoencoderForTraining(torch.nn.Module):
 
 def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[str] = None) -> Path:
     """Train Stage A and write `out/vae/` (loadable with `AutoencoderKL.from_pretrained`). Returns the run folder."""
-    # 1. Run folder, Accelerator (ldm_core/training_run.py) --------------------------------------------
+    # 1. Run folder, Accelerator (ldm_core/training/run.py) --------------------------------------------
     run = TrainingRun(cfg, cfg.train, out, resume, stage="A")
     accelerator, device, tc, lc = run.accelerator, run.device, cfg.train, cfg.loss
 
-    # 2. Data: held in memory or streamed (ldm_core/training_images.py), split deterministically ------
+    # 2. Data: held in memory or streamed (ldm_core/data/training_images.py), split deterministically ------
     run.bind_data(data)  # a resume must read the same dataset
     # A relative data.image_cache_dir lives inside the run folder (config paths never write outside it).
     cache_dir = (resolve_run_path(run.run_dir, cfg.data.image_cache_dir, "data.image_cache_dir")
@@ -158,7 +158,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
             ema.step(vae.parameters())
         return logs
 
-    # 6. The loop (ldm_core/training_run.py: bar, timer, budget, signals, checkpoints) ----------------
+    # 6. The loop (ldm_core/training/run.py: bar, timer, budget, signals, checkpoints) ----------------
     model.train()
     disc_ddp.train()
     run.train(train_step, desc="Stage A", lr=lambda: sched_ae.get_last_lr()[0],

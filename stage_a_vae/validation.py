@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldm_core.image_metrics import psnr_per_image, ssim_per_image
+from ldm_core.images.metrics import psnr_per_image, ssim_per_image
 from ldm_core.image_values import to_model_input, to_uint8
 
 

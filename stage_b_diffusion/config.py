@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config import DataConfig, EMAConfig, TrainConfig, _require, check_architecture, check_relative_path
+from ldm_core.config.settings import DataConfig, EMAConfig, TrainConfig, _require, check_architecture, check_relative_path
 
 
 @dataclass
@@ -141,6 +141,6 @@ class StageBConfig:
     def model_fingerprint(self) -> str:
         """Hash of what a Stage B checkpoint's tensors depend on (model, diffusion, resolution); a
         checkpoint is only resumed by a config with the same fingerprint."""
-        from ldm_core.config import fingerprint
+        from ldm_core.config.settings import fingerprint
 
         return fingerprint(self.model, self.diffusion, self.data.resolution)

@@ -28,7 +28,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ldm_core.atomic_files import write_atomic
-from ldm_core.latent_stats import iter_posteriors
+from ldm_core.models.latent_scale import iter_posteriors
 
 _FORMAT = "2"
 

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from diffusers import UNet2DModel
 
-from ldm_core.autoencoder_folders import vae_downsampling_factor
-from ldm_core.config import ConfigError
+from ldm_core.models.autoencoder_folders import vae_downsampling_factor
+from ldm_core.config.settings import ConfigError
 
 if TYPE_CHECKING:
     from stage_b_diffusion.config import UNetModelConfig

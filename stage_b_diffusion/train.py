@@ -22,16 +22,16 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ldm_core.accelerator import apply_memory_format
-from ldm_core.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
-from ldm_core.config import resolve_run_path
-from ldm_core.ema import exported_copy, make_ema
-from ldm_core.image_grids import save_grid
-from ldm_core.latent_stats import resolve_latent_scale, scale_latents
-from ldm_core.optimization import make_adam, make_lr_scheduler
+from ldm_core.training.accelerator import apply_memory_format
+from ldm_core.models.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
+from ldm_core.config.settings import resolve_run_path
+from ldm_core.training.ema import exported_copy, make_ema
+from ldm_core.images.grids import save_grid
+from ldm_core.models.latent_scale import resolve_latent_scale, scale_latents
+from ldm_core.training.optimization import make_adam, make_lr_scheduler
 from ldm_core.randomness import image_generator
-from ldm_core.training_images import TrainingImages
-from ldm_core.training_run import TrainingRun
+from ldm_core.data.training_images import TrainingImages
+from ldm_core.training.run import TrainingRun
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.latent_cache import ImagesToEncode, load_or_build_latent_cache, vae_digest
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
@@ -47,7 +47,7 @@ PipelineBuilder = Callable[..., Any]
 def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Path,
                resume: Optional[str] = None, *, build_pipeline: PipelineBuilder) -> Path:
     """Train Stage B and write `out/pipeline/` (built by `build_pipeline`). Returns the run folder."""
-    # 1. Run folder and Accelerator (ldm_core/training_run.py) ----------------------------------------
+    # 1. Run folder and Accelerator (ldm_core/training/run.py) ----------------------------------------
     read_vae_folder(vae_path)  # a wrong --vae is refused before the run folder exists
     run = TrainingRun(cfg, cfg.train, out, resume, stage="B")
     accelerator, device, tc = run.accelerator, run.device, cfg.train
@@ -141,7 +141,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
             ema.step(unet.parameters())
         return logs
 
-    # 6. The loop (ldm_core/training_run.py: bar, timer, budget, signals, checkpoints) ----------------
+    # 6. The loop (ldm_core/training/run.py: bar, timer, budget, signals, checkpoints) ----------------
     unet_ddp.train()
     run.train(train_step, desc="Stage B", lr=lambda: lr_scheduler.get_last_lr()[0],
               postfix=lambda s: {"loss": f"{s['loss']:.4f}"},

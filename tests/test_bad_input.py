@@ -22,9 +22,9 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from workflows.cli import main
-from ldm_core.config import ConfigError, load_config
-from ldm_core.image_files import BadImageError, load_image_uint8
-from ldm_core.image_sets import load_dataset
+from ldm_core.config.settings import ConfigError, load_config
+from ldm_core.data.image_files import BadImageError, load_image_uint8
+from ldm_core.data.in_memory import load_dataset
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_a_vae.config import StageAConfig
 from stage_b_diffusion.config import DiffusionConfig, UNetModelConfig

@@ -13,9 +13,9 @@ from diffusers import AutoencoderKL
 from evaluation.bench_recon import collect_shard, finalize, make_plan, run_bench_recon
 from evaluation.eval_samples import run_eval_samples
 from evaluation.reconstructors import Reconstructor
-from ldm_core.image_streams import iter_image_batches
+from ldm_core.data.streaming import iter_image_batches
 from ldm_core.image_values import to_model_input
-from ldm_core.pretrained import INCEPTION_FID_FILE
+from ldm_core.models.pretrained import INCEPTION_FID_FILE
 
 RES = 32
 
@@ -70,7 +70,7 @@ class TinyFeatures(torch.nn.Module):
 
 
 def _array_source(images, batch_size):
-    """Batches of an in-memory uint8 array, sharded like ldm_core.image_streams (image k -> process k % n)."""
+    """Batches of an in-memory uint8 array, sharded like ldm_core.data.streaming (image k -> process k % n)."""
     def source(rank, world_size):
         idx = np.arange(rank, len(images), world_size)
         for start in range(0, len(idx), batch_size):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_core.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, resolve_resume,
+from ldm_core.training.checkpoints import (CheckpointError, list_checkpoints, load_checkpoint, resolve_resume,
                                  save_checkpoint)
-from ldm_core.batches import StepBatches
+from ldm_core.data.step_batches import StepBatches
 from ldm_core.randomness import step_generator
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_core import checkpoint as ckpt
-from ldm_core.checkpoint import (LATEST, CheckpointError, check_resumable, list_checkpoints, load_checkpoint,
+from ldm_core.training import checkpoints as ckpt
+from ldm_core.training.checkpoints import (LATEST, CheckpointError, check_resumable, list_checkpoints, load_checkpoint,
                                  resolve_resume, save_checkpoint, step_dir_name)
 
 FP = "fingerprint-1"

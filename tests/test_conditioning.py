@@ -13,15 +13,15 @@ from evaluation import shapes_score
 from evaluation.eval_samples import run_eval_samples, summary_text
 from evaluation.shapes_score import read_requested_classes, score_folder, score_image
 from workflows.cli import main
-from ldm_core.config import load_config
-from ldm_core.image_files import DataError
-from ldm_core.image_sets import load_dataset
-from ldm_core.shapes import SHAPE_CLASSES, make_shapes
+from ldm_core.config.settings import load_config
+from ldm_core.data.image_files import DataError
+from ldm_core.data.in_memory import load_dataset
+from ldm_core.data.shapes import SHAPE_CLASSES, make_shapes
 from workflows import generate
 from ldm_core.randomness import image_generator
 from workflows.generate import generate_images, write_labels_file
 from pipelines.latent_diffusion import LatentDiffusionPipeline
-from ldm_core.training_images import TrainingImages
+from ldm_core.data.training_images import TrainingImages
 from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.objective import drop_class_labels
 from stage_b_diffusion.train import _training_labels

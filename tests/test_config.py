@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import yaml
 
-from ldm_core.config import ConfigError, load_config, save_config, valid_keys
-from ldm_core.preset_files import available_presets, config_path
+from ldm_core.config.settings import ConfigError, load_config, save_config, valid_keys
+from ldm_core.config.preset_files import available_presets, config_path
 from workflows.config import LDMConfig
 from stage_a_vae.config import StageAConfig
 from stage_b_diffusion.config import StageBConfig

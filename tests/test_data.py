@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_core import image_files as data_module
-from ldm_core.batches import train_val_split
-from ldm_core.image_files import BadImageError, DataError, list_image_files, load_image_uint8
-from ldm_core.image_sets import load_dataset
-from ldm_core.image_streams import iter_image_batches
+from ldm_core.data import image_files as data_module
+from ldm_core.data.step_batches import train_val_split
+from ldm_core.data.image_files import BadImageError, DataError, list_image_files, load_image_uint8
+from ldm_core.data.in_memory import load_dataset
+from ldm_core.data.streaming import iter_image_batches
 from ldm_core.image_values import to_model_input, to_uint8
-from ldm_core.shapes import make_shapes
+from ldm_core.data.shapes import make_shapes
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -309,7 +309,7 @@ def test_cache_is_reused_and_bad_cache_files_are_not(tmp_path, write_image, monk
 
 
 def test_shuffle_channels_reorders_each_image_alone_and_reproducibly():
-    from ldm_core.batches import shuffle_channels
+    from ldm_core.data.step_batches import shuffle_channels
     from ldm_core.randomness import seeded_generator
 
     # Channel c of image i holds the value 10 * i + c, so every output channel names its source.

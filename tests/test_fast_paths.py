@@ -11,10 +11,10 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from ldm_core.config import TrainConfig
-from ldm_core.accelerator import apply_memory_format, cpu_has_native_bf16
-from ldm_core.optimization import make_adam
-from ldm_core.step_timer import StepTimer
+from ldm_core.config.settings import TrainConfig
+from ldm_core.training.accelerator import apply_memory_format, cpu_has_native_bf16
+from ldm_core.training.optimization import make_adam
+from ldm_core.training.step_timer import StepTimer
 from stage_a_vae.config import VAEModelConfig
 from stage_a_vae.presets import build_autoencoder
 from stage_b_diffusion.config import UNetModelConfig
@@ -135,8 +135,8 @@ def test_step_timer_averages_and_resets():
 def test_foreach_ema_tracks_the_same_average_as_the_loop(unet):
     from diffusers.training_utils import EMAModel
 
-    from ldm_core.config import EMAConfig
-    from ldm_core.ema import make_ema
+    from ldm_core.config.settings import EMAConfig
+    from ldm_core.training.ema import make_ema
 
     model = copy.deepcopy(unet)
     fast = make_ema(model, EMAConfig(decay=0.9))

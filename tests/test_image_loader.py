@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_core.batches import StepBatches
-from ldm_core.config import DataConfig
-from ldm_core.image_files import BadImageError, DataError
-from ldm_core.image_sources import open_image_source, source_kind
-from ldm_core.training_images import TrainingImages, choose_loader
+from ldm_core.data.step_batches import StepBatches
+from ldm_core.config.settings import DataConfig
+from ldm_core.data.image_files import BadImageError, DataError
+from ldm_core.data.sources import open_image_source, source_kind
+from ldm_core.data.training_images import TrainingImages, choose_loader
 
 COUNT = 12
 
@@ -97,8 +97,8 @@ def test_source_kind_follows_the_data_argument(formats):
 
 
 def test_the_unseen_colours_set_reads_alike_through_both_loaders():
-    from ldm_core.image_sets import load_dataset
-    from ldm_core.shapes import make_shapes
+    from ldm_core.data.in_memory import load_dataset
+    from ldm_core.data.shapes import make_shapes
 
     spec = "builtin:shapes-unseen-colours"
     expected, labels, _ = make_shapes(12, seed=3, colours="unseen")
@@ -171,7 +171,7 @@ def test_random_crops_are_fresh_at_every_draw(formats):
 
 
 def test_random_scaled_crops_draw_their_side_log_uniformly_and_never_enlarge():
-    from ldm_core.image_transforms import ImageTransform
+    from ldm_core.data.crops import ImageTransform
 
     image, R = Image.new("RGB", (1024, 512)), 32
     rng = np.random.default_rng(0)
@@ -236,8 +236,8 @@ def test_auto_holds_small_centre_cropped_folders_in_memory_and_streams_the_rest(
 
 
 def test_decoded_images_are_kept_within_their_budget_and_change_no_crop(formats):
-    from ldm_core.image_loader import DrawnImages
-    from ldm_core.image_transforms import ImageTransform
+    from ldm_core.data.loader import DrawnImages
+    from ldm_core.data.crops import ImageTransform
 
     source = open_image_source(formats["folder"])
     opened = []

@@ -16,8 +16,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_core.checkpoint import LATEST, list_checkpoints, load_checkpoint, resolve_resume
-from ldm_core.config import load_config
+from ldm_core.training.checkpoints import LATEST, list_checkpoints, load_checkpoint, resolve_resume
+from ldm_core.config.settings import load_config
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.train import train_vae
 from stage_b_diffusion.config import StageBConfig

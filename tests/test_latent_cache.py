@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_core.latent_stats import (apply_scaling_factor, measure_latent_stats, scale_latents,
+from ldm_core.models.latent_scale import (apply_scaling_factor, measure_latent_stats, scale_latents,
                                    unscale_latents)
 from stage_b_diffusion.latent_cache import ImagesToEncode, LatentCache, load_or_build_latent_cache
 

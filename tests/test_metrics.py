@@ -8,10 +8,10 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from ldm_core import image_metrics as M
+from ldm_core.images import metrics as M
 from evaluation.inception import FIDStatistics, load_fid_inception
 from ldm_core.image_values import to_model_input, to_uint8
-from ldm_core.pretrained import INCEPTION_FID_FILE, MissingWeightsError
+from ldm_core.models.pretrained import INCEPTION_FID_FILE, MissingWeightsError
 
 
 def _random_u8(n, size=32, seed=0):

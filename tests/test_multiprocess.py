@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from evaluation.bench_recon import run_bench_recon
 from workflows.cli import main
-from ldm_core.config import load_config
-from ldm_core.batches import StepBatches
+from ldm_core.config.settings import load_config
+from ldm_core.data.step_batches import StepBatches
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.presets import build_autoencoder
@@ -49,14 +49,14 @@ import json, sys
 from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
-import ldm_core.training_run, ldm_core.batches, ldm_core.accelerator
+import ldm_core.training.run, ldm_core.data.step_batches, ldm_core.training.accelerator
 from workflows.cli import main
 
 out = Path(sys.argv[1])
 # As the trainers do: without CUDA, the process group is joined only when asked for the CPU.
 rank = PartialState(cpu=True).process_index
 draws = []
-original_call, original_end = ldm_core.batches.StepBatches.__call__, ldm_core.accelerator.end_run
+original_call, original_end = ldm_core.data.step_batches.StepBatches.__call__, ldm_core.training.accelerator.end_run
 
 def record_call(self, micro_step):
     indices, flips = original_call(self, micro_step)
@@ -74,11 +74,11 @@ def record_end(accelerator, _stage=[0]):
     draws.clear()
     original_end(accelerator)
 
-ldm_core.batches.StepBatches.__call__ = record_call
-ldm_core.training_run.end_run = record_end
+ldm_core.data.step_batches.StepBatches.__call__ = record_call
+ldm_core.training.run.end_run = record_end
 for command in json.loads(Path(sys.argv[2]).read_text()):
     assert main(command) == 0, command
-ldm_core.accelerator.exit_process(0)  # as the `ldm` executable ends (workflows.cli.run)
+ldm_core.training.accelerator.exit_process(0)  # as the `ldm` executable ends (workflows.cli.run)
 '''
 
 
@@ -193,20 +193,20 @@ SIGNAL_WORKER = '''
 import json, os, signal, sys
 from pathlib import Path
 from accelerate import PartialState
-import ldm_core.batches
-from ldm_core.accelerator import exit_process
+import ldm_core.data.step_batches
+from ldm_core.training.accelerator import exit_process
 from workflows.cli import main
 
 out = Path(sys.argv[1])
 rank = PartialState(cpu=True).process_index
-original = ldm_core.batches.StepBatches.__call__
+original = ldm_core.data.step_batches.StepBatches.__call__
 
 def call(self, micro_step):
     if rank == 1 and micro_step == 2:
         os.kill(os.getpid(), signal.SIGTERM)  # only this process is told to stop, in the middle of step 2
     return original(self, micro_step)
 
-ldm_core.batches.StepBatches.__call__ = call
+ldm_core.data.step_batches.StepBatches.__call__ = call
 (out / f"rc{rank}").write_text(str(main(json.loads(sys.argv[2]))))
 exit_process(0)  # as the `ldm` executable ends (workflows.cli.run)
 '''

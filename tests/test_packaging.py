@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm_core.config import ConfigError, load_config
-from ldm_core.preset_files import available_presets, config_path, find_preset
+from ldm_core.config.settings import ConfigError, load_config
+from ldm_core.config.preset_files import available_presets, config_path, find_preset
 from stage_a_vae.config import StageAConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,7 +147,7 @@ def test_wheel_ships_every_preset_and_no_namespace_packages(installed):
 
 @needs_build_tools
 def test_installed_modules_and_presets_come_from_the_new_environment(installed):
-    code = ("import json, configs, ldm_core, workflows; from ldm_core.preset_files import config_path; "
+    code = ("import json, configs, ldm_core, workflows; from ldm_core.config.preset_files import config_path; "
             "print(json.dumps({'ldm_core': ldm_core.__file__, 'workflows': workflows.__file__, "
             "'configs': configs.__file__, 'demo': str(config_path('demo.yaml'))}))")
     proc = _check(_run([installed["python"], "-c", code], cwd=installed["work"], env=installed["variables"],

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from ldm_core.checkpoint import list_checkpoints, load_checkpoint
+from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint
 from workflows.cli import main
 
 from test_signals_nan import STAGE_A, STAGE_B
@@ -97,7 +97,7 @@ def test_two_runs_cannot_share_a_folder_and_a_dead_owner_does_not_hold_it(tmp_pa
     out.mkdir()
     # Another process holds the folder, as a run in progress does (its lock is the same flock).
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pathlib import Path; from ldm_core.run_folder import _record_lock_owner, lock_run_dir; "
+        "import time; from pathlib import Path; from ldm_core.training.run_folder import _record_lock_owner, lock_run_dir; "
         f"out = Path({str(out)!r}); lock_run_dir(out); _record_lock_owner(out); print('locked', flush=True); "
         "time.sleep(120)")],
         stdout=subprocess.PIPE, text=True)
@@ -121,7 +121,7 @@ def test_a_killed_run_does_not_leave_its_folder_locked_by_what_it_forked(tmp_pat
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, time; from pathlib import Path; from ldm_core.run_folder import lock_run_dir; "
+        "import os, time; from pathlib import Path; from ldm_core.training.run_folder import lock_run_dir; "
         f"lock_run_dir(Path({str(out)!r})); child = os.fork(); "
         "time.sleep(120) if child == 0 else (print(child, flush=True), time.sleep(120))")],
         stdout=subprocess.PIPE, text=True)
@@ -131,7 +131,7 @@ def test_a_killed_run_does_not_leave_its_folder_locked_by_what_it_forked(tmp_pat
         holder.wait()
         os.kill(worker, 0)  # the forked worker is still alive
         probe = subprocess.run([sys.executable, "-c", (
-            "from pathlib import Path; from ldm_core.run_folder import lock_run_dir; "
+            "from pathlib import Path; from ldm_core.training.run_folder import lock_run_dir; "
             f"lock_run_dir(Path({str(out)!r})); print('locked')")], capture_output=True, text=True)
         assert probe.stdout.strip() == "locked", probe.stderr
     finally:

@@ -17,8 +17,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from workflows.cli import main
-from ldm_core.config import ConfigError, resolve_run_path
-from ldm_core.pretrained import UnsafeModelFolderError, check_model_folder, load_state_dict
+from ldm_core.config.settings import ConfigError, resolve_run_path
+from ldm_core.models.pretrained import UnsafeModelFolderError, check_model_folder, load_state_dict
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.config import DiffusionConfig, UNetModelConfig
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
@@ -80,7 +80,7 @@ def test_every_torch_load_in_the_sources_uses_weights_only():
             assert not list(_calls(tree, name)), f"{path.relative_to(REPO)} calls {name}"
         for call in _calls(tree, "np.load"):
             assert "allow_pickle" not in {k.arg for k in call.keywords}, f"{path.relative_to(REPO)}:{call.lineno}"
-    assert checked >= 2  # ldm_core/checkpoint.py and ldm_core/pretrained.py at least
+    assert checked >= 2  # ldm_core/training/checkpoints.py and ldm_core/models/pretrained.py at least
 
 
 def test_weights_file_with_a_code_payload_is_refused(tmp_path):

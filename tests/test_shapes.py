@@ -8,7 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from evaluation.shapes_score import edge_width, score_folder, score_image, score_images
-from ldm_core.shapes import (CORNER_NAMES, HELDOUT_COLOURS, HELDOUT_RADIUS, MIN_CONTRAST, SHAPE_CLASSES, corner_name,
+from ldm_core.data.shapes import (CORNER_NAMES, HELDOUT_COLOURS, HELDOUT_RADIUS, MIN_CONTRAST, SHAPE_CLASSES, corner_name,
                               make_shapes, shape_mask)
 
 

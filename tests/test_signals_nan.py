@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_core.checkpoint import list_checkpoints, load_checkpoint, resolve_resume
-from ldm_core.config import load_config
-from ldm_core.run_control import GracefulStop, NonFiniteLossPolicy, TrainingInterrupted
+from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint, resolve_resume
+from ldm_core.config.settings import load_config
+from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TrainingInterrupted
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
 from stage_a_vae.train import train_vae
@@ -71,7 +71,7 @@ def _same(a, b):
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_identically(tmp_path, monkeypatch):
-    import ldm_core.training_run as module  # both stages draw every micro-step's generator through it
+    import ldm_core.training.run as module  # both stages draw every micro-step's generator through it
 
     full = train_vae(_a("train.max_steps=6"), "builtin:shapes", tmp_path / "full")
     handler_before = signal.getsignal(signal.SIGTERM)
@@ -90,7 +90,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_identically(tmp_path,
 
 
 def test_sigint_stops_stage_b_after_the_step(tmp_path, monkeypatch, vae_dir):
-    import ldm_core.training_run as module
+    import ldm_core.training.run as module
 
     _signal_at_micro_step(monkeypatch, module, 1, signal.SIGINT)
     # What was there before the run (Python's default, or SIG_IGN when the suite runs in the background).
@@ -196,7 +196,7 @@ def test_policy_checks_numbers_and_tensors():
 
 
 def test_cli_reports_the_stop_and_how_to_resume(tmp_path, monkeypatch, capsys):
-    import ldm_core.training_run as module
+    import ldm_core.training.run as module
 
     from workflows.cli import main
 

@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, UNet2DModel
 from PIL import Image
 
 from workflows.cli import main
-from ldm_core.config import load_config
+from ldm_core.config.settings import load_config
 from stage_b_diffusion.config import StageBConfig
 from workflows.config import LDMConfig
 from workflows.train_unet import train_unet

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_core.config import load_config
-from ldm_core.image_sets import load_dataset
+from ldm_core.config.settings import load_config
+from ldm_core.data.in_memory import load_dataset
 from ldm_core.image_values import to_model_input
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.train import train_vae
@@ -94,7 +94,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
 
 
 def test_existing_run_needs_resume(tmp_path):
-    from ldm_core.run_folder import RunFolderError
+    from ldm_core.training.run_folder import RunFolderError
 
     out = tmp_path / "run"
     train_vae(_cfg("train.max_steps=1"), "builtin:shapes", out)

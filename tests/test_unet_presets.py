@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_core.config import ConfigError
+from ldm_core.config.settings import ConfigError
 from stage_b_diffusion.config import UNetModelConfig
 from stage_b_diffusion.presets import UNET_PRESETS, build_unet, check_unet_matches_vae, count_parameters
 

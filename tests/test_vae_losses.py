@@ -12,12 +12,12 @@ import torchvision
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from ldm_core.config import ConfigError
-from ldm_core.pretrained import VGG16_FILE, MissingWeightsError
+from ldm_core.config.settings import ConfigError
+from ldm_core.models.pretrained import VGG16_FILE, MissingWeightsError
 from stage_a_vae.config import VAELossConfig, VAEModelConfig
 from stage_a_vae.discriminator import NLayerDiscriminator, build_discriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
-from ldm_core.pretrained import load_lpips_trunk
+from ldm_core.models.pretrained import load_lpips_trunk
 from stage_a_vae.perceptual import build_lpips
 from stage_a_vae.presets import build_autoencoder
 

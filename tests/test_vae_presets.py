@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ldm_core.config import ConfigError
+from ldm_core.config.settings import ConfigError
 from stage_a_vae.config import VAEModelConfig
-from ldm_core.autoencoder_folders import vae_downsampling_factor as downsample_factor
+from ldm_core.models.autoencoder_folders import vae_downsampling_factor as downsample_factor
 from stage_a_vae.presets import VAE_PRESETS, build_autoencoder
 
 

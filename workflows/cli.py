@@ -38,11 +38,11 @@ COMMANDS = {
 
 
 def _user_errors() -> tuple[type, ...]:
-    from ldm_core.checkpoint import CheckpointError
-    from ldm_core.config import ConfigError
-    from ldm_core.image_files import DataError
-    from ldm_core.pretrained import MissingWeightsError
-    from ldm_core.run_folder import RunFolderError
+    from ldm_core.training.checkpoints import CheckpointError
+    from ldm_core.config.settings import ConfigError
+    from ldm_core.data.image_files import DataError
+    from ldm_core.models.pretrained import MissingWeightsError
+    from ldm_core.training.run_folder import RunFolderError
 
     # OSError covers folders that cannot be created or written (a path under a file, no permission, a
     # full disk): the user fixes those, so they get a message, not a traceback.
@@ -106,7 +106,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def run() -> None:
     """The `ldm` executable: run `main` and exit with its status (see `exit_process` for a multi-process run)."""
     code = main()
-    from ldm_core.accelerator import exit_process
+    from ldm_core.training.accelerator import exit_process
 
     exit_process(code)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldm_core.config import _require
+from ldm_core.config.settings import _require
 from stage_a_vae.config import StageAConfig
 from stage_b_diffusion.config import StageBConfig, check_sampling
 

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ldm_core.accelerator import cpu_description
-from ldm_core.config import load_config
-from ldm_core.image_files import BUILTIN_SHAPES, BUILTIN_SHAPES_UNSEEN_COLOURS
-from ldm_core.preset_files import config_path
+from ldm_core.training.accelerator import cpu_description
+from ldm_core.config.settings import load_config
+from ldm_core.data.image_files import BUILTIN_SHAPES, BUILTIN_SHAPES_UNSEEN_COLOURS
+from ldm_core.config.preset_files import config_path
 from ldm_core.image_values import to_uint8
-from ldm_core.metric_history import MetricHistory
-from ldm_core.run_folder import write_json
+from ldm_core.training.metric_history import MetricHistory
+from ldm_core.training.run_folder import write_json
 from workflows.config import LDMConfig
 from workflows.train_all import train_both_stages
 
@@ -139,7 +139,7 @@ def _reconstruction_validity(vae_folder: Path, seed: int, num_images: int, size:
     from diffusers import AutoencoderKL
 
     from evaluation.shapes_score import score_images
-    from ldm_core.shapes import make_shapes
+    from ldm_core.data.shapes import make_shapes
     from stage_a_vae.validation import reconstruct_uint8
 
     images, labels, _ = make_shapes(num_images, seed, size=size)

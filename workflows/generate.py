@@ -43,7 +43,7 @@ from PIL import Image
 
 from evaluation.eval_samples import SCORES_FILE
 from ldm_core.atomic_files import write_atomic
-from ldm_core.image_grids import save_grid
+from ldm_core.images.grids import save_grid
 from ldm_core.randomness import image_generator
 from pipelines.latent_diffusion import (LatentDiffusionPipeline, PipelineFolder, check_sampling_arguments,
                                         class_ids_for, inspect_pipeline_folder)
@@ -357,7 +357,7 @@ def main(args: argparse.Namespace) -> int:
     """
     from accelerate import Accelerator
 
-    from ldm_core.accelerator import cpu_only
+    from ldm_core.training.accelerator import cpu_only
 
     device = resolve_device(args.device) if args.device else None
     check_generate_counts(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, names=_FLAGS)

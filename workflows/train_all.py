@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ldm_core.accelerator import check_mixed_precision
-from ldm_core.checkpoint import LATEST, CheckpointError, check_resumable
-from ldm_core.config import load_config
+from ldm_core.training.accelerator import check_mixed_precision
+from ldm_core.training.checkpoints import LATEST, CheckpointError, check_resumable
+from ldm_core.config.settings import load_config
 from stage_a_vae.train import train_vae
 from workflows.arguments import add_training_args
 from workflows.config import LDMConfig

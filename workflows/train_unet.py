@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from ldm_core.config import load_config
+from ldm_core.config.settings import load_config
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion import train as stage_b
 from stage_b_diffusion.config import StageBConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ldm_core.config import load_config
+from ldm_core.config.settings import load_config
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.train import train_vae
 from workflows.arguments import add_training_args

@@ -2,7 +2,7 @@
 decode and crop the images of each micro-step ahead of the step that uses them.
 
 What a micro-step sees is still a pure function of the step: the batch sampler asks `StepBatches`
-(ldm_core/batches.py) for the step's images and flips, and seeds each image's crop from (seed, step,
+(ldm_core/data/step_batches.py) for the step's images and flips, and seeds each image's crop from (seed, step,
 position in the global batch). A resumed run starts the sampler at its step, so it draws the same
 batches without reading the dataset from the start, and each process reads only its own share.
 
@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ldm_core.batches import StepBatches
-from ldm_core.image_files import BadImageError, DataError
-from ldm_core.image_sources import ImageSource
-from ldm_core.image_transforms import ImageTransform
+from ldm_core.data.step_batches import StepBatches
+from ldm_core.data.image_files import BadImageError, DataError
+from ldm_core.data.sources import ImageSource
+from ldm_core.data.crops import ImageTransform
 
 logger = logging.getLogger("ldm.data")
 

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ldm_core.config import TrainConfig
+from ldm_core.config.settings import TrainConfig
 
 
 def make_adam(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig, *, lr: float,

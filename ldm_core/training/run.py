@@ -29,16 +29,16 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ldm_core.accelerator import check_mixed_precision, end_run, make_accelerator
-from ldm_core.batches import StepBatches
-from ldm_core.checkpoint import META_FILE, CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
-from ldm_core.config import TrainConfig
-from ldm_core.metric_history import MetricHistory, record_scalars
-from ldm_core.optimization import clip_gradients, drop_gradients
+from ldm_core.training.accelerator import check_mixed_precision, end_run, make_accelerator
+from ldm_core.data.step_batches import StepBatches
+from ldm_core.training.checkpoints import META_FILE, CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
+from ldm_core.config.settings import TrainConfig
+from ldm_core.training.metric_history import MetricHistory, record_scalars
+from ldm_core.training.optimization import clip_gradients, drop_gradients
 from ldm_core.randomness import step_generator
-from ldm_core.run_control import GracefulStop, NonFiniteLossPolicy, TimeBudget, finish_step
-from ldm_core.run_folder import RESUMES_FILE, environment_info, prepare_run_dir, unlock_run_dir, write_json
-from ldm_core.step_timer import StepTimer
+from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TimeBudget, finish_step
+from ldm_core.training.run_folder import RESUMES_FILE, environment_info, prepare_run_dir, unlock_run_dir, write_json
+from ldm_core.training.step_timer import StepTimer
 
 logger = logging.getLogger("ldm.train")
 

@@ -23,7 +23,7 @@ logger = logging.getLogger("ldm.data")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 BUILTIN_SHAPES = "builtin:shapes"
-# The shapes in the colours the training set never shows (ldm_core/shapes.py), for benchmarks.
+# The shapes in the colours the training set never shows (ldm_core/data/shapes.py), for benchmarks.
 BUILTIN_SHAPES_UNSEEN_COLOURS = "builtin:shapes-unseen-colours"
 SHAPES_COLOUR_SETS = {BUILTIN_SHAPES: "training", BUILTIN_SHAPES_UNSEEN_COLOURS: "unseen"}
 _DECODE_CHUNK = 64

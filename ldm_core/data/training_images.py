@@ -1,8 +1,8 @@
 """The training images of a run, held in memory or streamed, behind one interface for both stages.
 
-- ``memory``: the dataset is decoded once into one uint8 array (ldm_core/image_sets.py); a batch is a
+- ``memory``: the dataset is decoded once into one uint8 array (ldm_core/data/in_memory.py); a batch is a
   gather. Fastest when the decoded set is small, and the only option before this file existed.
-- ``stream``: the images are decoded batch by batch in DataLoader workers (ldm_core/image_loader.py);
+- ``stream``: the images are decoded batch by batch in DataLoader workers (ldm_core/data/loader.py);
   memory and start-up time do not grow with the dataset, and random crops are fresh at every draw.
 
 ``data.loader: auto`` holds a folder or the shapes in memory when it is centre-cropped and its decoded
@@ -19,13 +19,13 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from ldm_core.batches import StepBatches, images_to_batch, train_val_split
-from ldm_core.config import DataConfig
-from ldm_core.image_files import DataError
-from ldm_core.image_loader import StreamedBatches, read_images
-from ldm_core.image_sets import load_dataset
-from ldm_core.image_sources import FolderSource, ImageSource, open_image_source, source_kind
-from ldm_core.image_transforms import ImageTransform
+from ldm_core.data.step_batches import StepBatches, images_to_batch, train_val_split
+from ldm_core.config.settings import DataConfig
+from ldm_core.data.image_files import DataError
+from ldm_core.data.loader import StreamedBatches, read_images
+from ldm_core.data.in_memory import load_dataset
+from ldm_core.data.sources import FolderSource, ImageSource, open_image_source, source_kind
+from ldm_core.data.crops import ImageTransform
 from ldm_core.image_values import to_model_input
 
 MEMORY_LOADER_LIMIT = 1 << 30  # bytes of decoded uint8 images that auto holds in memory

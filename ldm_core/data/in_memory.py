@@ -20,10 +20,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm_core.atomic_files import write_atomic
-from ldm_core.image_files import (IMAGE_EXTENSIONS, SHAPES_COLOUR_SETS, BadImageError, DataError, check_resolution,
+from ldm_core.data.image_files import (IMAGE_EXTENSIONS, SHAPES_COLOUR_SETS, BadImageError, DataError, check_resolution,
                                   decode_stream, default_workers, require_image_files, resize_center_crop)
-from ldm_core.image_sources import folder_labels, hash_file_list, source_kind
-from ldm_core.shapes import SHAPE_CLASSES, make_shapes
+from ldm_core.data.sources import folder_labels, hash_file_list, source_kind
+from ldm_core.data.shapes import SHAPE_CLASSES, make_shapes
 
 logger = logging.getLogger("ldm.data")
 

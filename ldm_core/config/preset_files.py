@@ -15,7 +15,7 @@ import importlib.resources
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Optional
 
-from ldm_core.config import ConfigError
+from ldm_core.config.settings import ConfigError
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable

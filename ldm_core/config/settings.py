@@ -40,11 +40,11 @@ class DataConfig:
     # Number of images drawn when `--data builtin:shapes` is used.
     shapes_count: int = 4096
     shapes_seed: int = 0
-    # How training images reach the step (ldm_core/training_images.py): "memory" decodes the dataset once
+    # How training images reach the step (ldm_core/data/training_images.py): "memory" decodes the dataset once
     # into one uint8 array, "stream" decodes each batch in DataLoader workers, "auto" streams unless the
     # decoded dataset is a folder or the shapes, centre-cropped, and small (docs/data.md).
     loader: str = "auto"
-    # Training crop (ldm_core/image_transforms.py): center | random (LDM's ImageNet crop) | random_resized
+    # Training crop (ldm_core/data/crops.py): center | random (LDM's ImageNet crop) | random_resized
     # (torchvision's RandomResizedCrop, area fraction in [crop_min_scale, 1]) | random_scaled (a square whose
     # area fraction is log-uniform in [crop_min_scale, 1]). Validation and the latent cache use the centre crop.
     crop: str = "center"
@@ -239,7 +239,7 @@ def _open_config(path: str | Path) -> tuple[str, Any]:
     if candidate.is_file():
         return str(candidate), open(candidate, "rb")
     # Imported here: preset_files imports ConfigError from this module.
-    from ldm_core import preset_files
+    from ldm_core.config import preset_files
 
     found = preset_files.find_preset(str(path))
     if found is not None:

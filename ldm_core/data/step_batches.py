@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ldm_core.image_files import DataError
+from ldm_core.data.image_files import DataError
 from ldm_core.image_values import to_model_input
 
 

@@ -46,11 +46,11 @@ def read_vae_folder(vae_path: str | Path) -> tuple[Path, dict]:
 
     Raises:
         FileNotFoundError: not a folder, or no config.json in it or its vae/.
-        UnsafeModelFolderError, ModelFolderError: see `ldm_core.pretrained`; the message names the file.
+        UnsafeModelFolderError, ModelFolderError: see `ldm_core.models.pretrained`; the message names the file.
     """
     from diffusers import AutoencoderKL
 
-    from ldm_core.pretrained import check_model_folder, check_model_weights, read_model_config
+    from ldm_core.models.pretrained import check_model_folder, check_model_weights, read_model_config
 
     path = resolve_vae_folder(vae_path)
     check_model_folder(path, what="--vae folder")  # data only: no code, no pickle-only weights
@@ -70,7 +70,7 @@ def load_frozen_vae(vae_path: str | Path, **kwargs):
     """
     from diffusers import AutoencoderKL
 
-    from ldm_core.pretrained import load_model_folder
+    from ldm_core.models.pretrained import load_model_folder
 
     path = resolve_vae_folder(vae_path)
     vae = load_model_folder(AutoencoderKL, path, what="--vae folder", hint=VAE_FOLDER_HINT, **kwargs)

@@ -6,7 +6,7 @@ DataLoader workers can read it and the image of a training position is a functio
 whatever the format: the same images in the same order from a folder and from the shards made of it.
 
 `--data` chooses the source:
-- ``builtin:shapes``: the procedural dataset (`ldm_core/shapes.py`);
+- ``builtin:shapes``: the procedural dataset (`ldm_core/data/shapes.py`);
 - a path with ``.tar`` or a brace range: WebDataset shards, e.g. ``'shards/train-{000000..000099}.tar'``,
   read with `wids` (webdataset's indexed reader): one sample per key, the image from its first member
   whose extension is an image type, an optional integer label from ``.cls``;
@@ -31,13 +31,13 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from ldm_core.image_files import (BUILTIN_SHAPES, IMAGE_EXTENSIONS, SHAPES_COLOUR_SETS, BadImageError, DataError, decode_rgb,
+from ldm_core.data.image_files import (BUILTIN_SHAPES, IMAGE_EXTENSIONS, SHAPES_COLOUR_SETS, BadImageError, DataError, decode_rgb,
                                   require_image_files)
-from ldm_core.shapes import SHAPE_CLASSES, make_shapes
+from ldm_core.data.shapes import SHAPE_CLASSES, make_shapes
 
 logger = logging.getLogger("ldm.data")
 
-SHAPES_SIZE = 64  # the shapes are defined at 64x64 (ldm_core/shapes.py)
+SHAPES_SIZE = 64  # the shapes are defined at 64x64 (ldm_core/data/shapes.py)
 _IMAGE_SUFFIXES = tuple(ext.lstrip(".") for ext in sorted(IMAGE_EXTENSIONS))
 
 

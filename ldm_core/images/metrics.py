@@ -30,7 +30,7 @@ from torchmetrics.functional.image import (
 )
 
 from ldm_core.image_values import to_model_input
-from ldm_core.pretrained import LPIPS_TRUNK_FILES, build_pretrained_lpips
+from ldm_core.models.pretrained import LPIPS_TRUNK_FILES, build_pretrained_lpips
 
 # PSNR of two identical images is infinite; a finite cap keeps means and stds defined.
 PSNR_CAP_DB = 100.0

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import torch
 
-from ldm_core.config import ConfigError, TrainConfig
+from ldm_core.config.settings import ConfigError, TrainConfig
 
 logger = logging.getLogger("ldm.train")
 

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 
-from ldm_core.image_files import DataError, pil_to_chw, resize_center_crop
+from ldm_core.data.image_files import DataError, pil_to_chw, resize_center_crop
 
 CROPS = ("center", "random", "random_resized", "random_scaled")
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ldm_core.atomic_files import write_atomic
-from ldm_core.config import save_config
+from ldm_core.config.settings import save_config
 
 
 class RunFolderError(RuntimeError):
@@ -144,7 +144,7 @@ def prepare_run_dir(out: str | Path, config: Any, resume: Optional[str]) -> tupl
     Returns the run folder, the checkpoint to resume from (None for a fresh run) and the accepted config
     changes of a resume. `config` is a stage config with `model_fingerprint()`.
     """
-    from ldm_core.checkpoint import check_resumable
+    from ldm_core.training.checkpoints import check_resumable
 
     run_dir = Path(out)
     try:

@@ -11,9 +11,9 @@ from typing import Iterator, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from ldm_core.image_files import (BadImageError, DataError, check_resolution, default_workers, pil_to_chw,
+from ldm_core.data.image_files import (BadImageError, DataError, check_resolution, default_workers, pil_to_chw,
                                   resize_center_crop)
-from ldm_core.image_sources import ImageSource, open_image_source
+from ldm_core.data.sources import ImageSource, open_image_source
 
 logger = logging.getLogger("ldm.data")
 
@@ -24,7 +24,7 @@ def iter_image_batches(spec: str | Path, resolution: int, batch_size: int, *, li
                        rank: int = 0, world_size: int = 1, shapes_count: int = 4096, shapes_seed: int = 0,
                        progress: bool = False, image_column: Optional[str] = None
                        ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str], list[bool]]]:
-    """Stream any `--data` source (ldm_core/image_sources.py) in batches, centre-cropped to `resolution`.
+    """Stream any `--data` source (ldm_core/data/sources.py) in batches, centre-cropped to `resolution`.
 
     Takes the first `limit` usable images in the source's order (all when None); usable image k goes to
     process `k % world_size`. Because whether an image is usable is only known once it is decoded, every

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from ldm_core.config import EMAConfig
+from ldm_core.config.settings import EMAConfig
 
 
 def make_ema(model: torch.nn.Module, ema_cfg: EMAConfig):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ldm_core.accelerator import end_run
+from ldm_core.training.accelerator import end_run
 
 logger = logging.getLogger("ldm.train")
 

@@ -1,0 +1,1 @@
+"""What is measured on or drawn from finished images: fidelity metrics and image grids."""

@@ -1,0 +1,1 @@
+"""The training-run skeleton both stages use: run folder, accelerator, checkpoints, optimisation, EMA, stopping."""
