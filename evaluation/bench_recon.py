@@ -96,23 +96,7 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
         batch_source: `(rank, world_size) -> batches`, replacing the data reader (Python API only).
         fid_feature_net: replaces the Inception network (structural tests only; never reported).
     """
-    for flag, value, low in (("--resolution", resolution, 1), ("--batch-size", batch_size, 1), ("--seed", seed, 0),
-                             ("--shapes-seed", shapes_seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-            raise ValueError(f"{flag} must be a whole number of at least {low}, got {value!r}.")
-    if not metrics:
-        raise ValueError(f"--metrics names no metric; give a comma-separated subset of {','.join(ALL_METRICS)}.")
-    unknown = sorted(set(metrics) - set(ALL_METRICS))
-    if unknown:
-        raise ValueError(f"Unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}.")
-    if latent not in ("mode", "sample"):
-        raise ValueError(f"--latent must be 'mode' or 'sample', not {latent!r}.")
-    if dtype not in VAEReconstructor.DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(VAEReconstructor.DTYPES)}, not {dtype!r}.")
-    if not vae_paths:
-        raise ValueError("Give at least one autoencoder with --vae PATH.")
-    if num_images is not None and num_images < 2:
-        raise ValueError("--num-images must be at least 2 (standard deviations and FID need 2 images).")
+    _check_options(vae_paths, resolution, batch_size, seed, shapes_seed, metrics, latent, dtype, num_images)
     try:
         device = torch.device(device) if device else _default_device()
     except (RuntimeError, ValueError, TypeError):
@@ -139,22 +123,7 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
     reason = M.msssim_unavailable_reason(resolution, resolution)
     if "msssim" in metrics and reason:
         plan.unavailable["msssim"] = reason
-    # A file missing from the hub cache makes the metric null with the reason; a wrong explicit path
-    # is an error (the user asked for that file).
-    if "lpips" in metrics:
-        try:
-            plan.lpips_model = M.load_lpips(lpips_backbone, lpips_weights).to(device)
-        except MissingWeightsError as err:
-            if lpips_weights:
-                raise
-            plan.unavailable["lpips"] = str(err)
-    if "rfid" in metrics:
-        try:
-            plan.fid_net = fid_feature_net if fid_feature_net is not None else load_fid_inception(fid_weights)
-        except MissingWeightsError as err:
-            if fid_weights:
-                raise
-            plan.unavailable["rfid"] = str(err)
+    _load_metric_networks(plan, lpips_backbone, lpips_weights, fid_weights, fid_feature_net)
     plan.meta = run_meta(
         models=plan.models, metrics=plan.metrics, device=plan.device, data=data, num_images=num_images,
         resolution=resolution, latent=latent, seed=seed, dtype=dtype, shapes_seed=shapes_seed,
@@ -163,6 +132,48 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
         lpips_weights=lpips_weights, fid_weights=fid_weights,
         fid=("injected" if fid_feature_net is not None else "inception") if plan.fid_net is not None else None)
     return plan
+
+
+def _check_options(vae_paths, resolution, batch_size, seed, shapes_seed, metrics, latent, dtype, num_images) -> None:
+    """The command's options, each refused with the flag's name and what it accepts."""
+    for flag, value, low in (("--resolution", resolution, 1), ("--batch-size", batch_size, 1), ("--seed", seed, 0),
+                             ("--shapes-seed", shapes_seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{flag} must be a whole number of at least {low}, got {value!r}.")
+    if not metrics:
+        raise ValueError(f"--metrics names no metric; give a comma-separated subset of {','.join(ALL_METRICS)}.")
+    unknown = sorted(set(metrics) - set(ALL_METRICS))
+    if unknown:
+        raise ValueError(f"Unknown metric(s) {', '.join(unknown)}; choose from {', '.join(ALL_METRICS)}.")
+    if latent not in ("mode", "sample"):
+        raise ValueError(f"--latent must be 'mode' or 'sample', not {latent!r}.")
+    if dtype not in VAEReconstructor.DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(VAEReconstructor.DTYPES)}, not {dtype!r}.")
+    if not vae_paths:
+        raise ValueError("Give at least one autoencoder with --vae PATH.")
+    if num_images is not None and num_images < 2:
+        raise ValueError("--num-images must be at least 2 (standard deviations and FID need 2 images).")
+
+
+def _load_metric_networks(plan: BenchPlan, lpips_backbone: str, lpips_weights: Optional[str],
+                          fid_weights: Optional[str], fid_feature_net: Optional[torch.nn.Module]) -> None:
+    """LPIPS and FID Inception networks onto `plan`, or the reason each metric is null."""
+    # A file missing from the hub cache makes the metric null with the reason; a wrong explicit path
+    # is an error (the user asked for that file).
+    if "lpips" in plan.metrics:
+        try:
+            plan.lpips_model = M.load_lpips(lpips_backbone, lpips_weights).to(plan.device)
+        except MissingWeightsError as err:
+            if lpips_weights:
+                raise
+            plan.unavailable["lpips"] = str(err)
+    if "rfid" in plan.metrics:
+        try:
+            plan.fid_net = fid_feature_net if fid_feature_net is not None else load_fid_inception(fid_weights)
+        except MissingWeightsError as err:
+            if fid_weights:
+                raise
+            plan.unavailable["rfid"] = str(err)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
@@ -125,24 +124,4 @@ class FIDStatistics:
             return float(self.metric.compute())
 
 
-def merged_fid(states: Iterable[dict], feature_net: torch.nn.Module,
-               reference_states: Iterable[dict] = ()) -> float:
-    """FID from shard states: all `states` merged, plus reference halves from `reference_states`."""
-    stats = FIDStatistics(feature_net)
-    for state in states:
-        stats.merge(state)
-    for state in reference_states:
-        stats.merge(state, fake=False)
-    return stats.compute()
-
-
-def weights_file_for_meta(weights_path: Optional[str | os.PathLike]) -> Optional[Path]:
-    """The Inception file that `load_fid_inception` would read, or None when absent."""
-    try:
-        return find_weights(INCEPTION_FID_FILE, weights_path)
-    except FileNotFoundError:
-        return None
-
-
-__all__ = ["FID_FEATURES", "FID_IMPL", "FIDStatistics", "load_fid_inception", "merged_fid",
-           "weights_file_for_meta"]
+__all__ = ["FID_FEATURES", "FID_IMPL", "FIDStatistics", "load_fid_inception"]

@@ -33,12 +33,6 @@ DATA = BUILTIN_SHAPES
 
 def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     """Run the demo into `out` and return the summary (also written to out/summary.json and summary.md)."""
-    from evaluation.bench_recon import run_bench_recon
-    from evaluation.shapes_score import score_folder, score_images
-    from workflows.generate import generate_images
-    from pipelines.latent_diffusion import LatentDiffusionPipeline
-    from stage_b_diffusion.noise_schedule import make_sampler
-
     out = Path(out)
     if (out / "summary.json").is_file():
         print((out / "summary.md").read_text())
@@ -53,39 +47,14 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     seconds = dict(paths["seconds"])
     train_minutes = (time.monotonic() - started) / 60
 
-    # 2. Images from noise.
-    clock = time.monotonic()
-    ev = cfg.evaluation
-    pipe = LatentDiffusionPipeline.from_pretrained(paths["pipeline"])
-    pipe.scheduler = make_sampler(ev.scheduler, pipe.scheduler.config)
+    # 2. Images from noise, scored; the reconstruction benchmarks.
     samples_dir = out / "samples"
-    generate_images(pipe, ev.num_images, seed=ev.seed, batch_size=16, num_inference_steps=ev.num_inference_steps,
-                    out_dir=samples_dir, overwrite=True)  # a demo killed after sampling re-samples
-    seconds["sampling"] = round(time.monotonic() - clock, 1)
-    scores = score_folder(samples_dir)
-    write_json(samples_dir / "scores.json", scores)
-    # The same noise through plain diffusers classes and a hand-written sampler (docs/demo.md).
-    clock = time.monotonic()
-    plain = score_images(_plain_diffusers_samples(paths["pipeline"], pipe, ev))
-    write_json(samples_dir / "scores_plain_diffusers.json", plain)
-    seconds["sampling_plain_diffusers"] = round(time.monotonic() - clock, 1)
-
-    # 3. Reconstruction fidelity on shapes the autoencoder never saw (another seed of the generator), in
-    # the training colours and in the colours held out of training.
-    clock = time.monotonic()
-    heldout_seed = cfg.stage_a.data.shapes_seed + 1
+    scores, plain = _sample_and_score(paths["pipeline"], cfg.evaluation, samples_dir, seconds)
     bench_dir, unseen_dir = out / "bench_recon", out / "bench_recon_unseen_colours"
-    bench = run_bench_recon([str(paths["vae"])], DATA, cfg.stage_a.data.resolution, num_images=256,
-                            shapes_seed=heldout_seed, out_dir=bench_dir)
-    unseen = run_bench_recon([str(paths["vae"])], BUILTIN_SHAPES_UNSEEN_COLOURS, cfg.stage_a.data.resolution,
-                             num_images=256, shapes_seed=heldout_seed, out_dir=unseen_dir)
+    bench, unseen, round_trip = _benchmark_reconstructions(paths["vae"], cfg.stage_a.data, bench_dir, unseen_dir,
+                                                           seconds)
 
-    # How many held-out shapes survive a round trip through the autoencoder: no Stage B can be more valid.
-    round_trip = _reconstruction_validity(paths["vae"], heldout_seed, num_images=256,
-                                          size=cfg.stage_a.data.resolution)
-    seconds["bench_recon"] = round(time.monotonic() - clock, 1)
-
-    # 4. Summary.
+    # 3. Summary.
     a_metrics = json.loads((out / "stage_a" / "metrics.json").read_text())
     b_metrics = json.loads((out / "stage_b" / "metrics.json").read_text())
     psnr, unseen_psnr = _psnr_by_model(bench), _psnr_by_model(unseen)
@@ -104,7 +73,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
         "stage_b": {"steps": b_metrics["steps"], "final_loss": MetricHistory(b_metrics["history"]).last("loss")},
         "samples": {k: scores[k] for k in ("n", "validity", "class_histogram", "max_class_deviation", "reasons")},
         "samples_plain_diffusers": {k: plain[k] for k in ("n", "validity", "class_histogram", "max_class_deviation")},
-        "sampler": f"{ev.scheduler}, {ev.num_inference_steps} steps",
+        "sampler": f"{cfg.evaluation.scheduler}, {cfg.evaluation.num_inference_steps} steps",
         "bench_recon": bench.get("table_markdown"),
         "bench_recon_unseen_colours": unseen.get("table_markdown"),
         "outputs": {
@@ -126,6 +95,47 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     (out / "summary.md").write_text(_summary_markdown(summary))
     print(_summary_markdown(summary))
     return summary
+
+
+def _sample_and_score(pipeline_folder: Path, ev, samples_dir: Path, seconds: dict) -> tuple[dict, dict]:
+    """Images from noise through the project's pipeline and, from the same noise, through plain diffusers
+    classes and a hand-written sampler (docs/demo.md); both scored by the shapes scorer."""
+    from evaluation.shapes_score import score_folder, score_images
+    from pipelines.latent_diffusion import LatentDiffusionPipeline
+    from stage_b_diffusion.noise_schedule import make_sampler
+    from workflows.generate import generate_images
+
+    clock = time.monotonic()
+    pipe = LatentDiffusionPipeline.from_pretrained(pipeline_folder)
+    pipe.scheduler = make_sampler(ev.scheduler, pipe.scheduler.config)
+    generate_images(pipe, ev.num_images, seed=ev.seed, batch_size=16, num_inference_steps=ev.num_inference_steps,
+                    out_dir=samples_dir, overwrite=True)  # a demo killed after sampling re-samples
+    seconds["sampling"] = round(time.monotonic() - clock, 1)
+    scores = score_folder(samples_dir)
+    write_json(samples_dir / "scores.json", scores)
+    clock = time.monotonic()
+    plain = score_images(_plain_diffusers_samples(pipeline_folder, pipe, ev))
+    write_json(samples_dir / "scores_plain_diffusers.json", plain)
+    seconds["sampling_plain_diffusers"] = round(time.monotonic() - clock, 1)
+    return scores, plain
+
+
+def _benchmark_reconstructions(vae_folder: Path, data_cfg, bench_dir: Path, unseen_dir: Path,
+                               seconds: dict) -> tuple[dict, dict, dict]:
+    """Reconstruction fidelity on shapes the autoencoder never saw (another seed of the generator), in the
+    training colours and in the colours held out of training, and how many survive the round trip valid:
+    no Stage B can be more valid than that."""
+    from evaluation.bench_recon import run_bench_recon
+
+    clock = time.monotonic()
+    heldout_seed = data_cfg.shapes_seed + 1
+    bench = run_bench_recon([str(vae_folder)], DATA, data_cfg.resolution, num_images=256,
+                            shapes_seed=heldout_seed, out_dir=bench_dir)
+    unseen = run_bench_recon([str(vae_folder)], BUILTIN_SHAPES_UNSEEN_COLOURS, data_cfg.resolution,
+                             num_images=256, shapes_seed=heldout_seed, out_dir=unseen_dir)
+    round_trip = _reconstruction_validity(vae_folder, heldout_seed, num_images=256, size=data_cfg.resolution)
+    seconds["bench_recon"] = round(time.monotonic() - clock, 1)
+    return bench, unseen, round_trip
 
 
 def _psnr_by_model(bench: dict) -> dict[str, float]:

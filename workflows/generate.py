@@ -50,7 +50,7 @@ from pipelines.latent_diffusion import (LatentDiffusionPipeline, PipelineFolder,
 from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
 
 __all__ = ["LABELS_FILE", "GRID_FILE", "generate_images", "write_labels_file", "save_grid", "add_arguments",
-           "check_output_folder", "generated_files", "load_pipeline", "main", "resolve_device"]
+           "check_output_folder", "generated_files", "main", "resolve_device"]
 
 logger = logging.getLogger("ldm.generate")
 
@@ -318,12 +318,6 @@ def resolve_device(spec: str, option: str = "--device") -> torch.device:
             raise ValueError(f"{option} {spec}: Apple's MPS backend is not available on this machine; use {option} cpu.")
         return device
     raise ValueError(f"{option} {spec}: {device.type} devices are not supported; use cpu, cuda, cuda:N or mps.")
-
-
-def load_pipeline(model_dir: Union[str, Path]) -> LatentDiffusionPipeline:
-    """Load a saved pipeline folder, with a clear error if it is not one."""
-    _require_model_index(model_dir)
-    return LatentDiffusionPipeline.from_pretrained(model_dir)
 
 
 def _require_model_index(model_dir: Union[str, Path]) -> Path:
