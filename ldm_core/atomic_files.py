@@ -61,6 +61,12 @@ def leftover_temporaries(path: Union[str, Path]) -> list[Path]:
     return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
 
 
+def fsync_file(path: Union[str, Path]) -> None:
+    """Flush a file that a library wrote by name (torch.save, safetensors) to disk."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
 def fsync_folder(path: Union[str, Path]) -> None:
     """Flush a folder's entries (names created, renamed or removed in it) to disk; best effort, since some
     platforms and file systems cannot open or fsync a folder."""

@@ -110,21 +110,10 @@ def apply_memory_format(module: torch.nn.Module, train_cfg: TrainConfig) -> torc
 
 
 def end_run(accelerator) -> None:
-    """Close the trackers but keep the process group: `ldm train` runs Stage B in the same processes.
-
-    (`Accelerator.end_training` would destroy the group.) A process that exits normally destroys it at exit;
-    the `ldm` executable leaves without the interpreter's teardown instead (`exit_process`).
-    """
+    """Close the trackers but keep the process group (`Accelerator.end_training` would destroy it): `ldm train`
+    runs Stage B in the same processes, and `exit_process` ends them."""
     for tracker in accelerator.trackers:
         tracker.finish()
-    if accelerator.num_processes > 1 and not getattr(end_run, "_registered", False):
-        import atexit
-
-        from accelerate import PartialState
-
-        atexit.register(PartialState().destroy_process_group)
-        end_run._registered = True
-
 
 
 def exit_process(code: int) -> NoReturn:

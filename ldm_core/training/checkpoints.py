@@ -12,7 +12,8 @@ checkpoint is checked before a run touches its folder (`check_resumable`): meta.
 lists exists with the size it was written with, the safetensors headers and the torch archive's zip
 directory parse. `--resume latest` then falls back to the newest earlier checkpoint that passes, saying
 which one was damaged and which one it used; an explicit damaged folder is refused with the previous good
-one to use instead. A full disk while writing is reported as such, with the previous checkpoint intact.
+one to use instead. A checkpoint larger than the free space is refused before it is written, and a disk
+that fills up while it is written is reported as full; either way the previous checkpoint is intact.
 
 No random-number-generator state is stored: the trainers derive every random draw from (seed, step,
 rank), and the data order from (seed, epoch), so the step counter alone restores them exactly.
@@ -37,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_core.atomic_files import fsync_folder, leftover_temporaries, write_atomic
+from ldm_core.atomic_files import fsync_file, fsync_folder, leftover_temporaries, write_atomic
 
 LATEST = "latest"
 STATE_FILE = "training_state.pt"
@@ -58,12 +59,6 @@ class Checkpoint:
     models: dict[str, dict[str, torch.Tensor]]
     state: dict[str, Any]
     meta: dict[str, Any]
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def step_dir_name(step: int) -> str:
@@ -92,9 +87,10 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, models: dict[str, di
         meta: JSON-serialisable facts (config fingerprint, time), checked when resuming.
         keep: how many checkpoints to retain, the one written now included (at least that one is kept).
 
-    A write that fails (a full disk above all) removes its temporary folder and raises CheckpointError
-    saying what happened, how much space the checkpoint needs and which previous checkpoint is intact:
-    nothing that existed before the call has been touched at that point.
+    A checkpoint that does not fit in the free space is refused before anything is written. A write that
+    fails for the file system's reasons (a full disk, no permission) removes its temporary folder and
+    raises CheckpointError saying what happened and which previous checkpoint is intact: nothing that
+    existed before the call has been touched at that point.
     """
     root = Path(checkpoint_root)
     name = step_dir_name(step)
@@ -103,10 +99,15 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, models: dict[str, di
     previous = _latest_name(root)[0]
     if previous is None or not (root / previous).is_dir():
         previous = next((p.name for p in reversed(list_checkpoints(root))), None)
+    need = _bytes_needed(models, state)
+    free = None
     try:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        free = shutil.disk_usage(root).free
+        if free < need:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root))
         tmp.mkdir()
         for model_name, tensors in models.items():
             # safetensors refuses shared or non-contiguous storage; clone to plain tensors.
@@ -118,18 +119,19 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, models: dict[str, di
             json.dump({**meta, "step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": files},
                       fh, indent=2)
         for f in tmp.iterdir():
-            _fsync_file(f)
+            fsync_file(f)
         fsync_folder(tmp)
-    except BaseException as err:
-        need = _bytes_needed(models, state)
-        no_space = _out_of_space(err, _free_bytes(root), need)  # measured while the partial files still fill it
-        ours = no_space or _write_error(err) is not None
-        if ours:
-            _drop_tracebacks(err)
+    except Exception as err:
+        # torch.save and safetensors report a full disk without an errno, so the disk is measured instead:
+        # the space that was there for this checkpoint has gone.
+        full = _no_space(err) or (free is not None and _bytes_left(root) < need)
         shutil.rmtree(tmp, ignore_errors=True)
-        if not ours:  # not the file system's doing (a bug, an interrupt): as it was raised
+        if not (full or isinstance(err, OSError)):  # a bug, not the file system's doing: as it was raised
             raise
-        raise _write_failure(err, root, f"checkpoint {name}", previous, need, no_space) from err
+        raise _write_failure(err, root, f"checkpoint {name}", previous, full, need, free) from err
+    except BaseException:  # an interrupt: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -137,9 +139,8 @@ def save_checkpoint(checkpoint_root: str | Path, step: int, models: dict[str, di
     try:
         _write_latest(root, final.name)
     except OSError as err:  # the checkpoint is complete; only the pointer to it could not be replaced
-        raise _write_failure(err, root, f"the `{LATEST}` pointer to checkpoint {name}", previous, 0,
-                             _out_of_space(err, None, 0), then=f"continue from {name}, which was written "
-                                                               f"completely, with --resume {final}") from err
+        raise _write_failure(err, root, f"the `{LATEST}` pointer to checkpoint {name}", previous, _no_space(err),
+                             then=f"continue from {name}, which was written completely, with --resume {final}") from err
     _apply_retention(root, keep, current=final.name)
     return final
 
@@ -173,6 +174,17 @@ def _bytes_needed(models: dict[str, dict[str, torch.Tensor]], state: Any) -> int
     return total
 
 
+def _bytes_left(root: Path) -> int:
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return 0
+
+
+def _no_space(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _format_mb(nbytes: int) -> str:
     mb = nbytes / 1e6
     if mb >= 10:
@@ -180,116 +192,20 @@ def _format_mb(nbytes: int) -> str:
     return f"{mb:.1f} MB" if mb >= 1 else f"{mb:.2f} MB"
 
 
-def _existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _free_bytes(path: Path) -> Optional[int]:
-    try:
-        stats = os.statvfs(_existing_parent(path))
-    except (OSError, AttributeError):  # no statvfs on Windows
-        return None
-    return stats.f_bavail * stats.f_frsize
-
-
-def _file_system(path: Path) -> tuple[Optional[str], Optional[str]]:
-    """(mount point, device) of the file system holding `path`, best effort (None where unknown)."""
-    try:
-        mount = _existing_parent(path).resolve()
-        while not os.path.ismount(mount) and mount != mount.parent:
-            mount = mount.parent
-    except OSError:
-        return None, None
-    device = None
-    try:  # the last line for a mount point is the one in effect (/proc/mounts escapes spaces as \040)
-        for line in Path("/proc/mounts").read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 2 and fields[1].encode().decode("unicode_escape") == str(mount):
-                device = f"{fields[0]}, {fields[2]}" if len(fields) >= 3 else fields[0]
-    except (OSError, UnicodeDecodeError):
-        pass
-    return str(mount), device
-
-
-# What a full disk looks like when it is not an OSError with errno ENOSPC: safetensors' "I/O error: No
-# space left on device (os error 28)", and torch.save's PytorchStreamWriter "file write failed" /
-# "iostream error" (caffe2/serialize/inline_container.cc).
-_NO_SPACE_TEXT = ("no space left", "os error 28", "storagefull", "iostream error", "file write failed",
-                  "disk quota exceeded", "os error 122")
-
-
-# torch.save's archive writer (caffe2/serialize/inline_container.cc) failing to write, cause unstated.
-_STREAM_WRITER_TEXT = ("PytorchStreamWriter", "inline_container", "unexpected pos")
-
-
-def _drop_tracebacks(err: BaseException) -> None:
-    """Let go of the frames a failed write raised from. torch.save's archive writer keeps its file open
-    from them (its context exception, "basic_ios::clear: iostream error", holds them too), so until they
-    go, deleting the partial file frees no space: seen on a full tmpfs with torch 2.x."""
-    chain, seen = [err], set()
-    while chain:
-        e = chain.pop()
-        if e is not None and id(e) not in seen:
-            seen.add(id(e))
-            e.__traceback__ = None
-            chain.extend([e.__cause__, e.__context__])
-
-
-def _out_of_space(err: BaseException, free: Optional[int], need: int) -> bool:
-    """Whether a failed write means a full disk (or quota). `free` is the space left when it failed."""
-    if not isinstance(err, Exception):
-        return False
-    chain, seen = [err], set()
-    while chain:
-        e = chain.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(e).lower()
-        if any(marker in text for marker in _NO_SPACE_TEXT):
-            return True
-        # On a full tmpfs torch.save only reports the short write ("[enforce fail at inline_container.cc]
-        # . unexpected pos 576 vs 534"); it is a full disk when the space left is less than the checkpoint.
-        if "unexpected pos" in text and free is not None and free < need:
-            return True
-        chain.extend([e.__cause__, e.__context__])
-    return False
-
-
-def _write_error(err: BaseException) -> Optional[str]:
-    """What went wrong, for a write the file system refused (an OSError, or torch.save's archive writer
-    failing), or None for anything else (a bug, an interrupt)."""
-    if isinstance(err, OSError):
-        return f"{err.strerror or err}" + (f" ({err.filename})" if err.filename else "")
-    if isinstance(err, RuntimeError) and any(m in str(err) for m in _STREAM_WRITER_TEXT):
-        return _first_line(err)  # torch.save could not write its archive, for a reason it does not say
-    return None
-
-
-def _write_failure(err: BaseException, root: Path, what: str, previous: Optional[str], need: int,
-                   no_space: bool, then: str = "run the same command again with --resume latest") -> CheckpointError:
-    """The message for a write that failed for a reason the user fixes: a full disk (`no_space`, see
-    `_out_of_space`), or one of `_write_error`'s."""
+def _write_failure(err: BaseException, root: Path, what: str, previous: Optional[str], full: bool, need: int = 0,
+                   free: Optional[int] = None,
+                   then: str = "run the same command again with --resume latest") -> CheckpointError:
+    """The one-line message for a write that failed for a reason the user fixes: a full disk (`full`), or
+    any other OSError."""
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint existed"
-    if no_space:
-        mount, device = _file_system(root)
-        where = ""
-        if mount is not None:
-            where = f" The file system at {mount}" + (f" ({device})" if device else "")
-            free = _free_bytes(root)  # once the partial files are gone (the caller deletes them first)
-            where += f" has {_format_mb(free)} free." if free is not None else "."
-        quota = " (disk quota exceeded)" if isinstance(err, OSError) and err.errno == errno.EDQUOT else ""
-        need_text = f"need about {_format_mb(need)}; " if need else ""
+    if full:
+        space = f"need about {_format_mb(need)}, {_format_mb(free)} was free; " if need and free is not None else ""
         return CheckpointError(
-            f"No space left on {root}{quota} while writing {what} ({need_text}{kept}).{where} Free "
-            f"space there (older runs, or checkpoints this run no longer needs), then {then}.")
-    return CheckpointError(f"Cannot write {what} in {root}: {_write_error(err) or _first_line(err)} ({kept}). "
-                           f"Check that the folder can be written and its disk is healthy, then {then}.")
+            f"No space left on {root} while writing {what} ({space}{kept}). Free space there (older runs, or "
+            f"checkpoints this run no longer needs), then {then}.")
+    reason = f"{getattr(err, 'strerror', None) or err}" + (f" ({err.filename})" if getattr(err, "filename", None) else "")
+    return CheckpointError(f"Cannot write {what} in {root}: {reason} ({kept}). Check that the folder can be "
+                           f"written and its disk is healthy, then {then}.")
 
 
 def list_checkpoints(checkpoint_root: str | Path) -> list[Path]:
