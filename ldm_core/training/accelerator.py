@@ -51,7 +51,7 @@ def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True)
                               log_with="tensorboard" if log else None, project_config=project)
     if accelerator.device.type == "cpu" and train_cfg.mixed_precision == "bf16" and not cpu_has_native_bf16():
         logger.warning("train.mixed_precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 convolutions are "
-                       "emulated there and ran about 20x slower than fp32 on a 2-core AVX2 CPU. Use "
+                       "emulated there and run many times slower than fp32 (docs/performance.md). Use "
                        "train.mixed_precision=no on this machine.")
     return accelerator
 
@@ -119,16 +119,11 @@ def end_run(accelerator) -> None:
 def exit_process(code: int) -> NoReturn:
     """End the process with exit status `code`; in a multi-process run, without the interpreter's teardown.
 
-    gloo runs each collective on a worker thread of its own, and the thread that drops the last C++
-    reference to a collective's tensors must take the GIL to release their Python objects. If the main
-    thread has begun tearing the interpreter down by then (a process that returns right after its last
-    collective, as rank 1 of `ldm bench-recon` does after gathering its scores), CPython ends the worker
-    thread inside a C++ destructor and the process aborts with "terminate called without an active
-    exception" (SIGABRT), although the command itself succeeded. That happened in about 1 of 13 two-process
-    runs of tests/test_multiprocess.py on a 2-core CPU. Destroying the process group does not stop those
-    threads once a DistributedDataParallel model has held the group (torch keeps it alive), so the sure
-    way is to skip the teardown: every file a command writes is closed when it returns, so flush the
-    logs and the standard streams and leave.
+    With gloo, a collective's worker thread may still be releasing tensors while the interpreter tears
+    down, which aborts an otherwise successful process (SIGABRT, "terminate called without an active
+    exception"); destroying the process group does not stop those threads once DDP has held it. Every
+    file a command writes is closed when it returns, so flush the logs and streams and leave
+    (docs/performance.md, "Small measurements behind defaults").
     """
     import torch.distributed as dist
 

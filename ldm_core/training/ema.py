@@ -12,8 +12,8 @@ from ldm_core.config.settings import EMAConfig
 def make_ema(model: torch.nn.Module, ema_cfg: EMAConfig):
     """diffusers `EMAModel` over `model`'s parameters, or None when EMA is off.
 
-    `foreach` updates all shadow tensors in a few fused ops instead of a Python loop over them: 5 ms
-    instead of 15 ms per step for unet-small on 2 CPU cores, the same values (tests/test_fast_paths.py).
+    `foreach` updates all shadow tensors in a few fused ops instead of a Python loop over them, with the
+    same values (tests/test_fast_paths.py; the time it saves: docs/performance.md).
     """
     if not ema_cfg.enabled:
         return None
