@@ -397,7 +397,7 @@ def build_stage_a(cfg, perceptual, device: torch.device, *, channels_last: bool 
     else:
         trained = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
         opt_ae = make_adam(trained, tc, lr=tc.lr)
-        opt_d = make_adam(disc.parameters(), tc, lr=tc.disc_lr or tc.lr, betas=tc.disc_betas)
+        opt_d = make_adam(disc.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     return StageAParts(vae, disc, loss_fn, AutoencoderForTraining(vae), opt_ae, opt_d, scaler,
                        vae.decoder.conv_out.weight, tc.max_grad_norm)

@@ -84,7 +84,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual, discriminator).to(device)
     ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
     opt_ae = make_adam(ae_params, tc, lr=tc.lr)
-    opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_lr or tc.lr, betas=tc.disc_betas)
+    opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
     # LR schedules are stepped once per optimizer step by us (not prepared), so their meaning does not
     # change with the number of processes.
     sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc)

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config.settings import DataConfig, EMAConfig, TrainConfig, _require, check_architecture, check_relative_path
+from ldm_core.config.settings import (FINGERPRINTED, RESUMABLE, DataConfig, EMAConfig, TrainConfig, _require,
+                                      check_architecture, check_relative_path, fingerprint, fingerprint_parts,
+                                      redefault)
 
 
 @dataclass
@@ -101,7 +103,7 @@ class UNetDataConfig(DataConfig):
     # carries a hash of the VAE, the images and the flip setting, so stale latents are never read. A
     # relative path lies inside the run folder (the default: RUN/latents); an absolute one is a cache
     # shared by runs, which then skip the encoding (delete its files to reclaim the space).
-    latent_cache_dir: str = "latents"
+    latent_cache_dir: str = field(default="latents", metadata=RESUMABLE)
     # How the cache stores mean and std: float32, float16 or bfloat16 (half the disk and page cache;
     # docs/data.md has what it costs in precision), and how many images a shard holds.
     latent_cache_dtype: str = "float32"
@@ -120,18 +122,19 @@ class UNetDataConfig(DataConfig):
 
 @dataclass
 class UNetTrainConfig(TrainConfig):
-    lr: float = 2e-4
-    lr_warmup_steps: int = 100
+    lr: float = redefault(TrainConfig, "lr", 2e-4)
+    lr_warmup_steps: int = redefault(TrainConfig, "lr_warmup_steps", 100)
 
 
 @dataclass
 class StageBConfig:
-    model: UNetModelConfig = field(default_factory=UNetModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: UNetModelConfig = field(default_factory=UNetModelConfig, metadata=FINGERPRINTED)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata=FINGERPRINTED)
     data: UNetDataConfig = field(default_factory=UNetDataConfig)
     train: UNetTrainConfig = field(default_factory=UNetTrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Sampling during training only draws grids: every key of it may change on resume.
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
         _require(self.sampling.num_inference_steps <= self.diffusion.num_train_timesteps,
@@ -139,8 +142,6 @@ class StageBConfig:
                  f"at most diffusion.num_train_timesteps={self.diffusion.num_train_timesteps}")
 
     def model_fingerprint(self) -> str:
-        """Hash of what a Stage B checkpoint's tensors depend on (model, diffusion, resolution); a
-        checkpoint is only resumed by a config with the same fingerprint."""
-        from ldm_core.config.settings import fingerprint
-
-        return fingerprint(self.model, self.diffusion, self.data.resolution)
+        """Hash of what a Stage B checkpoint's tensors depend on (the fields marked FINGERPRINTED: model,
+        diffusion, data.resolution); a checkpoint is only resumed by a config with the same fingerprint."""
+        return fingerprint(*fingerprint_parts(self))
