@@ -120,6 +120,28 @@ def test_the_discriminator_learning_rate_falls_back_to_lr():
     assert load_config(StageAConfig, None, ["train.disc_lr=1e-5"]).train.disc_learning_rate == pytest.approx(1e-5)
 
 
+def _restated(data: dict, below: dict, prefix: str = ""):
+    """Dotted keys of `data` whose value is the one `below` already has (a base preset's or the default)."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _restated(value, below[key], f"{prefix}{key}.")
+        elif key != "base" and value == below[key]:
+            yield f"{prefix}{key}"
+
+
+def test_shipped_presets_state_only_what_differs_from_the_defaults():
+    schema = {"vae": StageAConfig, "unet": StageBConfig}
+    for name in available_presets():
+        cls = schema.get(name.split("/")[0], LDMConfig)
+        data = yaml.safe_load(config_path(name).read_text())
+        below = dataclasses.asdict(cls())
+        for section, stage in (("stage_a", StageAConfig), ("stage_b", StageBConfig)):
+            if cls is LDMConfig and "base" in data.get(section, {}):
+                below[section] = dataclasses.asdict(load_config(stage, data[section]["base"]))
+        # A preset names its architecture even where that is the default: the file is named after it.
+        assert [k for k in _restated(data, below) if k != "model.preset"] == [], name
+
+
 def test_valid_keys_are_dotted_and_complete():
     keys = valid_keys(LDMConfig)
     assert "stage_a.loss.kl_weight" in keys and "stage_b.diffusion.beta_end" in keys
