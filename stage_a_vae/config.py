@@ -9,17 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ldm_core.config.architectures import check_architecture
 from ldm_core.config.settings import (FINGERPRINTED, RESUMABLE, ConfigError, DataConfig, EMAConfig, TrainConfig,
-                                      _require, check_architecture, check_relative_path, fingerprint,
-                                      fingerprint_parts, redefault)
+                                      _require, check_relative_path, fingerprint, fingerprint_parts, redefault)
 
 
 @dataclass
 class VAEModelConfig:
-    """A named `AutoencoderKL` preset (see stage_a_vae/presets.py) plus optional overrides."""
+    """A named `AutoencoderKL` architecture (`VAE_ARCHITECTURES`, stage_a_vae/architectures.py) plus optional
+    overrides (ldm_core/config/architectures.py)."""
 
+    # The architecture's name; the key keeps the name `preset`, which saved run configs and fingerprints carry.
     preset: str = "kl-f8-small"
-    # None keeps the preset's value.
+    # None keeps the architecture's value.
     block_out_channels: Optional[List[int]] = None
     layers_per_block: Optional[int] = None
     norm_num_groups: Optional[int] = None
@@ -39,9 +41,9 @@ class VAEModelConfig:
     downsample_factor: int = 8
 
     def __post_init__(self) -> None:
-        from stage_a_vae.presets import VAE_PRESETS  # the presets module builds models; config stays light
+        from stage_a_vae.architectures import VAE_ARCHITECTURES  # that module builds models; config stays light
 
-        check_architecture(self, VAE_PRESETS, ("layers_per_block", "norm_num_groups"))
+        check_architecture(self, VAE_ARCHITECTURES)
         _require(self.latent_channels > 0, "model.latent_channels", self.latent_channels, "a positive integer")
         _require(self.downsample_factor > 0, "model.downsample_factor", self.downsample_factor, "a positive integer")
 

@@ -37,7 +37,7 @@ from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
 from stage_a_vae.perceptual import build_lpips
-from stage_a_vae.presets import build_autoencoder
+from stage_a_vae.architectures import build_autoencoder
 from stage_a_vae.validation import reconstruct_uint8, validate_reconstructions
 
 logger = logging.getLogger("ldm.train_vae")

@@ -9,22 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from ldm_core.config.architectures import check_architecture
 from ldm_core.config.settings import (FINGERPRINTED, RESUMABLE, DataConfig, EMAConfig, TrainConfig, _require,
-                                      check_architecture, check_relative_path, fingerprint, fingerprint_parts,
-                                      redefault)
+                                      check_relative_path, fingerprint, fingerprint_parts, redefault)
 
 
 @dataclass
 class UNetModelConfig:
-    """A named `UNet2DModel` preset (see stage_b_diffusion/presets.py) plus optional overrides.
+    """A named `UNet2DModel` architecture (`UNET_ARCHITECTURES`, stage_b_diffusion/architectures.py) plus
+    optional overrides (ldm_core/config/architectures.py).
 
     Input/output channels and sample size are not set here: they come from the VAE.
     """
 
+    # The architecture's name; the key keeps the name `preset`, which saved run configs and fingerprints carry.
     preset: str = "unet-small"
     block_out_channels: Optional[List[int]] = None
     layers_per_block: Optional[int] = None
-    # GroupNorm groups of every resnet and attention block (null: the preset's). With as many groups as
+    # GroupNorm groups of every resnet and attention block (null: the architecture's). With as many groups as
     # channels a GroupNorm removes each channel's spatial mean, the level that carries a flat colour.
     norm_num_groups: Optional[int] = None
     # Class conditioning: 0 = unconditional. With N classes the U-Net gets N + 1 embeddings, the last
@@ -33,9 +35,9 @@ class UNetModelConfig:
     class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        from stage_b_diffusion.presets import UNET_PRESETS  # the presets module builds models; config stays light
+        from stage_b_diffusion.architectures import UNET_ARCHITECTURES  # that module builds models; config stays light
 
-        check_architecture(self, UNET_PRESETS, ("layers_per_block", "norm_num_groups"))
+        check_architecture(self, UNET_ARCHITECTURES)
         _require(self.num_classes >= 0, "model.num_classes", self.num_classes, "0 or more")
         _require(0.0 <= self.class_dropout < 1.0, "model.class_dropout", self.class_dropout, "in [0, 1)")
 

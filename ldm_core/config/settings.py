@@ -200,18 +200,6 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
 
 
-def check_architecture(model: Any, presets: dict, optional_counts: Sequence[str]) -> None:
-    """A model section of a preset plus overrides: a known `preset`, positive `block_out_channels` widths,
-    and each of `optional_counts` positive or null (null keeps the preset's value)."""
-    _require(model.preset in presets, "model.preset", model.preset, f"one of {', '.join(presets)}")
-    widths = model.block_out_channels
-    _require(widths is None or (len(widths) > 0 and all(c > 0 for c in widths)), "model.block_out_channels",
-             widths, "a non-empty list of positive widths, or null")
-    for key in optional_counts:
-        value = getattr(model, key)
-        _require(value is None or value > 0, f"model.{key}", value, "a positive integer or null")
-
-
 # --------------------------------------------------------------------------------------------------
 # Paths named in configs. A config is data that may come from someone else; a relative path in it must
 # not make a run write outside its own folder (`../../somewhere`).
