@@ -13,10 +13,6 @@ from typing import Any, Mapping, Optional
 
 from ldm_core.config.settings import ConfigError, _require
 
-# The keys a config may override, each null by default (null keeps the architecture's value).
-OVERRIDES = ("block_out_channels", "layers_per_block", "norm_num_groups")
-
-
 def check_architecture(model: Any, architectures: Mapping[str, dict]) -> None:
     """The model section of a config: `preset` names an entry of `architectures`, `block_out_channels` is a
     non-empty list of positive widths or null, and `layers_per_block` and `norm_num_groups` are positive or
@@ -32,10 +28,11 @@ def check_architecture(model: Any, architectures: Mapping[str, dict]) -> None:
 
 def architecture_kwargs(model: Any, architectures: Mapping[str, dict],
                         level_block_types: Optional[tuple[str, str]] = None) -> dict:
-    """A copy of the keyword arguments of architecture `model.preset`, with the config's `OVERRIDES` applied.
+    """A copy of the keyword arguments of architecture `model.preset`, with the config's overrides applied.
 
     Parameters:
-        model: a model config section with `preset` and the `OVERRIDES` keys.
+        model: a model config section: `preset`, and `block_out_channels`, `layers_per_block`,
+            `norm_num_groups`, each null to keep the architecture's value.
         architectures: the stage's table of named architectures (never modified).
         level_block_types: (down, up) block type of every level, for an architecture whose levels are all
             alike (the autoencoder's): `block_out_channels` may then change the number of levels and the

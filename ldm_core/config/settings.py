@@ -18,6 +18,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Optional, Sequence, Type, TypeVar
 
 import yaml
@@ -31,14 +32,15 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says which key and what is allowed."""
 
 
-# Field metadata, read by `resumable_keys` and `fingerprint_parts`; a field without either defines the run
-# but not its tensors (data, batch, seed, optimiser betas, EMA decay): a resume may not change it.
-# May change when a run is resumed: how long it trains, its learning rate and schedule, how it logs,
-# checkpoints and samples, its precision and where it caches. On a section: every key in it.
-RESUMABLE = {"resumable": True}
-# Shapes or defines what a checkpoint's tensors mean: part of the model fingerprint that a resumed
-# checkpoint must match (ldm_core/training/checkpoints.py `check_resumable`). On a section: all of it.
-FINGERPRINTED = {"fingerprint": True}
+# What a setting means for a run beyond its value, as field metadata (`field(..., metadata=RESUMABLE)`),
+# read by `resumable_keys` and `fingerprint_parts`; on a section field it covers every key in the section.
+# RESUMABLE: may change when a run is resumed (how long it trains, its learning rate and schedule, how it
+# logs, checkpoints and samples, its precision, where it caches). Any other key defines the run (data,
+# batch, seed, optimiser betas, EMA decay...) and ldm_core/training/run_folder.py refuses a resume that changes it.
+RESUMABLE = MappingProxyType({"resumable": True})
+# FINGERPRINTED: shapes a checkpoint's tensors or gives them their meaning; part of the model fingerprint
+# a resumed checkpoint must match (ldm_core/training/checkpoints.py `check_resumable`).
+FINGERPRINTED = MappingProxyType({"fingerprint": True})
 
 
 def redefault(base: Type[Any], name: str, default: Any) -> Any:
