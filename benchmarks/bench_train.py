@@ -65,7 +65,7 @@ def _stage_b_config(steps: int, images: int, cache_dir: str | None = None):
 def _random_vae(folder: Path) -> Path:
     """A kl-f8-small VAE with fixed random weights: speed does not depend on what the weights are."""
     from stage_a_vae.config import VAEModelConfig
-    from stage_a_vae.presets import build_autoencoder
+    from stage_a_vae.architectures import build_autoencoder
 
     torch.manual_seed(0)
     build_autoencoder(VAEModelConfig(preset="kl-f8-small")).save_pretrained(folder)
@@ -135,7 +135,7 @@ def worker_reference(args) -> dict[str, Any]:
     if args.stage == "a":
         from stage_a_vae.discriminator import NLayerDiscriminator
         from stage_a_vae.perceptual import build_lpips
-        from stage_a_vae.presets import build_autoencoder
+        from stage_a_vae.architectures import build_autoencoder
 
         cfg = _stage_a_config(args.disc_on, 1, args.images)
         lc, tc = cfg.loss, cfg.train
@@ -152,7 +152,7 @@ def worker_reference(args) -> dict[str, Any]:
             ldm_stage_a_step(vae, disc, lpips, lc, opt_ae, opt_d, x, global_step)
     else:
         from stage_b_diffusion.noise_schedule import build_noise_scheduler
-        from stage_b_diffusion.presets import build_unet
+        from stage_b_diffusion.architectures import build_unet
         from ldm_core.models.autoencoder_folders import load_frozen_vae
 
         with tempfile.TemporaryDirectory() as tmp:

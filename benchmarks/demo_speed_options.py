@@ -60,7 +60,7 @@ def _demo_stage_config(stage: str, steps: int, overrides: list[str]):
 
 
 def _random_demo_vae(folder: Path, model_cfg) -> Path:
-    from stage_a_vae.presets import build_autoencoder
+    from stage_a_vae.architectures import build_autoencoder
 
     torch.manual_seed(0)
     build_autoencoder(model_cfg).save_pretrained(folder)
@@ -90,7 +90,7 @@ def worker_compile(args) -> dict[str, Any]:
     """A bare Stage B step of the demo's U-Net, eager and compiled."""
     from stage_b_diffusion.noise_schedule import build_noise_scheduler
     from stage_b_diffusion.objective import diffusion_loss
-    from stage_b_diffusion.presets import build_unet
+    from stage_b_diffusion.architectures import build_unet
 
     cfg = _demo_stage_config("b", 1, [])
     torch.manual_seed(0)

@@ -383,7 +383,7 @@ def build_stage_a(cfg, perceptual, device: torch.device, *, channels_last: bool 
     from ldm_core.training.optimization import make_adam
     from stage_a_vae.discriminator import build_discriminator
     from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
-    from stage_a_vae.presets import build_autoencoder
+    from stage_a_vae.architectures import build_autoencoder
     from stage_a_vae.train import AutoencoderForTraining
 
     torch.manual_seed(0)
@@ -397,7 +397,7 @@ def build_stage_a(cfg, perceptual, device: torch.device, *, channels_last: bool 
     else:
         trained = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
         opt_ae = make_adam(trained, tc, lr=tc.lr)
-        opt_d = make_adam(disc.parameters(), tc, lr=tc.disc_lr or tc.lr, betas=tc.disc_betas)
+        opt_d = make_adam(disc.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
     return StageAParts(vae, disc, loss_fn, AutoencoderForTraining(vae), opt_ae, opt_d, scaler,
                        vae.decoder.conv_out.weight, tc.max_grad_norm)
@@ -760,10 +760,10 @@ def section_stage_b_speed(r: Runner) -> dict[str, Any]:
     from benchmarks.reference_loops import text_to_image_stage_b_step
     from ldm_core.training.ema import make_ema
     from ldm_core.training.optimization import make_adam
-    from stage_a_vae.presets import build_autoencoder
+    from stage_a_vae.architectures import build_autoencoder
     from stage_b_diffusion.noise_schedule import build_noise_scheduler
     from stage_b_diffusion.objective import diffusion_loss
-    from stage_b_diffusion.presets import build_unet, count_parameters
+    from stage_b_diffusion.architectures import build_unet, count_parameters
 
     plan, dev = r.plan, r.device
     cfg = stage_b_config(plan)
@@ -831,9 +831,9 @@ def section_stage_b_speed(r: Runner) -> dict[str, Any]:
 
 def section_sampling(r: Runner) -> dict[str, Any]:
     from pipelines.latent_diffusion import LatentDiffusionPipeline
-    from stage_a_vae.presets import build_autoencoder
+    from stage_a_vae.architectures import build_autoencoder
     from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
-    from stage_b_diffusion.presets import build_unet
+    from stage_b_diffusion.architectures import build_unet
 
     plan, dev = r.plan, r.device
     cfg = stage_b_config(plan)

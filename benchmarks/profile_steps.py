@@ -151,7 +151,7 @@ def worker(args) -> dict[str, Any]:
 
             train_vae(cfg, "builtin:shapes", tmp / "run")
         else:
-            from stage_a_vae.presets import build_autoencoder
+            from stage_a_vae.architectures import build_autoencoder
             from workflows.train_unet import train_unet
 
             torch.manual_seed(0)  # a step's speed does not depend on the autoencoder's weights

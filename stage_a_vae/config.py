@@ -9,16 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config.settings import (ConfigError, DataConfig, EMAConfig, TrainConfig, _require, check_architecture,
-                             check_relative_path)
+from ldm_core.config.architectures import check_architecture
+from ldm_core.config.settings import (FINGERPRINTED, RESUMABLE, ConfigError, DataConfig, EMAConfig, TrainConfig,
+                                      _require, check_relative_path, fingerprint, fingerprint_parts, redefault)
 
 
 @dataclass
 class VAEModelConfig:
-    """A named `AutoencoderKL` preset (see stage_a_vae/presets.py) plus optional overrides."""
+    """A named `AutoencoderKL` architecture (`VAE_ARCHITECTURES`, stage_a_vae/architectures.py) plus optional
+    overrides (ldm_core/config/architectures.py)."""
 
+    # The architecture's name; the key keeps the name `preset`, which saved run configs and fingerprints carry.
     preset: str = "kl-f8-small"
-    # None keeps the preset's value.
+    # None keeps the architecture's value.
     block_out_channels: Optional[List[int]] = None
     layers_per_block: Optional[int] = None
     norm_num_groups: Optional[int] = None
@@ -38,9 +41,9 @@ class VAEModelConfig:
     downsample_factor: int = 8
 
     def __post_init__(self) -> None:
-        from stage_a_vae.presets import VAE_PRESETS  # the presets module builds models; config stays light
+        from stage_a_vae.architectures import VAE_ARCHITECTURES  # that module builds models; config stays light
 
-        check_architecture(self, VAE_PRESETS, ("layers_per_block", "norm_num_groups"))
+        check_architecture(self, VAE_ARCHITECTURES)
         _require(self.latent_channels > 0, "model.latent_channels", self.latent_channels, "a positive integer")
         _require(self.downsample_factor > 0, "model.downsample_factor", self.downsample_factor, "a positive integer")
 
@@ -89,7 +92,7 @@ class VAEDataConfig(DataConfig):
     # the decode (keyed by the files' paths, sizes and times and the resolution). Unset: decoded in memory
     # by every run. A relative path lies inside the run folder (see `resolve_run_path`); an absolute one
     # is a cache shared by runs.
-    image_cache_dir: Optional[str] = None
+    image_cache_dir: Optional[str] = field(default=None, metadata=RESUMABLE)
     # Put each training image's RGB channels in a random order (ldm_core/data/step_batches.py `shuffle_channels`), so
     # a small dataset shows the autoencoder every hue instead of a palette. Validation images are not shuffled.
     channel_shuffle: bool = False
@@ -103,10 +106,10 @@ class VAEDataConfig(DataConfig):
 @dataclass
 class VAETrainConfig(TrainConfig):
     # LDM: Adam betas (0.5, 0.9) for both the autoencoder and the discriminator.
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.9
-    lr: float = 1e-4
-    disc_lr: Optional[float] = None  # None: same as lr
+    adam_beta1: float = redefault(TrainConfig, "adam_beta1", 0.5)
+    adam_beta2: float = redefault(TrainConfig, "adam_beta2", 0.9)
+    # The discriminator's learning rate; None: `lr` (read it as `disc_learning_rate`).
+    disc_lr: Optional[float] = field(default=None, metadata=RESUMABLE)
     # The discriminator's Adam betas; None: the autoencoder's. A recipe may give the autoencoder other
     # betas and keep LDM's (0.5, 0.9) for the adversarial game.
     disc_adam_beta1: Optional[float] = None
@@ -120,6 +123,11 @@ class VAETrainConfig(TrainConfig):
             _require(value is None or 0 <= value < 1, f"train.{key}", value, "a number in [0, 1) or null")
 
     @property
+    def disc_learning_rate(self) -> float:
+        """The discriminator's learning rate: `disc_lr` where set, else the autoencoder's `lr`."""
+        return self.lr if self.disc_lr is None else self.disc_lr
+
+    @property
     def disc_betas(self) -> tuple[float, float]:
         """The discriminator's Adam betas: its own where set, else the autoencoder's."""
         return (self.adam_beta1 if self.disc_adam_beta1 is None else self.disc_adam_beta1,
@@ -128,18 +136,16 @@ class VAETrainConfig(TrainConfig):
 
 @dataclass
 class StageAConfig:
-    model: VAEModelConfig = field(default_factory=VAEModelConfig)
-    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    model: VAEModelConfig = field(default_factory=VAEModelConfig, metadata=FINGERPRINTED)
+    loss: VAELossConfig = field(default_factory=VAELossConfig, metadata=FINGERPRINTED)
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
     train: VAETrainConfig = field(default_factory=VAETrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
 
     def model_fingerprint(self) -> str:
-        """Hash of what a Stage A checkpoint's tensors depend on (model, loss, resolution); a checkpoint
-        is only resumed by a config with the same fingerprint."""
-        from ldm_core.config.settings import fingerprint
-
-        return fingerprint(self.model, self.loss, self.data.resolution)
+        """Hash of what a Stage A checkpoint's tensors depend on (the fields marked FINGERPRINTED: model,
+        loss, data.resolution); a checkpoint is only resumed by a config with the same fingerprint."""
+        return fingerprint(*fingerprint_parts(self))
 
     def __post_init__(self) -> None:
         f = self.model.downsample_factor

@@ -37,7 +37,7 @@ from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
 from stage_a_vae.perceptual import build_lpips
-from stage_a_vae.presets import build_autoencoder
+from stage_a_vae.architectures import build_autoencoder
 from stage_a_vae.validation import reconstruct_uint8, validate_reconstructions
 
 logger = logging.getLogger("ldm.train_vae")
@@ -84,7 +84,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual, discriminator).to(device)
     ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
     opt_ae = make_adam(ae_params, tc, lr=tc.lr)
-    opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_lr or tc.lr, betas=tc.disc_betas)
+    opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
     # LR schedules are stepped once per optimizer step by us (not prepared), so their meaning does not
     # change with the number of processes.
     sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc)

@@ -9,20 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ldm_core.config.settings import DataConfig, EMAConfig, TrainConfig, _require, check_architecture, check_relative_path
+from ldm_core.config.architectures import check_architecture
+from ldm_core.config.settings import (FINGERPRINTED, RESUMABLE, DataConfig, EMAConfig, TrainConfig, _require,
+                                      check_relative_path, fingerprint, fingerprint_parts, redefault)
 
 
 @dataclass
 class UNetModelConfig:
-    """A named `UNet2DModel` preset (see stage_b_diffusion/presets.py) plus optional overrides.
+    """A named `UNet2DModel` architecture (`UNET_ARCHITECTURES`, stage_b_diffusion/architectures.py) plus
+    optional overrides (ldm_core/config/architectures.py).
 
     Input/output channels and sample size are not set here: they come from the VAE.
     """
 
+    # The architecture's name; the key keeps the name `preset`, which saved run configs and fingerprints carry.
     preset: str = "unet-small"
     block_out_channels: Optional[List[int]] = None
     layers_per_block: Optional[int] = None
-    # GroupNorm groups of every resnet and attention block (null: the preset's). With as many groups as
+    # GroupNorm groups of every resnet and attention block (null: the architecture's). With as many groups as
     # channels a GroupNorm removes each channel's spatial mean, the level that carries a flat colour.
     norm_num_groups: Optional[int] = None
     # Class conditioning: 0 = unconditional. With N classes the U-Net gets N + 1 embeddings, the last
@@ -31,9 +35,9 @@ class UNetModelConfig:
     class_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        from stage_b_diffusion.presets import UNET_PRESETS  # the presets module builds models; config stays light
+        from stage_b_diffusion.architectures import UNET_ARCHITECTURES  # that module builds models; config stays light
 
-        check_architecture(self, UNET_PRESETS, ("layers_per_block", "norm_num_groups"))
+        check_architecture(self, UNET_ARCHITECTURES)
         _require(self.num_classes >= 0, "model.num_classes", self.num_classes, "0 or more")
         _require(0.0 <= self.class_dropout < 1.0, "model.class_dropout", self.class_dropout, "in [0, 1)")
 
@@ -101,7 +105,7 @@ class UNetDataConfig(DataConfig):
     # carries a hash of the VAE, the images and the flip setting, so stale latents are never read. A
     # relative path lies inside the run folder (the default: RUN/latents); an absolute one is a cache
     # shared by runs, which then skip the encoding (delete its files to reclaim the space).
-    latent_cache_dir: str = "latents"
+    latent_cache_dir: str = field(default="latents", metadata=RESUMABLE)
     # How the cache stores mean and std: float32, float16 or bfloat16 (half the disk and page cache;
     # docs/data.md has what it costs in precision), and how many images a shard holds.
     latent_cache_dtype: str = "float32"
@@ -120,18 +124,19 @@ class UNetDataConfig(DataConfig):
 
 @dataclass
 class UNetTrainConfig(TrainConfig):
-    lr: float = 2e-4
-    lr_warmup_steps: int = 100
+    lr: float = redefault(TrainConfig, "lr", 2e-4)
+    lr_warmup_steps: int = redefault(TrainConfig, "lr_warmup_steps", 100)
 
 
 @dataclass
 class StageBConfig:
-    model: UNetModelConfig = field(default_factory=UNetModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: UNetModelConfig = field(default_factory=UNetModelConfig, metadata=FINGERPRINTED)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata=FINGERPRINTED)
     data: UNetDataConfig = field(default_factory=UNetDataConfig)
     train: UNetTrainConfig = field(default_factory=UNetTrainConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Sampling during training only draws grids: every key of it may change on resume.
+    sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
         _require(self.sampling.num_inference_steps <= self.diffusion.num_train_timesteps,
@@ -139,8 +144,6 @@ class StageBConfig:
                  f"at most diffusion.num_train_timesteps={self.diffusion.num_train_timesteps}")
 
     def model_fingerprint(self) -> str:
-        """Hash of what a Stage B checkpoint's tensors depend on (model, diffusion, resolution); a
-        checkpoint is only resumed by a config with the same fingerprint."""
-        from ldm_core.config.settings import fingerprint
-
-        return fingerprint(self.model, self.diffusion, self.data.resolution)
+        """Hash of what a Stage B checkpoint's tensors depend on (the fields marked FINGERPRINTED: model,
+        diffusion, data.resolution); a checkpoint is only resumed by a config with the same fingerprint."""
+        return fingerprint(*fingerprint_parts(self))

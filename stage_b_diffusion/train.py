@@ -36,7 +36,7 @@ from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.latent_cache import ImagesToEncode, load_or_build_latent_cache, vae_digest
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
 from stage_b_diffusion.objective import diffusion_loss, drop_class_labels
-from stage_b_diffusion.presets import build_unet, check_unet_matches_vae
+from stage_b_diffusion.architectures import build_unet, check_unet_matches_vae
 
 logger = logging.getLogger("ldm.train_unet")
 

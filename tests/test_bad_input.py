@@ -4,7 +4,7 @@ Items already covered elsewhere are not repeated here: truncated, zero-byte and 
 bombs, grayscale/RGBA/palette/CMYK/16-bit images, EXIF rotation, folder symlink loops, the empty folder and the
 missing path at the API level are in tests/test_data.py; unknown keys, wrong types and impossible values at the
 API level in tests/test_config.py; a missing --resume path and a checkpoint of another config at the API level
-in tests/test_checkpoint.py; U-Net/VAE shape mismatches in tests/test_unet_presets.py and tests/test_train_unet.py.
+in tests/test_checkpoint.py; U-Net/VAE shape mismatches in tests/test_unet_architectures.py and tests/test_train_unet.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_a_vae.config import StageAConfig
 from stage_b_diffusion.config import DiffusionConfig, UNetModelConfig
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
-from stage_b_diffusion.presets import build_unet
+from stage_b_diffusion.architectures import build_unet
 
 # A Stage A run small enough to train in a few seconds on a CPU.
 TINY_STAGE_A = ["model.preset=kl-f8-tiny", "data.resolution=32", "data.shapes_count=12", "data.val_count=4",
@@ -198,7 +198,7 @@ def test_unet_resolution_mismatch_suggests_valid_resolutions():
     vae = AutoencoderKL(block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, latent_channels=4,
                         layers_per_block=1)
-    from stage_b_diffusion.presets import check_unet_matches_vae
+    from stage_b_diffusion.architectures import check_unet_matches_vae
 
     unet = build_unet(UNetModelConfig(preset="unet-tiny"), latent_channels=4, latent_size=4)
     with pytest.raises(ValueError, match=r"Set data.resolution to a multiple of 8 \(e.g. 32 or 40\)"):

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import yaml
 
-from ldm_core.config.settings import ConfigError, load_config, save_config, valid_keys
+from ldm_core.config.settings import (ConfigError, fingerprint, fingerprint_parts, load_config, resumable_keys,
+                                      save_config, valid_keys)
 from ldm_core.config.preset_files import available_presets, config_path
 from workflows.config import LDMConfig
 from stage_a_vae.config import StageAConfig
@@ -84,6 +85,61 @@ def test_every_shipped_preset_loads():
     for name in presets:
         cls = schema.get(name.split("/")[0], LDMConfig)
         load_config(cls, config_path(name))
+
+
+def test_the_keys_a_resume_may_change_are_those_marked_on_their_fields():
+    # The list ldm_core/training/run_folder.py held before the marks moved onto the fields.
+    expected = {"train.lr", "train.disc_lr", "train.max_steps", "train.lr_warmup_steps", "train.lr_schedule",
+                "train.time_budget_minutes", "train.log_every", "train.validate_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.progress_bar", "train.nonfinite_loss", "train.max_nonfinite_skips",
+                "train.mixed_precision", "train.max_grad_norm", "train.fused_optimizer", "train.channels_last",
+                "train.latent_stats_images", "ema.export_ema", "sampling.", "data.image_cache_dir",
+                "data.latent_cache_dir", "data.num_workers", "data.decoded_cache_mb"}
+    stage_a, stage_b = resumable_keys(StageAConfig), resumable_keys(StageBConfig)
+    assert set(stage_a) | set(stage_b) == expected
+    assert "train.disc_lr" not in stage_b and "sampling." in stage_b and "data.image_cache_dir" in stage_a
+    # A subclass's own default keeps the base field's mark.
+    assert "train.lr" in stage_b and "train.lr_warmup_steps" in stage_b
+    # Nothing a checkpoint's tensors depend on may change on resume.
+    for cls in (StageAConfig, StageBConfig):
+        marked = [k for k in valid_keys(cls) if k.split(".")[0] in ("model", "loss", "diffusion")
+                  or k == "data.resolution"]
+        assert not [k for k in marked if k.startswith(resumable_keys(cls))]
+
+
+def test_the_fingerprint_covers_the_marked_sections_and_the_resolution():
+    a, b = StageAConfig(), StageBConfig()
+    assert fingerprint_parts(a) == [a.model, a.loss, a.data.resolution]
+    assert fingerprint_parts(b) == [b.model, b.diffusion, b.data.resolution]
+    assert a.model_fingerprint() == fingerprint(a.model, a.loss, a.data.resolution)
+    assert b.model_fingerprint() == fingerprint(b.model, b.diffusion, b.data.resolution)
+
+
+def test_the_discriminator_learning_rate_falls_back_to_lr():
+    assert load_config(StageAConfig, None, ["train.lr=3e-4"]).train.disc_learning_rate == pytest.approx(3e-4)
+    assert load_config(StageAConfig, None, ["train.disc_lr=1e-5"]).train.disc_learning_rate == pytest.approx(1e-5)
+
+
+def _restated(data: dict, below: dict, prefix: str = ""):
+    """Dotted keys of `data` whose value is the one `below` already has (a base preset's or the default)."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _restated(value, below[key], f"{prefix}{key}.")
+        elif key != "base" and value == below[key]:
+            yield f"{prefix}{key}"
+
+
+def test_shipped_presets_state_only_what_differs_from_the_defaults():
+    schema = {"vae": StageAConfig, "unet": StageBConfig}
+    for name in available_presets():
+        cls = schema.get(name.split("/")[0], LDMConfig)
+        data = yaml.safe_load(config_path(name).read_text())
+        below = dataclasses.asdict(cls())
+        for section, stage in (("stage_a", StageAConfig), ("stage_b", StageBConfig)):
+            if cls is LDMConfig and "base" in data.get(section, {}):
+                below[section] = dataclasses.asdict(load_config(stage, data[section]["base"]))
+        # A preset names its architecture even where that is the default: the file is named after it.
+        assert [k for k in _restated(data, below) if k != "model.preset"] == [], name
 
 
 def test_valid_keys_are_dotted_and_complete():

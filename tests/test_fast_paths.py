@@ -16,9 +16,9 @@ from ldm_core.training.accelerator import apply_memory_format, cpu_has_native_bf
 from ldm_core.training.optimization import make_adam
 from ldm_core.training.step_timer import StepTimer
 from stage_a_vae.config import VAEModelConfig
-from stage_a_vae.presets import build_autoencoder
+from stage_a_vae.architectures import build_autoencoder
 from stage_b_diffusion.config import UNetModelConfig
-from stage_b_diffusion.presets import build_unet
+from stage_b_diffusion.architectures import build_unet
 
 
 @pytest.fixture(scope="module")

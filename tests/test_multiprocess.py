@@ -26,7 +26,7 @@ from ldm_core.config.settings import load_config
 from ldm_core.data.step_batches import StepBatches
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
-from stage_a_vae.presets import build_autoencoder
+from stage_a_vae.architectures import build_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",

@@ -14,7 +14,7 @@ from workflows.generate import generate_images
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.config import DiffusionConfig, UNetModelConfig
 from stage_b_diffusion.noise_schedule import SAMPLERS, build_noise_scheduler, make_sampler
-from stage_b_diffusion.presets import build_unet
+from stage_b_diffusion.architectures import build_unet
 
 
 def make_pipeline(num_classes: int = 0, sampler: str = "ddim", class_names=None) -> LatentDiffusionPipeline:

@@ -22,7 +22,7 @@ from ldm_core.models.pretrained import UnsafeModelFolderError, check_model_folde
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.config import DiffusionConfig, UNetModelConfig
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
-from stage_b_diffusion.presets import build_unet
+from stage_b_diffusion.architectures import build_unet
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("ldm_core", "stage_a_vae", "stage_b_diffusion", "pipelines", "evaluation", "benchmarks")
@@ -182,7 +182,7 @@ def test_config_paths_stay_inside_the_run_folder(tmp_path):
 def test_vae_folders_are_read_as_safetensors_only(tmp_path, capsys):
     """`--vae` of train-unet and bench-recon: a VAE whose weights exist only as a pickle is refused."""
     from stage_a_vae.config import VAEModelConfig
-    from stage_a_vae.presets import build_autoencoder
+    from stage_a_vae.architectures import build_autoencoder
 
     vae_dir = tmp_path / "vae"
     build_autoencoder(VAEModelConfig(preset="kl-f8-tiny")).save_pretrained(vae_dir)

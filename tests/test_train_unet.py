@@ -137,7 +137,7 @@ def test_cli_reports_a_missing_data_folder(tmp_path, capsys):
 
 def test_resuming_with_another_vae_is_refused_before_any_work(trained, tmp_path, capsys):
     from stage_a_vae.config import VAEModelConfig
-    from stage_a_vae.presets import build_autoencoder
+    from stage_a_vae.architectures import build_autoencoder
 
     other = tmp_path / "vae8"
     build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", latent_channels=8)).save_pretrained(other)

@@ -19,7 +19,7 @@ from stage_a_vae.discriminator import NLayerDiscriminator, build_discriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
 from ldm_core.models.pretrained import load_lpips_trunk
 from stage_a_vae.perceptual import build_lpips
-from stage_a_vae.presets import build_autoencoder
+from stage_a_vae.architectures import build_autoencoder
 
 DISC_START = 5
 

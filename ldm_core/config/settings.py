@@ -3,6 +3,10 @@
 Configs are data that typed code reads (no `target:` import strings). OmegaConf structured configs do
 the merging and type conversion; this module adds the error messages a user needs: an unknown key or a
 wrong type names the key and lists the valid ones.
+
+Each setting is declared once, on its dataclass field: its default, its check (the class's
+`__post_init__`), and in the field's metadata what it means for a run beyond its value (`RESUMABLE`,
+`FINGERPRINTED`). A YAML preset states only what differs from these defaults.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Optional, Sequence, Type, TypeVar
 
 import yaml
@@ -27,11 +32,53 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message says which key and what is allowed."""
 
 
+# What a setting means for a run beyond its value, as field metadata (`field(..., metadata=RESUMABLE)`),
+# read by `resumable_keys` and `fingerprint_parts`; on a section field it covers every key in the section.
+# RESUMABLE: may change when a run is resumed (how long it trains, its learning rate and schedule, how it
+# logs, checkpoints and samples, its precision, where it caches). Any other key defines the run (data,
+# batch, seed, optimiser betas, EMA decay...) and ldm_core/training/run_folder.py refuses a resume that changes it.
+RESUMABLE = MappingProxyType({"resumable": True})
+# FINGERPRINTED: shapes a checkpoint's tensors or gives them their meaning; part of the model fingerprint
+# a resumed checkpoint must match (ldm_core/training/checkpoints.py `check_resumable`).
+FINGERPRINTED = MappingProxyType({"fingerprint": True})
+
+
+def redefault(base: Type[Any], name: str, default: Any) -> Any:
+    """A subclass's own default for field `name` of dataclass `base`, keeping that field's metadata."""
+    return field(default=default, metadata=base.__dataclass_fields__[name].metadata)
+
+
+def resumable_keys(cls: Type[Any], prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys of dataclass `cls` marked `RESUMABLE`, in field order; a marked section gives its
+    prefix with a trailing dot ("sampling."), standing for every key in it."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        section = dataclasses.is_dataclass(hints[f.name])
+        if f.metadata.get("resumable"):
+            keys.append(f"{prefix}{f.name}." if section else f"{prefix}{f.name}")
+        elif section:
+            keys.extend(resumable_keys(hints[f.name], f"{prefix}{f.name}."))
+    return tuple(keys)
+
+
+def fingerprint_parts(config: Any) -> list[Any]:
+    """The values (whole sections or single keys) of `config` marked `FINGERPRINTED`, in field order."""
+    parts: list[Any] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("fingerprint"):
+            parts.append(value)
+        elif dataclasses.is_dataclass(value):
+            parts.extend(fingerprint_parts(value))
+    return parts
+
+
 @dataclass
 class DataConfig:
     """How images are read and split. `resolution` must divide by the autoencoder's factor f."""
 
-    resolution: int = 64
+    resolution: int = field(default=64, metadata=FINGERPRINTED)
     # Random horizontal flips for training (the validation split is never flipped).
     flip: bool = True
     # Held-out images for validation metrics, taken deterministically from `split_seed`.
@@ -50,10 +97,10 @@ class DataConfig:
     crop: str = "center"
     crop_min_scale: float = 0.35
     # DataLoader worker processes when streaming (0 decodes in the training process).
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=RESUMABLE)
     # Decoded images each streaming process keeps (MiB, most recently used): a few large photographs are
     # decoded once and cropped afresh at every draw; a large dataset simply misses. 0 turns it off.
-    decoded_cache_mb: int = 256
+    decoded_cache_mb: int = field(default=256, metadata=RESUMABLE)
     # Hugging Face datasets: the image and label columns (default: the first Image and ClassLabel columns).
     image_column: Optional[str] = None
     label_column: Optional[str] = None
@@ -83,7 +130,7 @@ class EMAConfig:
     inv_gamma: float = 1.0
     power: float = 0.75
     # Save EMA weights (not the raw ones) as the run's model.
-    export_ema: bool = True
+    export_ema: bool = field(default=True, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.decay < 1.0, "ema.decay", self.decay, "in [0, 1)")
@@ -96,35 +143,35 @@ class TrainConfig:
     """The training loop shared by both stages (Accelerate)."""
 
     batch_size: int = 8  # per process
-    max_steps: int = 1000  # optimizer steps
+    max_steps: int = field(default=1000, metadata=RESUMABLE)  # optimizer steps
     # Stop early (after a checkpoint) once this many minutes of training have passed; 0 = no budget.
-    time_budget_minutes: float = 0.0
-    lr: float = 1e-4
-    lr_warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine | linear (after warm-up)
+    time_budget_minutes: float = field(default=0.0, metadata=RESUMABLE)
+    lr: float = field(default=1e-4, metadata=RESUMABLE)
+    lr_warmup_steps: int = field(default=0, metadata=RESUMABLE)
+    lr_schedule: str = field(default="constant", metadata=RESUMABLE)  # constant | cosine | linear (after warm-up)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
     gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    max_grad_norm: float = field(default=1.0, metadata=RESUMABLE)  # 0 disables clipping
+    mixed_precision: str = field(default="no", metadata=RESUMABLE)  # no | fp16 | bf16
     seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    validate_every: int = 250
-    progress_bar: bool = True
+    checkpoint_every: int = field(default=500, metadata=RESUMABLE)
+    keep_checkpoints: int = field(default=2, metadata=RESUMABLE)
+    log_every: int = field(default=10, metadata=RESUMABLE)
+    validate_every: int = field(default=250, metadata=RESUMABLE)
+    progress_bar: bool = field(default=True, metadata=RESUMABLE)
     # What a NaN or inf loss does: "stop" (after keeping the last good checkpoint) or "skip" the step,
     # at most `max_nonfinite_skips` times in a run before stopping anyway.
-    nonfinite_loss: str = "stop"
-    max_nonfinite_skips: int = 10
+    nonfinite_loss: str = field(default="stop", metadata=RESUMABLE)
+    max_nonfinite_skips: int = field(default=10, metadata=RESUMABLE)
     # Speed options, each measured by benchmarks/ (docs/performance.md): fused Adam kernels and the
     # channels-last memory format for convolutions.
-    fused_optimizer: bool = True
-    channels_last: bool = False
+    fused_optimizer: bool = field(default=True, metadata=RESUMABLE)
+    channels_last: bool = field(default=False, metadata=RESUMABLE)
     # Images encoded to measure the latent scale (1/std): by Stage A when it ends, by Stage B when its VAE
     # folder carries no measured scale.
-    latent_stats_images: int = 1024
+    latent_stats_images: int = field(default=1024, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
         _require(self.nonfinite_loss in ("stop", "skip"), "train.nonfinite_loss", self.nonfinite_loss,
@@ -153,18 +200,6 @@ class TrainConfig:
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: it must be {allowed}.")
-
-
-def check_architecture(model: Any, presets: dict, optional_counts: Sequence[str]) -> None:
-    """A model section of a preset plus overrides: a known `preset`, positive `block_out_channels` widths,
-    and each of `optional_counts` positive or null (null keeps the preset's value)."""
-    _require(model.preset in presets, "model.preset", model.preset, f"one of {', '.join(presets)}")
-    widths = model.block_out_channels
-    _require(widths is None or (len(widths) > 0 and all(c > 0 for c in widths)), "model.block_out_channels",
-             widths, "a non-empty list of positive widths, or null")
-    for key in optional_counts:
-        value = getattr(model, key)
-        _require(value is None or value > 0, f"model.{key}", value, "a positive integer or null")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,11 +469,13 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 __all__ = ["ConfigError", "DataConfig", "EMAConfig", "TrainConfig", "load_config", "save_config",
-           "to_dict", "valid_keys", "field", "check_relative_path", "resolve_run_path"]
+           "to_dict", "valid_keys", "field", "check_relative_path", "resolve_run_path", "RESUMABLE",
+           "FINGERPRINTED", "redefault", "resumable_keys", "fingerprint_parts", "fingerprint"]
 
 
 def fingerprint(*sections: Any) -> str:
-    """A short hash of the config sections that define a checkpoint's shapes and semantics."""
+    """A short hash of the config sections that define a checkpoint's shapes and semantics (those
+    `fingerprint_parts` finds)."""
     blob = json.dumps([dataclasses.asdict(s) if hasattr(s, "__dataclass_fields__") else s for s in sections], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ldm_core.atomic_files import write_atomic
-from ldm_core.config.settings import save_config
+from ldm_core.config.settings import resumable_keys, save_config
 
 
 class RunFolderError(RuntimeError):
@@ -21,18 +21,6 @@ class RunFolderError(RuntimeError):
 
 LOCK_FILE = ".lock"
 RESUMES_FILE = "resumes.json"
-
-# What may differ when a run is resumed: how long it trains, its learning rate and schedule, how it
-# logs, checkpoints and samples, its precision. Anything else (data, batch, seed, optimiser betas, EMA
-# decay; the model and loss are guarded by the checkpoint fingerprint) defines the run and is refused.
-RESUMABLE_CHANGES = ("train.lr", "train.disc_lr", "train.max_steps", "train.lr_warmup_steps", "train.lr_schedule",
-                     "train.time_budget_minutes", "train.log_every", "train.validate_every",
-                     "train.checkpoint_every", "train.keep_checkpoints", "train.progress_bar",
-                     "train.nonfinite_loss", "train.max_nonfinite_skips", "train.mixed_precision",
-                     "train.max_grad_norm", "train.fused_optimizer", "train.channels_last",
-                     "train.latent_stats_images", "ema.export_ema", "sampling.", "data.image_cache_dir",
-                     "data.latent_cache_dir", "data.num_workers",
-                     "data.decoded_cache_mb")
 
 # Locks this process holds, by run folder: a run that ended with an exception in this process (a test,
 # a notebook) must not lock its own resume out.
@@ -108,7 +96,8 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[An
 
 
 def check_resume_changes(run_dir: Path, config: Any) -> dict[str, tuple[Any, Any]]:
-    """What the resumed run changes against the run's saved config.yaml; refuses what may not change.
+    """What the resumed run changes against the run's saved config.yaml; refuses what may not change
+    (every key not marked RESUMABLE on its config field, ldm_core/config/settings.py).
 
     Returns the accepted changes (recorded by the caller in RUN/resumes.json).
     """
@@ -126,10 +115,11 @@ def check_resume_changes(run_dir: Path, config: Any) -> dict[str, tuple[Any, Any
                              f"or start a new run in another --out folder.") from None
     # Compared as save_config writes it, so both sides went through the same YAML round trip.
     changes = config_changes(old, yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)))
-    refused = {k: v for k, v in changes.items() if not k.startswith(RESUMABLE_CHANGES)}
+    resumable = resumable_keys(type(config))
+    refused = {k: v for k, v in changes.items() if not k.startswith(resumable)}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE_CHANGES)
+        allowed = ", ".join(k + "*" if k.endswith(".") else k for k in resumable)
         raise RunFolderError(f"--resume would change what defines the run in {run_dir}: {listed}. Resume with the "
                              f"values in {saved}, or start a new run in another --out folder. On resume only "
                              f"these may change: {allowed}.")

@@ -1,4 +1,4 @@
-"""Autoencoder presets: SD's exact kl-f8, the CPU-sized ones, and the factory's validation."""
+"""Autoencoder architectures: SD's exact kl-f8, the CPU-sized ones, and the factory's validation."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from ldm_core.config.settings import ConfigError
 from stage_a_vae.config import VAEModelConfig
 from ldm_core.models.autoencoder_folders import vae_downsampling_factor as downsample_factor
-from stage_a_vae.presets import VAE_PRESETS, build_autoencoder
+from stage_a_vae.architectures import VAE_ARCHITECTURES, build_autoencoder
 
 
 def test_kl_f8_is_stable_diffusions_autoencoder():
@@ -21,8 +21,8 @@ def test_kl_f8_is_stable_diffusions_autoencoder():
     assert vae.config.scaling_factor == pytest.approx(0.18215)
 
 
-@pytest.mark.parametrize("name", sorted(VAE_PRESETS))
-def test_every_preset_is_f8_with_four_latent_channels(name):
+@pytest.mark.parametrize("name", sorted(VAE_ARCHITECTURES))
+def test_every_architecture_is_f8_with_four_latent_channels(name):
     with torch.device("meta"):
         vae = build_autoencoder(VAEModelConfig(preset=name))
     assert downsample_factor(vae) == 8
@@ -30,7 +30,7 @@ def test_every_preset_is_f8_with_four_latent_channels(name):
 
 
 @pytest.mark.parametrize("name", ["kl-f8-tiny", "kl-f8-small"])
-def test_small_presets_encode_to_h_over_8_and_decode_back(name):
+def test_small_architectures_encode_to_h_over_8_and_decode_back(name):
     torch.manual_seed(0)
     vae = build_autoencoder(VAEModelConfig(preset=name))
     x = torch.rand(2, 3, 32, 48) * 2 - 1
@@ -41,8 +41,8 @@ def test_small_presets_encode_to_h_over_8_and_decode_back(name):
     assert y.shape == x.shape
 
 
-def test_overrides_are_applied_and_the_preset_table_is_not_mutated():
-    before = {k: dict(v) for k, v in VAE_PRESETS.items()}
+def test_overrides_are_applied_and_the_architecture_table_is_not_mutated():
+    before = {k: dict(v) for k, v in VAE_ARCHITECTURES.items()}
     cfg = VAEModelConfig(preset="kl-f8-tiny", block_out_channels=[8, 16, 16, 32], layers_per_block=2,
                          norm_num_groups=8, latent_channels=3)
     vae = build_autoencoder(cfg)
@@ -51,7 +51,7 @@ def test_overrides_are_applied_and_the_preset_table_is_not_mutated():
     assert vae.config.norm_num_groups == 8
     assert vae.config.latent_channels == 3
     assert vae.encoder.conv_out.out_channels == 6  # mean and log-variance for 3 channels
-    assert VAE_PRESETS == before
+    assert VAE_ARCHITECTURES == before
 
 
 def test_fewer_blocks_give_a_smaller_factor_when_the_config_expects_it():
@@ -71,10 +71,10 @@ def test_mismatched_downsample_factor_names_both_factors():
         build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", block_out_channels=[8, 16, 32]))
 
 
-def test_unknown_preset_lists_the_known_ones():
+def test_unknown_architecture_lists_the_known_ones():
     with pytest.raises(ConfigError) as err:
         build_autoencoder(VAEModelConfig(preset="kl-f16"))
-    for name in VAE_PRESETS:
+    for name in VAE_ARCHITECTURES:
         assert name in str(err.value)
 
 

@@ -1,4 +1,4 @@
-"""Latent U-Net presets: shapes from the VAE, class embeddings, LDM KL-8 mapping, and clear errors."""
+"""Latent U-Net architectures: shapes from the VAE, class embeddings, LDM KL-8 mapping, and clear errors."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from diffusers import AutoencoderKL
 
 from ldm_core.config.settings import ConfigError
 from stage_b_diffusion.config import UNetModelConfig
-from stage_b_diffusion.presets import UNET_PRESETS, build_unet, check_unet_matches_vae, count_parameters
+from stage_b_diffusion.architectures import UNET_ARCHITECTURES, build_unet, check_unet_matches_vae, count_parameters
 
 
 def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
@@ -16,9 +16,9 @@ def tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
                          latent_channels=latent_channels, layers_per_block=1, sample_size=64)
 
 
-def test_presets_exist():
-    assert {"unet-tiny", "unet-small", "unet-ldm-kl8"} <= set(UNET_PRESETS)
-    for kwargs in UNET_PRESETS.values():
+def test_architectures_exist():
+    assert {"unet-tiny", "unet-small", "unet-ldm-kl8"} <= set(UNET_ARCHITECTURES)
+    for kwargs in UNET_ARCHITECTURES.values():
         assert not {"in_channels", "out_channels", "sample_size"} & set(kwargs)
 
 
@@ -53,7 +53,7 @@ def test_class_conditional_unet_has_a_null_class():
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
 
 
-def test_ldm_kl8_preset_matches_ldm_parameter_count():
+def test_ldm_kl8_architecture_matches_ldm_parameter_count():
     # CompVis openaimodel.UNetModel with configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml has
     # 294,966,916 parameters; the diffusers mapping must reproduce the same weights exactly.
     with torch.device("meta"):
@@ -75,10 +75,10 @@ def test_overrides_apply_and_wrong_length_is_rejected():
         build_unet(UNetModelConfig(preset="unet-tiny", block_out_channels=[8, 20]), latent_channels=4, latent_size=8)
 
 
-def test_unknown_preset_lists_presets():
+def test_unknown_architecture_lists_them():
     with pytest.raises(ConfigError) as err:
         build_unet(UNetModelConfig(preset="unet-huge"), latent_channels=4, latent_size=8)
-    for name in UNET_PRESETS:
+    for name in UNET_ARCHITECTURES:
         assert name in str(err.value)
 
 
@@ -119,3 +119,17 @@ def test_norm_groups_override_reaches_every_group_norm():
         build_unet(UNetModelConfig(preset="unet-small", norm_num_groups=3), latent_channels=4, latent_size=8)
     with pytest.raises(ConfigError, match="model.norm_num_groups=0"):
         UNetModelConfig(norm_num_groups=0)
+
+
+def test_both_stages_apply_overrides_through_one_helper():
+    from ldm_core.config.architectures import architecture_kwargs
+    from stage_a_vae.architectures import VAE_ARCHITECTURES
+    from stage_a_vae.config import VAEModelConfig
+
+    vae = architecture_kwargs(VAEModelConfig(preset="kl-f8-tiny", block_out_channels=[8, 16, 32], downsample_factor=4),
+                              VAE_ARCHITECTURES, ("DownEncoderBlock2D", "UpDecoderBlock2D"))
+    assert vae["block_out_channels"] == (8, 16, 32) and vae["down_block_types"] == ("DownEncoderBlock2D",) * 3
+    unet = architecture_kwargs(UNetModelConfig(preset="unet-tiny", layers_per_block=3), UNET_ARCHITECTURES)
+    assert unet["layers_per_block"] == 3 and UNET_ARCHITECTURES["unet-tiny"]["layers_per_block"] == 1
+    with pytest.raises(ConfigError, match="multiples of norm_num_groups=3"):
+        architecture_kwargs(VAEModelConfig(preset="kl-f8-tiny", norm_num_groups=3), VAE_ARCHITECTURES)

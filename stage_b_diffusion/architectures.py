@@ -1,6 +1,7 @@
-"""Named latent U-Net presets (diffusers `UNet2DModel`), built to fit the autoencoder's latents.
+"""Named latent U-Net architectures (diffusers `UNet2DModel`), built to fit the autoencoder's latents.
 
-A preset is a dict of `UNet2DModel` keyword arguments without the three that belong to the VAE
+A config's `model.preset` names one; a YAML preset in configs/ is a file of settings that may name one.
+An architecture is a dict of `UNet2DModel` keyword arguments without the three that belong to the VAE
 (`in_channels`, `out_channels`, `sample_size`): `build_unet` adds those from the autoencoder, so a
 U-Net can never be built for latents it will not see.
 
@@ -31,20 +32,18 @@ Built this way the diffusers U-Net has exactly the parameter count of LDM's UNet
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 from diffusers import UNet2DModel
 
 from ldm_core.models.autoencoder_folders import vae_downsampling_factor
+from ldm_core.config.architectures import architecture_kwargs
 from ldm_core.config.settings import ConfigError
 
 if TYPE_CHECKING:
     from stage_b_diffusion.config import UNetModelConfig
 
-# Keys that come from the autoencoder, never from a preset.
-
-UNET_PRESETS: dict[str, dict[str, Any]] = {
+UNET_ARCHITECTURES: dict[str, dict[str, Any]] = {
     # Unit tests only: a few thousand parameters, one attention level.
     "unet-tiny": dict(
         block_out_channels=(16, 32),
@@ -81,47 +80,21 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_kwargs(name: str) -> dict[str, Any]:
-    """A copy of the `UNet2DModel` keyword arguments of preset `name` (ConfigError if unknown)."""
-    if name not in UNET_PRESETS:
-        raise ConfigError(f"Unknown U-Net preset {name!r}. Available presets: {', '.join(UNET_PRESETS)}.")
-    return copy.deepcopy(UNET_PRESETS[name])
-
-
 def build_unet(model_cfg: "UNetModelConfig", *, latent_channels: int, latent_size: int) -> UNet2DModel:
-    """Build the latent U-Net of `model_cfg.preset` for `latent_channels` x `latent_size`^2 latents.
+    """Build the latent U-Net of architecture `model_cfg.preset` for `latent_channels` x `latent_size`^2 latents.
 
     Parameters:
-        model_cfg: preset name plus optional `block_out_channels` / `layers_per_block` / `norm_num_groups`
+        model_cfg: architecture name plus optional `block_out_channels` / `layers_per_block` / `norm_num_groups`
             overrides and `num_classes` (> 0 adds `num_classes + 1` class embeddings; the last id is the null class
             used for classifier-free guidance).
         latent_channels: the VAE's `latent_channels` (U-Net in and out channels).
         latent_size: resolution / f, the latent height and width (U-Net `sample_size`).
 
-    Raises ConfigError for an unknown preset, an override that does not fit the preset, or a latent size
+    Raises ConfigError for an unknown architecture, an override that does not fit it, or a latent size
     the U-Net's downsampling cannot divide.
     """
-    kwargs = preset_kwargs(model_cfg.preset)
+    kwargs = architecture_kwargs(model_cfg, UNET_ARCHITECTURES)
     levels = len(kwargs["block_out_channels"])
-    if model_cfg.block_out_channels is not None:
-        channels = tuple(int(c) for c in model_cfg.block_out_channels)
-        if len(channels) != levels:
-            raise ConfigError(
-                f"model.block_out_channels={list(channels)} has {len(channels)} entries but preset "
-                f"{model_cfg.preset!r} has {levels} levels {list(kwargs['block_out_channels'])}; give "
-                f"{levels} channel counts or pick another preset ({', '.join(UNET_PRESETS)}).")
-        kwargs["block_out_channels"] = channels
-    if model_cfg.layers_per_block is not None:
-        if model_cfg.layers_per_block < 1:
-            raise ConfigError(f"model.layers_per_block={model_cfg.layers_per_block} must be 1 or more.")
-        kwargs["layers_per_block"] = int(model_cfg.layers_per_block)
-    if model_cfg.norm_num_groups is not None:
-        kwargs["norm_num_groups"] = int(model_cfg.norm_num_groups)
-    groups = kwargs["norm_num_groups"]
-    bad = [c for c in kwargs["block_out_channels"] if c % groups]
-    if bad:
-        raise ConfigError(f"model.block_out_channels {list(kwargs['block_out_channels'])} must all be "
-                          f"multiples of norm_num_groups={groups} (GroupNorm); {bad} are not.")
     factor = 2 ** (levels - 1)
     if latent_size <= 0 or latent_size % factor:
         raise ConfigError(

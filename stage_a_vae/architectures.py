@@ -1,7 +1,8 @@
 """Named `AutoencoderKL` architectures and the factory that builds one from a `VAEModelConfig`.
 
-Every preset is a KL autoencoder with downsampling factor f=8 and 4 latent channels, the shape of
-Stable Diffusion's first stage, so a latent of a 256x256 image is 4x32x32 whichever preset made it.
+A config's `model.preset` names one; a YAML preset in configs/ is a file of settings that may name one.
+Every architecture is a KL autoencoder with downsampling factor f=8 and 4 latent channels, the shape of
+Stable Diffusion's first stage, so a latent of a 256x256 image is 4x32x32 whichever architecture made it.
 
 - ``kl-f8``: Stable Diffusion's autoencoder exactly (CompVis latent-diffusion
   ``configs/autoencoder/autoencoder_kl_32x32x4.yaml``; in diffusers terms
@@ -20,7 +21,6 @@ Stable Diffusion's first stage, so a latent of a 256x256 image is 4x32x32 whiche
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +29,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from ldm_core.models.autoencoder_folders import downsampling_factor
+from ldm_core.config.architectures import architecture_kwargs
 from ldm_core.config.settings import ConfigError
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 PLACEHOLDER_SCALING_FACTOR = 0.18215
 
 
-def _kl_f8_preset(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int,
+def _kl_f8_architecture(block_out_channels: tuple[int, ...], layers_per_block: int, norm_num_groups: int,
                   sample_size: int, mid_block_attention: bool = True) -> dict:
     """AutoencoderKL keyword arguments for an f=8, 4-channel KL autoencoder of the given width."""
     num_blocks = len(block_out_channels)
@@ -59,25 +60,25 @@ def _kl_f8_preset(block_out_channels: tuple[int, ...], layers_per_block: int, no
     )
 
 
-VAE_PRESETS: dict[str, dict] = {
-    "kl-f8": _kl_f8_preset((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=256),
-    "kl-f8-small": _kl_f8_preset((32, 64, 128, 128), layers_per_block=1, norm_num_groups=16, sample_size=64),
+VAE_ARCHITECTURES: dict[str, dict] = {
+    "kl-f8": _kl_f8_architecture((128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=256),
+    "kl-f8-small": _kl_f8_architecture((32, 64, 128, 128), layers_per_block=1, norm_num_groups=16, sample_size=64),
     # The demo's autoencoder: a quarter of kl-f8-small's width, one GroupNorm group (a LayerNorm over
     # channels and pixels) and no mid-block attention; docs/stage-a-fast-start.md has the measurements.
-    "kl-f8-mini": _kl_f8_preset((16, 32, 64, 64), layers_per_block=1, norm_num_groups=1, sample_size=64,
-                                mid_block_attention=False),
-    "kl-f8-tiny": _kl_f8_preset((8, 16, 32, 32), layers_per_block=1, norm_num_groups=4, sample_size=32),
+    "kl-f8-mini": _kl_f8_architecture((16, 32, 64, 64), layers_per_block=1, norm_num_groups=1, sample_size=64,
+                                      mid_block_attention=False),
+    "kl-f8-tiny": _kl_f8_architecture((8, 16, 32, 32), layers_per_block=1, norm_num_groups=4, sample_size=32),
 }
 
 
-
 def build_autoencoder(model_cfg: "VAEModelConfig") -> AutoencoderKL:
-    """Build a randomly initialised `AutoencoderKL` from a named preset plus the config's overrides.
+    """Build a randomly initialised `AutoencoderKL` from a named architecture plus the config's overrides.
 
     Parameters:
         model_cfg (`VAEModelConfig`):
-            ``preset`` names an entry of `VAE_PRESETS`; ``block_out_channels``, ``layers_per_block`` and
-            ``norm_num_groups`` replace the preset's values when not None; ``latent_channels`` is always
+            ``preset`` names an entry of `VAE_ARCHITECTURES`; ``block_out_channels``, ``layers_per_block`` and
+            ``norm_num_groups`` replace its values when not None (ldm_core/config/architectures.py), and the
+            block types follow the number of levels; ``latent_channels`` is always
             taken from the config; ``downsample_factor`` is the factor the user expects, checked against
             the architecture.
 
@@ -86,29 +87,10 @@ def build_autoencoder(model_cfg: "VAEModelConfig") -> AutoencoderKL:
         `save_pretrained` / `from_pretrained`).
 
     Raises:
-        ConfigError: unknown preset, a downsampling factor that does not match the number of blocks, or
+        ConfigError: unknown architecture, a downsampling factor that does not match the number of blocks, or
             widths that the group normalisation cannot divide.
     """
-    if model_cfg.preset not in VAE_PRESETS:
-        raise ConfigError(f"model.preset={model_cfg.preset!r} is not a known autoencoder preset. "
-                          f"Choose one of: {', '.join(VAE_PRESETS)}.")
-    kwargs = copy.deepcopy(VAE_PRESETS[model_cfg.preset])
-
-    if model_cfg.block_out_channels is not None:
-        channels = tuple(int(c) for c in model_cfg.block_out_channels)
-        if not channels or min(channels) <= 0:
-            raise ConfigError(f"model.block_out_channels={list(channels)} must be a non-empty list of "
-                              f"positive integers, one per resolution level.")
-        # The block types follow the number of levels, so a shorter or longer list stays consistent.
-        kwargs["block_out_channels"] = channels
-        kwargs["down_block_types"] = ("DownEncoderBlock2D",) * len(channels)
-        kwargs["up_block_types"] = ("UpDecoderBlock2D",) * len(channels)
-    if model_cfg.layers_per_block is not None:
-        if model_cfg.layers_per_block < 1:
-            raise ConfigError(f"model.layers_per_block={model_cfg.layers_per_block} must be 1 or more.")
-        kwargs["layers_per_block"] = int(model_cfg.layers_per_block)
-    if model_cfg.norm_num_groups is not None:
-        kwargs["norm_num_groups"] = int(model_cfg.norm_num_groups)
+    kwargs = architecture_kwargs(model_cfg, VAE_ARCHITECTURES, ("DownEncoderBlock2D", "UpDecoderBlock2D"))
     if model_cfg.mid_block_attention is not None:
         kwargs["mid_block_add_attention"] = bool(model_cfg.mid_block_attention)
     if model_cfg.latent_channels < 1:
@@ -123,12 +105,6 @@ def build_autoencoder(model_cfg: "VAEModelConfig") -> AutoencoderKL:
             f"{list(kwargs['block_out_channels'])}) downsample by f={factor}. Set model.downsample_factor="
             f"{factor} or give block_out_channels with log2(f)+1 entries.")
 
-    groups = kwargs["norm_num_groups"]
-    # GroupNorm would otherwise fail deep inside diffusers with a shape error.
-    bad = [c for c in kwargs["block_out_channels"] if groups <= 0 or c % groups]
-    if bad:
-        raise ConfigError(f"model.norm_num_groups={groups} must divide every entry of block_out_channels "
-                          f"{list(kwargs['block_out_channels'])} (it does not divide {bad}).")
     vae = AutoencoderKL(**kwargs)
     if model_cfg.zero_init_residual:
         zero_init_residual_branches(vae)
@@ -180,5 +156,5 @@ def init_posterior_logvar(vae: AutoencoderKL, logvar: float) -> None:
         quant.weight[:latent, latent:].zero_()
 
 
-__all__ = ["VAE_PRESETS", "PLACEHOLDER_SCALING_FACTOR", "build_autoencoder", "init_posterior_logvar",
+__all__ = ["VAE_ARCHITECTURES", "PLACEHOLDER_SCALING_FACTOR", "build_autoencoder", "init_posterior_logvar",
            "zero_init_residual_branches"]
