@@ -37,18 +37,20 @@ CORE_MAY_IMPORT = {
 }
 
 
-def imported_packages(path: Path) -> set[tuple[str, int]]:
-    """(top-level package, line) of every import of one of our packages in `path`."""
+def imported_names(path: Path) -> set[tuple[str, int]]:
+    """(dotted name, line) of every absolute import in `path`; `from a.b import c` gives `a.b.c`."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            found.update((alias.name, node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found.update((name.split(".")[0], node.lineno) for name in names if name.split(".")[0] in OURS)
+            found.update((f"{node.module}.{alias.name}", node.lineno) for alias in node.names)
     return found
+
+
+def imported_packages(path: Path) -> set[tuple[str, int]]:
+    """(top-level package, line) of every import of one of our packages in `path`."""
+    return {(name.split(".")[0], line) for name, line in imported_names(path) if name.split(".")[0] in OURS}
 
 
 @pytest.mark.parametrize("package", sorted(MAY_IMPORT))
@@ -69,19 +71,7 @@ def core_part(module: str) -> str:
 
 def core_imports(path: Path) -> set[tuple[str, int]]:
     """(ldm_core part, line) of every import of an ldm_core module in `path`."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            # `from ldm_core.data import shapes` names the module `ldm_core.data.shapes`.
-            names = [f"{node.module}.{alias.name}" if node.module.count(".") <= 1 else node.module
-                     for alias in node.names]
-        else:
-            continue
-        found.update((core_part(name), node.lineno) for name in names
-                     if name.startswith("ldm_core.") and name.count(".") >= 1)
-    return found
+    return {(core_part(name), line) for name, line in imported_names(path) if name.startswith("ldm_core.")}
 
 
 @pytest.mark.parametrize("part", sorted(CORE_MAY_IMPORT))
