@@ -47,7 +47,7 @@ def _always(step: int) -> bool:
     return True
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the loop's networks are the stage's objects
 class Network:
     """A network the loop updates, with its optimizer and LR schedule.
 
