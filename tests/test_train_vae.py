@@ -142,8 +142,9 @@ def test_the_demo_recipe_starts_fast_where_ldms_step_stalls(tmp_path):
     assert recipe > 14.5 and recipe > ldm_step + 1.0, (recipe, ldm_step)
 
 
-TINY = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2", "data.resolution=16",
-        "loss.perceptual_weight=0", "loss.disc_start=2", "loss.disc_channels=4", "loss.disc_num_layers=2"]
+TINY = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
+        "data.resolution=16", "loss.perceptual_weight=0", "loss.disc_start=2", "loss.disc_channels=4",
+        "loss.disc_num_layers=2"]
 
 
 def _stage_a_parts():

@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -268,9 +268,9 @@ class TrainingRun:
                                 norm = clip_gradients(acc, update.network.module.parameters(), tc.max_grad_norm)
                                 if update.network.log_grad_norm:
                                     logs["grad_norm"] = norm
+                                    checked = {"grad_norm": norm, "loss": update.loss}
                                     # An inf norm under fp16 is routine: the grad scaler skips that step itself.
-                                    if acc.scaler is None and not self.nonfinite.ok({"grad_norm": norm,
-                                                                                     "loss": update.loss}, step, acc):
+                                    if acc.scaler is None and not self.nonfinite.ok(checked, step, acc):
                                         skipped = True
                                         break
                             update.network.optimizer.step()
