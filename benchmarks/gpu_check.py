@@ -434,8 +434,9 @@ def _unscale_and_clip(scaler, optimizer, max_norm: float) -> None:
 
 def stage_a_step(p: StageAParts, x: torch.Tensor, step: int, dtype: torch.dtype, generator, *,
                  inspect: bool = False) -> dict[str, Any]:
-    """One optimizer step of `train_vae`'s `train_step` (stage_a_vae/train.py, section 5), by hand: the
-    autoencoder update, then, once the discriminator is on, its update on the detached reconstruction.
+    """One optimizer step of Stage A (`autoencoder_micro_step` in stage_a_vae/train.py, applied by the loop in
+    ldm_core/training/run.py) by hand: the autoencoder update, then, once the discriminator is on, its update
+    on the detached reconstruction.
 
     As under Accelerate, the models run under autocast and the autoencoder's outputs come back in fp32
     (accelerate's `prepare_model` wraps forward in autocast and `convert_outputs_to_fp32`); the loss keeps
@@ -783,8 +784,8 @@ def section_stage_b_speed(r: Runner) -> dict[str, Any]:
             continue
         latents = torch.randn(batch, 4, size, size, device=dev)  # as drawn from the latent cache
 
-        # train_unet's step (stage_b_diffusion/train.py, section 5) without Accelerate: the loss under
-        # autocast, backward, clipping, fused AdamW, the EMA.
+        # Stage B's step (stage_b_diffusion/train.py: `noise_prediction_micro_step`) without Accelerate: the
+        # loss under autocast, backward, clipping, fused AdamW, the EMA.
         def step():
             with _autocast(dev, torch.bfloat16):
                 loss, _ = diffusion_loss(unet, latents, scheduler, cfg.diffusion, generator)

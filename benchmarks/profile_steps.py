@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import count_flops, machine_description, markdown_table, matmul_peak_flops, run_isolated, write_results
+from benchmarks.harness import machine_description, markdown_table, matmul_peak_flops, run_isolated, write_results
 
 WORKER = "benchmarks.profile_steps"
 NEVER = 10 ** 9  # a step count no run reaches: validation, sampling and checkpoints stay off
@@ -99,40 +99,44 @@ def _annotated(cls, method: str, label: str):
 
 @contextlib.contextmanager
 def _profiled_steps(warmup: int, steps: int, record: dict):
-    """Patch `TrainingRun.train` so that its step function runs `warmup` steps plain, one under the FLOP
-    counter, then `steps` under the profiler; fills `record` with the profile and the step times."""
-    from ldm_core.training.run import TrainingRun
+    """Patch the loop's `StepTimer` (its `start` and `stop` bound each optimizer step in `TrainingRun.train`)
+    so that `warmup` steps run plain, one under the FLOP counter, then `steps` under the profiler; fills
+    `record` with the FLOP count, the profile and the step times."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    original = TrainingRun.train
+    from ldm_core.training.step_timer import StepTimer
 
-    def train(self, train_step, **kwargs):
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        state = {"count": 0}
+    original_start, original_stop = StepTimer.start, StepTimer.stop
+    state = {"count": 0, "counter": None, "profiler": None}
 
-        def step(index):
-            count = state["count"]
-            state["count"] += 1
-            if count == warmup:
-                logs: dict = {}
-                record["flops"] = count_flops(lambda: logs.update(train_step(index)))
-                return logs
-            if count == warmup + 1:
-                profiler.start()
-                record["started"] = time.perf_counter()
-            result = train_step(index)
-            if count == warmup + steps:
-                record["seconds"] = time.perf_counter() - record["started"]
-                profiler.stop()
-                record["profiler"] = profiler
-            return result
+    def start(self):
+        count = state["count"]
+        if count == warmup:
+            state["counter"] = FlopCounterMode(display=False)
+            state["counter"].__enter__()
+        if count == warmup + 1:
+            state["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            state["profiler"].start()
+            record["started"] = time.perf_counter()
+        original_start(self)
 
-        return original(self, step, **kwargs)
+    def stop(self):
+        original_stop(self)
+        count = state["count"]
+        state["count"] += 1
+        if count == warmup:
+            state["counter"].__exit__(None, None, None)
+            record["flops"] = int(state["counter"].get_total_flops())
+        if count == warmup + steps:
+            record["seconds"] = time.perf_counter() - record["started"]
+            state["profiler"].stop()
+            record["profiler"] = state["profiler"]
 
-    TrainingRun.train = train
+    StepTimer.start, StepTimer.stop = start, stop
     try:
         yield
     finally:
-        TrainingRun.train = original
+        StepTimer.start, StepTimer.stop = original_start, original_stop
 
 
 def worker(args) -> dict[str, Any]:
@@ -157,8 +161,8 @@ def worker(args) -> dict[str, Any]:
             torch.manual_seed(0)  # a step's speed does not depend on the autoencoder's weights
             build_autoencoder(stage_config("a", 1, []).model).save_pretrained(tmp / "vae")
             train_unet(cfg, tmp / "vae", "builtin:shapes", tmp / "run")
-    # The profiler's window ends inside the last step, so its wall time covers exactly `steps` step calls
-    # plus the loop's bookkeeping between them.
+    # The profiler's window is the `steps` steps' timers, first start to last stop, so its wall time covers
+    # exactly those steps plus the loop's bookkeeping between them.
     seconds_per_step = record["seconds"] / args.steps
     by_family = {name: 0.0 for name in FAMILY_ORDER}
     ops_us = 0.0

@@ -8,11 +8,9 @@ Stable Diffusion's first stage, so a latent of a 256x256 image is 4x32x32 whiche
   ``configs/autoencoder/autoencoder_kl_32x32x4.yaml``; in diffusers terms
   ``AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2)``), 83,653,863 parameters.
 - ``kl-f8-small``: the same topology, narrower and shallower (3.9M parameters), sized so that a 2-core CPU
-  trains it on 64x64 images in minutes (one forward and backward pass at batch 8 takes about 0.3 s in fp32,
-  0.16 s under bf16 autocast, on an otherwise idle 2-core CPU).
+  trains it on 64x64 images in minutes (its step time: docs/performance.md).
 - ``kl-f8-mini``: 0.94M parameters, widths (16, 32, 64, 64), one normalisation group, no mid-block
-  attention: the demo's autoencoder for 64x64 images on a CPU (0.3 s per step at batch 8 in fp32 on a
-  2-core AVX2 CPU).
+  attention: the demo's autoencoder for 64x64 images on a CPU (its step time: docs/demo-speed.md).
 - ``kl-f8-tiny``: a 0.25M-parameter model for unit tests.
 
 ``scaling_factor`` is SD's 0.18215 only as a placeholder: it belongs to SD's VAE and must be measured again

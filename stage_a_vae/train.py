@@ -15,9 +15,11 @@ builtin:shapes by `benchmarks/stage_a_factors.py` (docs/stage-a-fast-start.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -32,7 +34,7 @@ from ldm_core.training.optimization import make_adam, make_lr_scheduler
 from ldm_core.randomness import seeded_generator
 from ldm_core.training.run_folder import write_json
 from ldm_core.data.training_images import TrainingImages
-from ldm_core.training.run import TrainingRun
+from ldm_core.training.run import MicroStep, Network, TrainingRun, Update
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
@@ -61,6 +63,54 @@ class AutoencoderForTraining(torch.nn.Module):
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar
 
 
+@dataclass
+class StageANetworks:
+    """What Stage A's step body works with.
+
+    Parameters:
+        autoencoder: an `AutoencoderForTraining` as prepared, its Adam (with the learned log-variance) and schedule.
+        discriminator: the prepared discriminator, its Adam and schedule; active from `loss.disc_start`.
+        scorer: the discriminator's unwrapped module, which scores reconstructions in the autoencoder's loss.
+        loss_fn: LDM's loss (stage_a_vae/losses.py).
+        last_layer: the decoder's last weight, where LDM takes the adaptive weight.
+        autocast: the forward's mixed-precision context (`accelerator.autocast`).
+    """
+
+    autoencoder: Network
+    discriminator: Network
+    scorer: torch.nn.Module
+    loss_fn: LPIPSWithDiscriminatorLoss
+    last_layer: torch.Tensor
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext
+
+
+def autoencoder_micro_step(parts: StageANetworks, micro: MicroStep, x: torch.Tensor,
+                           generator: torch.Generator) -> Iterator[Update]:
+    """One micro-step of Stage A on images `x` in [-1, 1] (CompVis/latent-diffusion: ldm/models/autoencoder.py,
+    `training_step`): the autoencoder's update, then, once the discriminator is on, the discriminator's.
+
+    Yields each `Update`; the discriminator's loss is computed after the autoencoder's update was applied,
+    on the same reconstruction (detached). `generator` draws the posterior's sample.
+    """
+    disc_on = parts.discriminator.active(micro.step)
+    # The discriminator only scores reconstructions here: frozen, and unwrapped (no DDP bookkeeping).
+    if disc_on:
+        parts.scorer.requires_grad_(False)
+    with parts.autocast():
+        recon, mean, logvar = parts.autoencoder.module(x, generator)
+    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+    ae_loss, logs = parts.loss_fn.autoencoder_loss(x, recon, posterior, micro.step, last_layer=parts.last_layer,
+                                                   discriminator=parts.scorer)
+    micro.logs.update(logs)
+    yield Update(parts.autoencoder, ae_loss, {"loss": ae_loss, **logs})
+    if disc_on:
+        parts.scorer.requires_grad_(True)
+        d_loss, d_logs = parts.loss_fn.discriminator_loss(x, recon.detach(), micro.step,
+                                                          discriminator=parts.discriminator.module)
+        yield Update(parts.discriminator, d_loss, {**d_logs, "d_loss": d_loss})
+        micro.logs.update(d_logs)  # logged once applied
+
+
 def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[str] = None) -> Path:
     """Train Stage A and write `out/vae/` (loadable with `AutoencoderKL.from_pretrained`). Returns the run folder."""
     # 1. Run folder, Accelerator (ldm_core/training/run.py) --------------------------------------------
@@ -85,20 +135,19 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
     opt_ae = make_adam(ae_params, tc, lr=tc.lr)
     opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
-    # LR schedules are stepped once per optimizer step by us (not prepared), so their meaning does not
-    # change with the number of processes.
     sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc)
     ema = make_ema(vae, cfg.ema)
-    model = AutoencoderForTraining(vae)
-    model, disc_ddp, opt_ae, opt_d = accelerator.prepare(model, discriminator, opt_ae, opt_d)
+    model, disc_ddp, opt_ae, opt_d = accelerator.prepare(AutoencoderForTraining(vae), discriminator, opt_ae, opt_d)
     if ema is not None:
         ema.to(device)
-    last_layer = vae.decoder.conv_out.weight  # LDM's adaptive weight is taken at the decoder's last layer
+    parts = StageANetworks(Network(model, opt_ae, sched_ae),
+                           Network(disc_ddp, opt_d, sched_d, log_grad_norm=False, active=loss_fn.discriminator_active),
+                           discriminator, loss_fn, vae.decoder.conv_out.weight, accelerator.autocast)
 
     # 4. Resume -------------------------------------------------------------------------------------
     run.track(models={"vae": vae, "discriminator": discriminator},
               states={"opt_ae": opt_ae, "opt_d": opt_d, "sched_ae": sched_ae, "sched_d": sched_d},
-              optimizers=[opt_ae, opt_d], ema=ema, extra_state=lambda: {"logvar": float(loss_fn.logvar)})
+              ema=ema, ema_of=vae, extra_state=lambda: {"logvar": float(loss_fn.logvar)})
     state = run.resume()
     if state is not None:
         loss_fn.logvar.data.fill_(float(state["logvar"]))
@@ -119,49 +168,19 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         accelerator.wait_for_everyone()
         return metrics
 
-    # 5. The step: an autoencoder update and, once the discriminator is on, a discriminator update ---
-    def train_step(step: int) -> dict:
-        disc_on = loss_fn.discriminator_active(step)
-        logs: dict = {}
-        for micro_step in run.micro_steps(model, disc_ddp):
-            x, _ = images.batch(micro_step, device)
-            if cfg.data.channel_shuffle:  # its own stream, so the posterior's samples stay as without it
-                x = shuffle_channels(x, seeded_generator(tc.seed, micro_step, accelerator.process_index,
-                                                         CHANNEL_SHUFFLE_STREAM))
-            # Autoencoder update. The discriminator only scores reconstructions here, so its parameters
-            # are frozen and its unwrapped module is used (no DDP bookkeeping).
-            if disc_on:
-                discriminator.requires_grad_(False)
-            with accelerator.autocast():
-                recon, mean, logvar = model(x, run.generator(micro_step, device))
-            posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
-            ae_loss, logs = loss_fn.autoencoder_loss(x, recon, posterior, step, last_layer=last_layer,
-                                                     discriminator=discriminator)
-            if not (run.finite({"loss": ae_loss, **logs}) and run.backward(ae_loss, model.parameters(), logs)):
-                continue
-            opt_ae.step()
-            opt_ae.zero_grad(set_to_none=True)
-            # Discriminator update on detached reconstructions, only once it is switched on.
-            if disc_on:
-                discriminator.requires_grad_(True)
-                d_loss, d_logs = loss_fn.discriminator_loss(x, recon.detach(), step, discriminator=disc_ddp)
-                if not run.finite({**d_logs, "d_loss": d_loss}):
-                    continue
-                run.backward(d_loss, disc_ddp.parameters())
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-                logs.update(d_logs)
-        sched_ae.step()
-        if disc_on:
-            sched_d.step()
-        if ema is not None:
-            ema.step(vae.parameters())
-        return logs
+    # 5. The step body, on this micro-step's images; the loop is ldm_core/training/run.py's `TrainingRun.train`
+    def micro_step(micro: MicroStep) -> Iterator[Update]:
+        x, _ = images.batch(micro.index, device)
+        if cfg.data.channel_shuffle:  # its own stream, so the posterior's samples stay as without it
+            x = shuffle_channels(x, seeded_generator(tc.seed, micro.index, accelerator.process_index,
+                                                     CHANNEL_SHUFFLE_STREAM))
+        return autoencoder_micro_step(parts, micro, x, run.generator(micro.index, device))
 
-    # 6. The loop (ldm_core/training/run.py: bar, timer, budget, signals, checkpoints) ----------------
+    # 6. The loop -----------------------------------------------------------------------------------
     model.train()
     disc_ddp.train()
-    run.train(train_step, desc="Stage A", lr=lambda: sched_ae.get_last_lr()[0],
+    run.train(micro_step, [parts.autoencoder, parts.discriminator], desc="Stage A",
+              lr=lambda: sched_ae.get_last_lr()[0],
               postfix=lambda s: {k: f"{s[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in s},
               periodic=[(tc.validate_every, lambda step: validate(f"step{step:07d}")),
                         (tc.checkpoint_every, lambda step: run.write_checkpoint())],

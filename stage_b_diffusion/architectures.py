@@ -54,8 +54,8 @@ UNET_ARCHITECTURES: dict[str, dict[str, Any]] = {
         attention_head_dim=8,
     ),
     # A 2-core CPU on 8x8x4 latents (64 px images, f=8): three resolutions 8 -> 4 -> 2, self-attention
-    # only at 2x2 (and in the mid block) where it costs almost nothing. 6.5M parameters; a training step
-    # (forward + backward, batch 32) takes about 0.14 s on 2 CPU threads, half the time of (64, 128, 256).
+    # only at 2x2 (and in the mid block) where it costs almost nothing. 6.5M parameters, half the step time
+    # of (64, 128, 256) (docs/performance.md).
     "unet-small": dict(
         block_out_channels=(64, 128, 128),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),

@@ -14,10 +14,11 @@ core; `workflows/` passes `pipelines.latent_diffusion.LatentDiffusionPipeline`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
 import torch
@@ -31,8 +32,8 @@ from ldm_core.models.latent_scale import resolve_latent_scale, scale_latents
 from ldm_core.training.optimization import make_adam, make_lr_scheduler
 from ldm_core.randomness import image_generator
 from ldm_core.data.training_images import TrainingImages
-from ldm_core.training.run import TrainingRun
-from stage_b_diffusion.config import StageBConfig
+from ldm_core.training.run import MicroStep, Network, TrainingRun, Update
+from stage_b_diffusion.config import DiffusionConfig, StageBConfig
 from stage_b_diffusion.latent_cache import ImagesToEncode, load_or_build_latent_cache, vae_digest
 from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
 from stage_b_diffusion.objective import diffusion_loss, drop_class_labels
@@ -42,6 +43,21 @@ logger = logging.getLogger("ldm.train_unet")
 
 # (vae, unet, scheduler, class_names) -> a diffusers DiffusionPipeline with save_pretrained and __call__.
 PipelineBuilder = Callable[..., Any]
+
+
+def noise_prediction_micro_step(unet: Network, micro: MicroStep, latents: torch.Tensor, noise_scheduler,
+                                cfg: DiffusionConfig, generator: torch.Generator,
+                                class_labels: Optional[torch.Tensor] = None,
+                                autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[Update]:
+    """One micro-step of Stage B on scaled latents: the U-Net's update on DDPM's noise-prediction loss
+    (stage_b_diffusion/objective.py; CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py, `p_losses`).
+
+    `generator` draws the noise and the timesteps; `class_labels` are already dropped for guidance.
+    """
+    with autocast():
+        loss, logs = diffusion_loss(unet.module, latents, noise_scheduler, cfg, generator, class_labels=class_labels)
+    micro.logs.update(logs)
+    yield Update(unet, loss, {"loss": loss})
 
 
 def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Path,
@@ -88,10 +104,11 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     unet_ddp, optimizer = accelerator.prepare(unet, optimizer)
     if ema is not None:
         ema.to(device)
+    network = Network(unet_ddp, optimizer, lr_scheduler)
 
     # 4. Resume ---------------------------------------------------------------------------------------
     run.track(models={"unet": unet}, states={"optimizer": optimizer, "lr_scheduler": lr_scheduler},
-              optimizers=[optimizer], ema=ema,
+              ema=ema, ema_of=unet,
               mismatch_advice=f"This VAE ({vae_dir}) has {vae.config.latent_channels} latent channels; resume with "
                               f"the VAE the run was started with (see {run.run_dir / 'run_info.json'}).")
     run.resume()
@@ -114,36 +131,25 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
             save_grid(images, run.run_dir / "images" / f"samples_{tag}.png")
         accelerator.wait_for_everyone()
 
-    # 5. The step ---------------------------------------------------------------------------------------
+    # 5. The step body, on this micro-step's latents; the loop is ldm_core/training/run.py's `TrainingRun.train`
     null_class = cfg.model.num_classes  # the extra embedding used for classifier-free guidance
 
-    def train_step(step: int) -> dict:
-        logs: dict = {}
-        for micro_step in run.micro_steps(unet_ddp):
-            positions, flips = batches(micro_step)
-            generator = run.generator(micro_step)
-            latents = scale_latents(cache.draw(torch.from_numpy(positions), generator,
-                                               mode=cfg.diffusion.latent_sampling, flip=torch.from_numpy(flips)),
-                                    vae.config).to(device)
-            class_labels = None
-            if labels is not None:
-                class_labels = drop_class_labels(torch.from_numpy(labels[positions]), null_class,
-                                                 cfg.model.class_dropout, generator).to(device)
-            with accelerator.autocast():
-                loss, logs = diffusion_loss(unet_ddp, latents, noise_scheduler, cfg.diffusion, generator,
-                                            class_labels=class_labels)
-            if not (run.finite({"loss": loss}) and run.backward(loss, unet_ddp.parameters(), logs)):
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(unet.parameters())
-        return logs
+    def micro_step(micro: MicroStep) -> Iterator[Update]:
+        positions, flips = batches(micro.index)
+        generator = run.generator(micro.index)
+        latents = scale_latents(cache.draw(torch.from_numpy(positions), generator,
+                                           mode=cfg.diffusion.latent_sampling, flip=torch.from_numpy(flips)),
+                                vae.config).to(device)
+        class_labels = None
+        if labels is not None:
+            class_labels = drop_class_labels(torch.from_numpy(labels[positions]), null_class,
+                                             cfg.model.class_dropout, generator).to(device)
+        return noise_prediction_micro_step(network, micro, latents, noise_scheduler, cfg.diffusion, generator,
+                                           class_labels, accelerator.autocast)
 
-    # 6. The loop (ldm_core/training/run.py: bar, timer, budget, signals, checkpoints) ----------------
+    # 6. The loop -----------------------------------------------------------------------------------
     unet_ddp.train()
-    run.train(train_step, desc="Stage B", lr=lambda: lr_scheduler.get_last_lr()[0],
+    run.train(micro_step, [network], desc="Stage B", lr=lambda: lr_scheduler.get_last_lr()[0],
               postfix=lambda s: {"loss": f"{s['loss']:.4f}"},
               periodic=[(cfg.sampling.sample_every, lambda step: sample_grid(f"step{step:07d}")),
                         (tc.checkpoint_every, lambda step: run.write_checkpoint())])

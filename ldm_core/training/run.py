@@ -1,21 +1,20 @@
-"""The training-run skeleton both stages share.
+"""The training-run skeleton both stages share, and the training loop.
 
 A stage keeps only what is its own (its models, its step body, its export); `TrainingRun` does the rest:
-the run folder and its saved config, the Accelerator, the step counter, the metric history, the
-non-finite-loss policy, checkpoints (write, resume), and the loop's progress bar, step timer, time
-budget, SIGINT/SIGTERM handling and periodic work, then the metrics.json / run_info.json export.
+the run folder and its saved config, the Accelerator, the step counter, the metric history,
+checkpoints (write, resume), the loop (`TrainingRun.train`: micro-steps, the non-finite-loss policy,
+backward, clipping, optimizer, schedule and EMA steps, logs, periodic work, stops), then the
+metrics.json / run_info.json export.
 
     run = TrainingRun(cfg, cfg.train, out, resume, stage="A")
     ... data, models and optimizers, on run.device ...
-    run.track(models={"vae": vae}, states={"opt": opt, "sched": sched}, ema=ema, optimizers=[opt])
+    run.track(models={"vae": vae}, states={"opt": opt, "sched": sched}, ema=ema, ema_of=vae)
     state = run.resume()  # the checkpoint's training state (None for a fresh run)
-    run.train(train_step, desc="Stage A", periodic=[(every, action)], lr=..., postfix=...)
+    run.train(micro_step, [Network(model, opt, sched)], desc="Stage A", periodic=[(every, action)], ...)
     run.finish(metrics={...}, run_info={...}, curves=[...])
 
-`train_step(step)` does one optimizer step: it iterates `run.micro_steps(*models)` (gradient
-accumulation), calls `run.backward(...)` and `run.finite(...)` (both return False when a NaN/inf makes
-the step be skipped under `train.nonfinite_loss=skip`; the loop then clears the gradients and moves on),
-steps its schedules and EMA, and returns the scalars to log.
+`micro_step(micro)` is the stage's step body for one micro-step: it computes each network's loss and
+yields it as an `Update`; the loop checks, back-propagates and applies it before asking for the next.
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -36,11 +36,55 @@ from ldm_core.config.settings import TrainConfig
 from ldm_core.training.metric_history import MetricHistory, record_scalars
 from ldm_core.training.optimization import clip_gradients, drop_gradients
 from ldm_core.randomness import step_generator
-from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TimeBudget, finish_step
+from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TimeBudget, interrupted
 from ldm_core.training.run_folder import RESUMES_FILE, environment_info, prepare_run_dir, unlock_run_dir, write_json
-from ldm_core.training.step_timer import StepTimer
+from ldm_core.training.step_timer import StepTimer, Throughput
 
 logger = logging.getLogger("ldm.train")
+
+
+def _always(step: int) -> bool:
+    return True
+
+
+@dataclass(eq=False)  # compared by identity: the loop's networks are the stage's objects
+class Network:
+    """A network the loop updates, with its optimizer and LR schedule.
+
+    Parameters:
+        module: as prepared by Accelerate (DDP under several processes): entered in `accumulate`, and its
+            parameters are the ones clipped.
+        optimizer: as prepared; Accelerate's wrapper steps and clears only on a micro-step that syncs.
+        schedule: its LR schedule, stepped once per optimizer step by the loop (not by Accelerate), so
+            its meaning does not change with the number of processes.
+        log_grad_norm: log the pre-clip gradient norm as grad_norm and check it like a loss.
+        active: the steps it is updated at; its schedule advances on those only (Stage A's discriminator
+            from `loss.disc_start`).
+    """
+
+    module: torch.nn.Module
+    optimizer: Any
+    schedule: Any
+    log_grad_norm: bool = True
+    active: Callable[[int], bool] = _always
+
+
+@dataclass
+class MicroStep:
+    """One micro-step of an optimizer step, as the step body is given it."""
+
+    step: int  # the optimizer step (0-based): what the loss's own schedule (disc_start, warm-ups) follows
+    index: int  # step * gradient_accumulation_steps + micro: its batch and random draws are a function of it
+    logs: dict = field(default_factory=dict)  # the scalars it logs; the loop adds grad_norm
+
+
+@dataclass
+class Update:
+    """One network's loss in a micro-step, for the loop to check, back-propagate and apply."""
+
+    network: Network
+    loss: torch.Tensor
+    checked: dict[str, Any]  # checked for NaN/inf before backward, and named in the message: the loss and its terms
 
 
 class TrainingRun:
@@ -70,12 +114,11 @@ class TrainingRun:
         self.stopped_early = False
         self._models: dict[str, torch.nn.Module] = {}
         self._states: dict[str, Any] = {}
-        self._optimizers: list = []
         self._ema = None
+        self._ema_of: Optional[torch.nn.Module] = None
         self._extra_state: Callable[[], dict] = dict
         self._mismatch_advice = ""
         self._saved_step: Optional[int] = None
-        self._skipping = False
         self._bound: dict[str, str] = {}
 
     # ---- what the stage asks of the run ------------------------------------------------------------
@@ -113,14 +156,15 @@ class TrainingRun:
                                   f"(recorded {_short(recorded)}, given {_short(value)}). Resume with the one it "
                                   f"was started with, or start a new run in another --out folder.")
 
-    def track(self, *, models: dict[str, torch.nn.Module], states: dict[str, Any], optimizers: Iterable,
-              ema=None, extra_state: Callable[[], dict] = dict, mismatch_advice: str = "") -> None:
+    def track(self, *, models: dict[str, torch.nn.Module], states: dict[str, Any], ema=None,
+              ema_of: Optional[torch.nn.Module] = None, extra_state: Callable[[], dict] = dict,
+              mismatch_advice: str = "") -> None:
         """Name what a checkpoint holds: `models` (unwrapped modules, saved as safetensors), `states` (objects
-        with state_dict / load_state_dict: optimizers, LR schedules), the EMA, and `extra_state()` (plain
-        values). `optimizers` are cleared when a step is skipped. `mismatch_advice` ends the message when a
-        checkpoint's tensors do not fit these models."""
-        self._models, self._states, self._optimizers = dict(models), dict(states), list(optimizers)
-        self._ema, self._extra_state, self._mismatch_advice = ema, extra_state, mismatch_advice
+        with state_dict / load_state_dict: optimizers, LR schedules), the EMA (of `ema_of`'s parameters,
+        stepped by the loop after every optimizer step), and `extra_state()` (plain values).
+        `mismatch_advice` ends the message when a checkpoint's tensors do not fit these models."""
+        self._models, self._states, self._extra_state = dict(models), dict(states), extra_state
+        self._ema, self._ema_of, self._mismatch_advice = ema, ema_of, mismatch_advice
 
     def resume(self) -> Optional[dict]:
         """Load the checkpoint being resumed into what `track` named; returns its training state (for the
@@ -178,92 +222,86 @@ class TrainingRun:
         self._saved_step = self.step
         return path
 
-    # ---- inside a step -------------------------------------------------------------------------------
-
-    def micro_steps(self, *models: torch.nn.Module) -> Iterator[int]:
-        """The micro-steps of this optimizer step (gradient accumulation), each inside
-        `accelerator.accumulate(*models)`. Once the step is skipped the remaining ones are passed over, still
-        inside `accumulate`, so Accelerate's micro-step count stays in phase."""
-        accum = self.train_cfg.gradient_accumulation_steps
-        for micro in range(accum):
-            with self.accelerator.accumulate(*models):
-                if self._skipping:
-                    continue
-                yield self.step * accum + micro
-
-    def finite(self, values: dict[str, Any]) -> bool:
-        """True when every value is finite; otherwise stop (train.nonfinite_loss=stop: raises) or mark this
-        step skipped and return False (skip). Called before a backward, so a bad value never reaches the weights."""
-        if self.nonfinite.ok(values, self.step, self.accelerator):
-            return True
-        self._skipping = True
-        return False
-
-    def backward(self, loss: torch.Tensor, parameters, logs: Optional[dict] = None) -> bool:
-        """Backward, then on a sync step clip the gradients at `train.max_grad_norm`. With `logs`, the pre-clip
-        norm is logged as grad_norm and checked like a loss (an inf norm under fp16 is routine: the grad
-        scaler skips that step itself). Returns False when the step is skipped."""
-        self.accelerator.backward(loss)
-        if not self.accelerator.sync_gradients:
-            return True
-        norm = clip_gradients(self.accelerator, parameters, self.train_cfg.max_grad_norm)
-        if logs is None:
-            return True
-        logs["grad_norm"] = norm
-        return self.accelerator.scaler is not None or self.finite({"grad_norm": norm, "loss": loss})
-
     # ---- the loop and the export ---------------------------------------------------------------------
 
-    def train(self, train_step: Callable[[int], dict], *, desc: str,
+    def train(self, micro_step: Callable[[MicroStep], Iterable[Update]], networks: list[Network], *, desc: str,
               periodic: list[tuple[int, Callable[[int], Any]]], lr: Callable[[], float],
               postfix: Callable[[dict], dict], before_first_step: Optional[Callable[[], Any]] = None) -> None:
-        """Run `train_step` until `train.max_steps`, the time budget or a signal.
+        """Run optimizer steps until `train.max_steps`, the time budget or SIGINT/SIGTERM; one step reads top to bottom.
 
         Parameters:
+            micro_step: the step body; yields each network's `Update` of one micro-step, in `networks` order.
+            networks: what the step updates.
             periodic: (every, action) pairs; action(step) runs after each step where step % every == 0.
-                A checkpoint is written on a signal; SIGINT/SIGTERM raise TrainingInterrupted after it.
             lr: the current learning rate, logged with each log line.
             postfix: the progress bar's postfix from the logged scalars.
             before_first_step: run once when the run starts at step 0 (a baseline validation).
         """
-        tc = self.train_cfg
+        tc, acc, accum = self.train_cfg, self.accelerator, self.train_cfg.gradient_accumulation_steps
         if self.is_main:
-            self.accelerator.init_trackers(f"stage_{self.stage.lower()}")
+            acc.init_trackers(f"stage_{self.stage.lower()}")
         if self.step == 0 and before_first_step is not None:
             before_first_step()
-        budget = TimeBudget(tc.time_budget_minutes)
-        timer = StepTimer(self.device)  # step time alone, logged as step_time
+        budget, timer = TimeBudget(tc.time_budget_minutes), StepTimer(self.device)  # the timer: step_time
+        throughput = Throughput(self._created, tc.batch_size * accum * acc.num_processes)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=desc, disable=not (self.is_main and tc.progress_bar),
                    dynamic_ncols=True)
-        first_step, steps_run = self.step, 0
         with GracefulStop() as stop:
             while self.step < tc.max_steps:
-                if steps_run == 1:  # throughput is measured from the end of the first step (warm-up, loader start)
-                    steady_from = time.monotonic()
-                    self.timing["seconds_to_first_step"] = round(steady_from - self._created, 3)
+                throughput.step_starts()
                 timer.start()
-                self._skipping = False
-                logs = train_step(self.step)
-                if self._skipping:  # the step counter, schedules and EMA still advance, so the next batch is fresh
-                    drop_gradients(*self._optimizers)
+                step, skipped, logs = self.step, False, {}
+                for index in range(step * accum, (step + 1) * accum):
+                    # Every micro-step enters `accumulate`, a skipped one too, so Accelerate's count stays in phase.
+                    with acc.accumulate(*(network.module for network in networks)):
+                        if skipped:
+                            continue
+                        micro = MicroStep(step, index)
+                        logs = micro.logs
+                        for update in micro_step(micro):  # the body computes the next loss after this one is applied
+                            # Checked before backward, so a NaN/inf never reaches the weights (train.nonfinite_loss).
+                            if not self.nonfinite.ok(update.checked, step, acc):
+                                skipped = True
+                                break
+                            acc.backward(update.loss)
+                            if acc.sync_gradients:  # the accumulated gradients, clipped once per optimizer step
+                                norm = clip_gradients(acc, update.network.module.parameters(), tc.max_grad_norm)
+                                if update.network.log_grad_norm:
+                                    logs["grad_norm"] = norm
+                                    checked = {"grad_norm": norm, "loss": update.loss}
+                                    # An inf norm under fp16 is routine: the grad scaler skips that step itself.
+                                    if acc.scaler is None and not self.nonfinite.ok(checked, step, acc):
+                                        skipped = True
+                                        break
+                            update.network.optimizer.step()
+                            update.network.optimizer.zero_grad(set_to_none=True)
+                if skipped:  # the step counter, schedules and EMA still advance, so the next batch is fresh
+                    drop_gradients(*(network.optimizer for network in networks))
                     logs["nonfinite_skips"] = self.nonfinite.skipped
+                for network in networks:
+                    if network.active(step):
+                        network.schedule.step()
+                if self._ema is not None:
+                    self._ema.step(self._ema_of.parameters())
                 self.step += 1
-                steps_run += 1
                 timer.stop()
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                     logs["step_time"] = timer.mean_and_reset()
-                    bar.set_postfix(postfix(record_scalars(self.accelerator, self.history, self.step, logs, lr())))
+                    bar.set_postfix(postfix(record_scalars(acc, self.history, self.step, logs, lr())))
                 bar.update(1)
-                if finish_step(self.step, tc.max_steps, periodic, self.write_checkpoint, stop, budget,
-                               self.accelerator, bar):
+                for every, action in periodic:  # validation, samples, checkpoints
+                    if self.step % every == 0:
+                        action(self.step)
+                if stop.requested(acc):  # after the step in flight, with a checkpoint to resume from
+                    bar.close()
+                    checkpoint = self.write_checkpoint()
+                    end_run(acc)
+                    raise interrupted(stop, self.step, tc.max_steps, checkpoint)
+                if budget.ends_run(self.step, tc.max_steps, acc):
                     self.stopped_early = True
                     break
         bar.close()
-        if steps_run > 1:
-            seconds = time.monotonic() - steady_from
-            images = (steps_run - 1) * tc.batch_size * tc.gradient_accumulation_steps * self.accelerator.num_processes
-            self.timing.update(steps=self.step - first_step, images_per_second=round(images / seconds, 3),
-                               note="images/s over the steps after the first, periodic work included")
+        self.timing.update(throughput.timing())
 
     def finish(self, *, metrics: dict, run_info: dict, curves: tuple[list[str], str]) -> None:
         """Write the loss curves, metrics.json and run_info.json (main process), then close the trackers."""

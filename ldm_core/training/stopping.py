@@ -1,8 +1,9 @@
 """How a training run stops: the time budget, SIGINT/SIGTERM, and NaN/inf losses.
 
-Both loops call `finish_step` after every optimizer step and `NonFiniteLossPolicy.ok` before every
-backward. Under several processes each decision is all-reduced, so every process stops (or skips) at
-the same step and none is left waiting in a collective.
+The training loop (`TrainingRun.train`, ldm_core/training/run.py) checks `NonFiniteLossPolicy.ok` before
+every backward, and `GracefulStop.requested` and `TimeBudget.ends_run` after every optimizer step. Under
+several processes each decision is all-reduced, so every process stops (or skips) at the same step and
+none is left waiting in a collective.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from ldm_core.training.accelerator import end_run
 
 logger = logging.getLogger("ldm.train")
 
@@ -39,6 +39,10 @@ class TimeBudget:
                            max_steps)
             return True
         return False
+
+    def ends_run(self, step: int, max_steps: int, accelerator=None) -> bool:
+        """`stops_at`, true on every process when true on any (their clocks differ), so all stop at one step."""
+        return _any_process(self.stops_at(step, max_steps), accelerator)
 
 
 def _format_terms(losses: dict[str, Any]) -> str:
@@ -169,25 +173,3 @@ def interrupted(stop: GracefulStop, step: int, max_steps: int, checkpoint: Path)
                f"{checkpoint}. Resume with the same command plus --resume latest.")
     logger.warning(message)
     return TrainingInterrupted(message)
-
-
-def finish_step(step: int, max_steps: int, periodic: list[tuple[int, Callable[[int], Any]]], write_checkpoint,
-                stop: GracefulStop, budget: TimeBudget, accelerator, bar) -> bool:
-    """What both loops do after each optimizer step: periodic work, then the signal and time-budget stops.
-
-    Parameters:
-        periodic: (every, action) pairs, e.g. validation and checkpoints: action(step) runs when
-            `step % every == 0`.
-        write_checkpoint: writes the current state and returns its folder (used on a signal).
-    Returns True when the time budget ends the run; raises TrainingInterrupted (after a checkpoint)
-    on SIGINT/SIGTERM.
-    """
-    for every, action in periodic:
-        if step % every == 0:
-            action(step)
-    if stop.requested(accelerator):
-        bar.close()
-        checkpoint = write_checkpoint()
-        end_run(accelerator)
-        raise interrupted(stop, step, max_steps, checkpoint)
-    return _any_process(budget.stops_at(step, max_steps), accelerator)  # clocks differ between processes
