@@ -101,3 +101,21 @@ def random_lpips_built_once_per_generator_state():
         patch.setattr(pretrained, "build_random_lpips", build_or_copy)
         patch.setattr(perceptual, "build_random_lpips", build_or_copy)
         yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "loss_curves: the test looks at images/loss_curves.png, so runs draw it")
+
+
+@pytest.fixture(autouse=True)
+def loss_curves_only_where_looked_at(request, monkeypatch):
+    """Training runs of a test skip drawing images/loss_curves.png unless it is marked `loss_curves`.
+
+    Matplotlib lays out a panel per logged value, most of a tiny run's time, and only the tests marked look at
+    the picture (tests/test_metric_history.py draws it directly). Module-scoped runs are set up before this
+    fixture and always draw it.
+    """
+    if request.node.get_closest_marker("loss_curves") is None:
+        from ldm_core.training.metric_history import MetricHistory
+
+        monkeypatch.setattr(MetricHistory, "save_curves", lambda self, path, keys, title: None)

@@ -48,6 +48,7 @@ def test_training_raises_validation_psnr(trained_run):
     assert psnr[-1] > psnr[0] + 1.5, psnr
 
 
+@pytest.mark.loss_curves
 def test_run_folder_is_self_describing(trained_run):
     for name in ("config.yaml", "metrics.json", "run_info.json", "vae/config.json",
                  "vae/latent_stats.json", "images/recon_final.png", "images/loss_curves.png"):
