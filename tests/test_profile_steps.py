@@ -32,8 +32,8 @@ def test_ops_fall_into_their_families_and_ranges_win_over_names():
 
 
 def test_both_stages_profile_into_families_that_add_up_to_the_step(tmp_path):
-    # Few images (16 to train on per stage, fewer for Stage B's latent cache to encode) and one profiled step:
-    # the least that runs every part.
+    # 16 training images a stage (Stage B encodes them into its latent cache) and one profiled step: the least
+    # that runs every part.
     tiny = ["stage_a.data.shapes_count=24", "stage_a.train.batch_size=4", "stage_b.data.shapes_count=24",
             "stage_b.data.val_count=8", "stage_b.train.batch_size=8"]
     data = profile_steps.run(tmp_path, warmup=0, steps=1, overrides=tiny)

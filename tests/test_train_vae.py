@@ -31,8 +31,8 @@ DISC_START = 100
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage_a") / "run"
-    # The demo recipe's fast start (lr 5e-4, Adam betas (0.9, 0.99), squared error until the discriminator)
-    # learns in 120 steps what LDM's step needs 300 for.
+    # The demo recipe's fast start (lr 5e-4, Adam betas (0.9, 0.99), squared error until the discriminator),
+    # so that 120 steps show the learning.
     train_vae(_cfg("train.max_steps=120", f"loss.disc_start={DISC_START}", "loss.perceptual_weight=0",
                    "train.lr=5e-4", "train.adam_beta1=0.9", "train.adam_beta2=0.99", "train.disc_adam_beta1=0.5",
                    "train.disc_adam_beta2=0.9", f"loss.l2_warmup_steps={DISC_START}", "train.lr_warmup_steps=10",
