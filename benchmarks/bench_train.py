@@ -36,7 +36,7 @@ NEVER = 10 ** 9  # a step count no benchmark reaches: validation/checkpoints off
 # Our trainers
 
 
-def _stage_a_config(disc_on: bool, steps: int, images: int):
+def _stage_a_config(disc_on: bool, steps: int, images: int, resolution: int | None = None):
     from ldm_core.config.settings import load_config
     from ldm_core.config.preset_files import config_path
     from stage_a_vae.config import StageAConfig
@@ -46,10 +46,10 @@ def _stage_a_config(disc_on: bool, steps: int, images: int):
         f"loss.disc_start={0 if disc_on else NEVER}", f"train.max_steps={steps}", "train.time_budget_minutes=0",
         "train.log_every=1", f"train.validate_every={NEVER}", f"train.checkpoint_every={NEVER}",
         "train.latent_stats_images=8", "data.val_count=8", f"data.shapes_count={images}",
-        "train.progress_bar=false", "train.lr_warmup_steps=0"])
+        "train.progress_bar=false", "train.lr_warmup_steps=0", *_resolution(resolution)])
 
 
-def _stage_b_config(steps: int, images: int, cache_dir: str | None = None):
+def _stage_b_config(steps: int, images: int, cache_dir: str | None = None, resolution: int | None = None):
     from ldm_core.config.settings import load_config
     from ldm_core.config.preset_files import config_path
     from stage_b_diffusion.config import StageBConfig
@@ -59,7 +59,12 @@ def _stage_b_config(steps: int, images: int, cache_dir: str | None = None):
         f"train.checkpoint_every={NEVER}", f"sampling.sample_every={NEVER}", "sampling.grid_images=1",
         "sampling.num_inference_steps=1", "train.latent_stats_images=8", f"data.shapes_count={images}",
         "train.progress_bar=false", "train.lr_warmup_steps=0",
-        *([f"data.latent_cache_dir={cache_dir}"] if cache_dir is not None else [])])
+        *([f"data.latent_cache_dir={cache_dir}"] if cache_dir is not None else []), *_resolution(resolution)])
+
+
+def _resolution(resolution: int | None) -> list[str]:
+    """The shipped config's image size unless a test asks for smaller images (`--resolution`)."""
+    return [] if resolution is None else [f"data.resolution={resolution}"]
 
 
 def _random_vae(folder: Path) -> Path:
@@ -72,17 +77,18 @@ def _random_vae(folder: Path) -> Path:
     return folder
 
 
-def _run_ours(stage: str, disc_on: bool, steps: int, images: int, tmp: Path) -> dict[str, Any]:
+def _run_ours(stage: str, disc_on: bool, steps: int, images: int, tmp: Path,
+              resolution: int | None = None) -> dict[str, Any]:
     """Run the real trainer for `steps` and return its config and metrics.json."""
     if stage == "a":
         from stage_a_vae.train import train_vae
 
-        cfg = _stage_a_config(disc_on, steps, images)
+        cfg = _stage_a_config(disc_on, steps, images, resolution)
         run = train_vae(cfg, "builtin:shapes", tmp / f"a{steps}")
     else:
         from workflows.train_unet import train_unet
 
-        cfg = _stage_b_config(steps, images, str(tmp / "cache"))
+        cfg = _stage_b_config(steps, images, str(tmp / "cache"), resolution)
         run = train_unet(cfg, _random_vae(tmp / "vae"), "builtin:shapes", tmp / f"b{steps}")
     return {"cfg": cfg, "metrics": json.loads((run / "metrics.json").read_text())}
 
@@ -99,7 +105,7 @@ def worker_ours(args) -> dict[str, Any]:
             from stage_b_diffusion.latent_cache import load_or_build_latent_cache
             from ldm_core.models.autoencoder_folders import load_frozen_vae
 
-            cfg = _stage_b_config(1, args.images, str(tmp / "cache"))
+            cfg = _stage_b_config(1, args.images, str(tmp / "cache"), args.resolution)
             vae, _ = load_frozen_vae(_random_vae(tmp / "vae"))
             data = load_dataset("builtin:shapes", cfg.data.resolution, shapes_count=args.images, progress=False)
             train_idx, _ = train_val_split(len(data), cfg.data.val_count, cfg.data.split_seed)
@@ -108,14 +114,16 @@ def worker_ours(args) -> dict[str, Any]:
                                        progress=False)
             result["cache_build_s"] = time.perf_counter() - start
             result["cache_images"] = int(len(train_idx))
-        run = _run_ours(args.stage, args.disc_on, args.warmup + args.iters, args.images, tmp)
+        run = _run_ours(args.stage, args.disc_on, args.warmup + args.iters, args.images, tmp, args.resolution)
         times = [r["step_time"] for r in run["metrics"]["history"] if "step_time" in r][args.warmup:]
         tc = run["cfg"].train
         result.update(step_s=sum(times) / len(times), batch=tc.batch_size, precision=tc.mixed_precision,
+                      resolution=run["cfg"].data.resolution,
                       **peak_memory_mib(pick_device(args.device)))  # before the FLOP count's small runs
         # FLOPs of exactly one step of our trainer: a 2-step run minus a 1-step run, both counted.
         images = min(args.images, 256)  # enough for one batch; fewer images to encode and validate
-        counts = [count_flops(lambda n=n: _run_ours(args.stage, args.disc_on, n, images, tmp / f"flops{n}"))
+        counts = [count_flops(lambda n=n: _run_ours(args.stage, args.disc_on, n, images, tmp / f"flops{n}",
+                                                    args.resolution))
                   for n in (1, 2)]
         result["flops_per_step"] = counts[1] - counts[0]
         return result
@@ -131,13 +139,14 @@ def worker_reference(args) -> dict[str, Any]:
 
     device = pick_device(args.device)
     torch.manual_seed(0)
-    data = load_dataset("builtin:shapes", 64, shapes_count=args.images, progress=False)
+    cfg = (_stage_a_config(args.disc_on, 1, args.images, args.resolution) if args.stage == "a" else
+           _stage_b_config(1, args.images, resolution=args.resolution))  # the reference encodes every batch: no cache
+    data = load_dataset("builtin:shapes", cfg.data.resolution, shapes_count=args.images, progress=False)
     if args.stage == "a":
         from stage_a_vae.discriminator import NLayerDiscriminator
         from stage_a_vae.perceptual import build_lpips
         from stage_a_vae.architectures import build_autoencoder
 
-        cfg = _stage_a_config(args.disc_on, 1, args.images)
         lc, tc = cfg.loss, cfg.train
         vae = build_autoencoder(cfg.model).to(device)
         disc = NLayerDiscriminator(input_channels=3, channels=lc.disc_channels, num_layers=lc.disc_num_layers,
@@ -157,7 +166,6 @@ def worker_reference(args) -> dict[str, Any]:
 
         with tempfile.TemporaryDirectory() as tmp:
             vae, _ = load_frozen_vae(_random_vae(Path(tmp) / "vae"))
-        cfg = _stage_b_config(1, args.images)  # the reference encodes every batch: no cache
         tc = cfg.train
         vae = vae.to(device)
         unet = build_unet(cfg.model, latent_channels=4, latent_size=cfg.data.resolution // 8).to(device)
@@ -169,7 +177,8 @@ def worker_reference(args) -> dict[str, Any]:
             x = _batch(data.images, i, tc.batch_size, device)
             text_to_image_stage_b_step(vae, unet, scheduler, optimizer, x, generator)
 
-    result = {"flops_per_step": count_flops(step), "batch": tc.batch_size, "precision": "no"}
+    result = {"flops_per_step": count_flops(step), "batch": tc.batch_size, "precision": "no",
+              "resolution": cfg.data.resolution}
     result["step_s"] = seconds_per_call(step, device, warmup=args.warmup, iters=args.iters)
     result.update(peak_memory_mib(device))
     return result
@@ -237,6 +246,7 @@ def main(argv=None) -> None:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--disc-on", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=512, help=argparse.SUPPRESS)
+    parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)  # tests: smaller images than shipped
     args = parser.parse_args(argv)
     if args.path is None:
         run(args.stage, args.out, args.device, args.iters, args.warmup)

@@ -65,3 +65,57 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def random_lpips_built_once_per_generator_state():
+    """Each random LPIPS trunk is built once per torch generator state and copied after that.
+
+    Building it runs torchvision's whole VGG16 initialisation, its 120M-weight classifier included (seconds,
+    and most runs build it again from the same seed). The same generator state always gives the same weights
+    and leaves the same state behind, so a copy plus that state is exactly what a fresh build would give.
+    """
+    import copy
+
+    import torch
+
+    from ldm_core.models import pretrained
+    from stage_a_vae import perceptual
+
+    build = pretrained.build_random_lpips
+    built: dict = {}
+
+    def build_or_copy(net: str = "vgg"):
+        key = (net, torch.get_rng_state().numpy().tobytes())
+        if key not in built:
+            module = build(net)
+            if len(built) >= 4:  # a few trunks of 60 MB each
+                built.pop(next(iter(built)))
+            built[key] = (copy.deepcopy(module), torch.get_rng_state())
+            return module
+        module, state = built[key]
+        torch.set_rng_state(state)
+        return copy.deepcopy(module)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pretrained, "build_random_lpips", build_or_copy)
+        patch.setattr(perceptual, "build_random_lpips", build_or_copy)
+        yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "loss_curves: the test looks at images/loss_curves.png, so runs draw it")
+
+
+@pytest.fixture(autouse=True)
+def loss_curves_only_where_looked_at(request, monkeypatch):
+    """Training runs of a test skip drawing images/loss_curves.png unless it is marked `loss_curves`.
+
+    Matplotlib lays out a panel per logged value, most of a tiny run's time, and only the tests marked look at
+    the picture (tests/test_metric_history.py draws it directly). Module-scoped runs are set up before this
+    fixture and always draw it.
+    """
+    if request.node.get_closest_marker("loss_curves") is None:
+        from ldm_core.training.metric_history import MetricHistory
+
+        monkeypatch.setattr(MetricHistory, "save_curves", lambda self, path, keys, title: None)

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from workflows.cli import main
 
 TINY = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_a.data.shapes_count=48",
@@ -15,6 +17,7 @@ TINY = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_
         "evaluation.num_images=4", "evaluation.num_inference_steps=2"]
 
 
+@pytest.mark.loss_curves  # the summary names the loss curves among its outputs
 def test_demo_writes_every_output_its_summary_names_and_does_not_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *TINY, f"stage_b.data.latent_cache_dir={tmp_path / 'cache'}"]) == 0

@@ -35,6 +35,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.loss_curves
 def test_ldm_train_writes_both_stages_and_a_loadable_pipeline(trained):
     pipe_dir = trained / "stage_b" / "pipeline"
     assert json.loads((pipe_dir / "model_index.json").read_text())["_class_name"] == "LatentDiffusionPipeline"

@@ -25,22 +25,30 @@ def _cfg(*extra):
     return load_config(StageAConfig, None, BASE + list(extra))
 
 
+DISC_START = 100
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stage_a") / "run"
-    train_vae(_cfg("train.max_steps=300", "loss.disc_start=280", "loss.perceptual_weight=0", "train.lr=2e-4",
-                   "train.lr_schedule=cosine", "train.validate_every=100"), "builtin:shapes", out)
+    # The demo recipe's fast start (lr 5e-4, Adam betas (0.9, 0.99), squared error until the discriminator),
+    # so that 120 steps show the learning.
+    train_vae(_cfg("train.max_steps=120", f"loss.disc_start={DISC_START}", "loss.perceptual_weight=0",
+                   "train.lr=5e-4", "train.adam_beta1=0.9", "train.adam_beta2=0.99", "train.disc_adam_beta1=0.5",
+                   "train.disc_adam_beta2=0.9", f"loss.l2_warmup_steps={DISC_START}", "train.lr_warmup_steps=10",
+                   "train.lr_schedule=cosine", "train.validate_every=40"), "builtin:shapes", out)
     return out
 
 
 def test_training_raises_validation_psnr(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     psnr = [r["val_psnr"] for r in metrics["history"] if "val_psnr" in r]
-    assert len(psnr) >= 3  # step 0 (the baseline), every 100 steps, final
-    # About +3.3 dB when written (7.0 -> 10.3 dB); an untrained or broken loop stays within 1 dB.
-    assert psnr[-1] > psnr[0] + 2.0, psnr
+    assert len(psnr) >= 3  # step 0 (the baseline), every 40 steps, final
+    # Measured +2.3 dB (10.1 -> 12.4 dB); an untrained or broken loop stays within 1 dB.
+    assert psnr[-1] > psnr[0] + 1.5, psnr
 
 
+@pytest.mark.loss_curves
 def test_run_folder_is_self_describing(trained_run):
     for name in ("config.yaml", "metrics.json", "run_info.json", "vae/config.json",
                  "vae/latent_stats.json", "images/recon_final.png", "images/loss_curves.png"):
@@ -54,11 +62,11 @@ def test_discriminator_switches_on_at_disc_start(trained_run):
     rows = json.loads((trained_run / "metrics.json").read_text())["history"]
     train_rows = [r for r in rows if "rec" in r]
     # `step` is logged after the update, so the update of optimizer step s is logged as s + 1.
-    assert all("d_loss" not in r for r in train_rows if r["step"] <= 280)
-    assert all("d_loss" in r and r["d_weight"] > 0 for r in train_rows if r["step"] > 280)
+    assert all("d_loss" not in r for r in train_rows if r["step"] <= DISC_START)
+    assert all("d_loss" in r and r["d_weight"] > 0 for r in train_rows if r["step"] > DISC_START)
     # The game over the run is readable from metrics.json: the discriminator's mean logits on real and
     # reconstructed images, which a hinge loss pushes apart once it learns to tell them.
-    on = [r for r in train_rows if r["step"] > 280]
+    on = [r for r in train_rows if r["step"] > DISC_START]
     assert all(all(k in r and r[k] == r[k] for k in ("logits_real", "logits_fake")) for r in on)
     assert sum(r["logits_real"] - r["logits_fake"] for r in on) > 0
 
@@ -118,7 +126,7 @@ def test_the_discriminator_keeps_its_own_adam_betas(tmp_path):
 
 # The demo's Stage A recipe (configs/vae/kl-f8-mini.yaml) on its 64 px shapes, against LDM's training step with
 # diffusers' initialisation (row 0 of benchmarks/stage_a_factors.py) on the same model, data and steps.
-FAST_START_STEPS = 250
+FAST_START_STEPS = 100  # the gap is widest here: 1.5 dB at 100 steps of a 250-step run, 1.3 at 250
 LDM_STEP = ["model.zero_init_residual=false", "model.posterior_logvar_init=null", "loss.l2_warmup_steps=0",
             "train.lr=1e-4", "train.adam_beta1=0.5", "train.adam_beta2=0.9"]
 
@@ -134,12 +142,12 @@ def _fast_start_psnr(tmp_path, name, extra):
 
 
 def test_the_demo_recipe_starts_fast_where_ldms_step_stalls(tmp_path):
-    """The guard on the slow start (docs/stage-a-fast-start.md): if it came back, the recipe's PSNR after 250
-    steps would fall to the level of LDM's step. Measured on the RGB-cube shapes, without EMA: 15.2 dB against
-    13.8 dB (on the eight-colour shapes of before: 17.7 against 12.9)."""
+    """The guard on the slow start (docs/stage-a-fast-start.md): if it came back, the recipe's PSNR after 100
+    steps would fall to the level of LDM's step. Measured on the RGB-cube shapes, without EMA: 14.5 dB against
+    12.9 dB after 100 steps (15.2 against 13.8 after 250)."""
     recipe = _fast_start_psnr(tmp_path, "recipe", [])
     ldm_step = _fast_start_psnr(tmp_path, "ldm_step", LDM_STEP)
-    assert recipe > 14.5 and recipe > ldm_step + 1.0, (recipe, ldm_step)
+    assert recipe > 14.0 and recipe > ldm_step + 1.0, (recipe, ldm_step)
 
 
 TINY = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
