@@ -125,7 +125,7 @@ def _tiny_demo_overrides() -> tuple[str, ...]:
     return tuple(out + ["stage_a.model.preset=kl-f8-tiny", "stage_b.model.preset=unet-tiny",
                         "stage_b.model.block_out_channels=null", "stage_b.sampling.grid_images=2",
                         "stage_b.sampling.num_inference_steps=2", "evaluation.num_images=4",
-                        "evaluation.num_inference_steps=2"])
+                        "evaluation.num_inference_steps=2", "evaluation.recon_images=8"])
 
 
 FULL = Plan(name="full", vae_overrides=(), unet_overrides=(), correctness_batch=4, correctness_steps=4,

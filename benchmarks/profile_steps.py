@@ -177,7 +177,7 @@ def worker(args) -> dict[str, Any]:
         ops_us += own
     by_family = {k: v / 1e6 / args.steps for k, v in by_family.items()}
     by_family["Python and framework"] = max(seconds_per_step - ops_us / 1e6 / args.steps, 0.0)
-    peak = matmul_peak_flops(torch.device("cpu"), torch.float32)
+    peak = matmul_peak_flops(torch.device("cpu"), torch.float32, seconds=args.peak_seconds)
     return {"stage": args.stage, "batch": cfg.train.batch_size, "resolution": cfg.data.resolution,
             "seconds_per_step": seconds_per_step, "family_seconds": by_family, "flops_per_step": record["flops"],
             "achieved_gflops": record["flops"] / seconds_per_step / 1e9, "matmul_peak_gflops": peak / 1e9,
@@ -200,11 +200,11 @@ def _main_thread(profiler) -> int:
     return max(totals, key=totals.get)
 
 
-def run(out: Path, warmup: int, steps: int, overrides: list[str]) -> dict[str, Any]:
+def run(out: Path, warmup: int, steps: int, overrides: list[str], peak_seconds: float = 2.0) -> dict[str, Any]:
     results = {}
     for stage in ("a", "b"):
         results[stage] = run_isolated(WORKER, ["--stage", stage, "--warmup", str(warmup), "--steps", str(steps),
-                                               *overrides])
+                                               "--peak-seconds", str(peak_seconds), *overrides])
     rows = []
     for family in FAMILY_ORDER:
         row = {"family": family}
@@ -238,6 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--peak-seconds", type=float, default=2.0,
+                        help="how long to time the fp32 matmul that gives the machine's ceiling (default 2)")
     # Worker mode (one stage in a fresh process):
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--stage", choices=["a", "b"], help=argparse.SUPPRESS)
@@ -246,7 +248,7 @@ def main(argv=None) -> None:
     if args.result is not None:
         args.result.write_text(json.dumps(worker(args)))
         return
-    run(args.out, args.warmup, args.steps, overrides)
+    run(args.out, args.warmup, args.steps, overrides, args.peak_seconds)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ TINY = ["stage_a.model.preset=kl-f8-tiny", "stage_a.data.resolution=32", "stage_
         "stage_b.data.shapes_count=48",
         "stage_b.data.val_count=8", "stage_b.train.max_steps=2", "stage_b.train.batch_size=4",
         "stage_b.train.progress_bar=false", "stage_b.sampling.grid_images=2", "stage_b.sampling.num_inference_steps=2",
-        "evaluation.num_images=4", "evaluation.num_inference_steps=2"]
+        "evaluation.num_images=4", "evaluation.num_inference_steps=2", "evaluation.recon_images=8"]
 
 
 @pytest.mark.loss_curves  # the summary names the loss curves among its outputs
@@ -26,7 +26,8 @@ def test_demo_writes_every_output_its_summary_names_and_does_not_rerun(tmp_path,
     assert summary["samples"]["n"] == 4 and 0.0 <= summary["samples"]["validity"] <= 1.0
     assert "| vae |" in summary["bench_recon"] and "bicubic-f8" in summary["bench_recon"]
     assert summary["stage_a"]["bicubic_psnr"] > 0 and summary["stage_a"]["heldout_psnr"] > 0
-    assert 0.0 <= summary["stage_a"]["reconstructions_valid"] <= 1.0
+    assert 0.0 <= summary["stage_a"]["reconstructions_valid"] <= 1.0 and summary["stage_a"]["recon_images"] == 8
+    assert json.loads((out / "bench_recon" / "results.json").read_text())["meta"]["num_images_requested"] == 8
     # Shapes in the colours held out of training are benchmarked beside the training colours.
     assert summary["stage_a"]["unseen_colours_psnr"] > 0 and "| vae |" in summary["bench_recon_unseen_colours"]
     assert summary["stage_a"]["unseen_colours_bicubic_psnr"] != summary["stage_a"]["bicubic_psnr"]

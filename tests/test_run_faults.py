@@ -54,6 +54,7 @@ BAD_VALUES = [
     ("train-unet", ["diffusion.num_train_timesteps=0"], "diffusion.num_train_timesteps=0"),
     ("train", ["stage_b.data.resolution=32"], "stage_b.data.resolution=32"),
     ("train", ["evaluation.num_images=0"], "evaluation.num_images=0"),
+    ("train", ["evaluation.recon_images=1"], "evaluation.recon_images=1"),
     ("train", ["stage_b.train.mixed_precision=fp16"], "stage_b.train.mixed_precision=fp16"),
 ]
 

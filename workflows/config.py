@@ -17,10 +17,13 @@ class EvaluationConfig:
     scheduler: str = "dpmsolver++"
     num_inference_steps: int = 20
     seed: int = 0
+    recon_images: int = 256  # held-out shapes in each reconstruction benchmark (training and held-out colours)
 
     def __post_init__(self) -> None:
         check_sampling("evaluation", self.scheduler, self.num_inference_steps, self.seed)
         _require(self.num_images > 0, "evaluation.num_images", self.num_images, "a positive integer")
+        # Standard deviations need two images.
+        _require(self.recon_images >= 2, "evaluation.recon_images", self.recon_images, "a whole number of at least 2")
 
 
 @dataclass

@@ -51,8 +51,8 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
     samples_dir = out / "samples"
     scores, plain = _sample_and_score(paths["pipeline"], cfg.evaluation, samples_dir, seconds)
     bench_dir, unseen_dir = out / "bench_recon", out / "bench_recon_unseen_colours"
-    bench, unseen, round_trip = _benchmark_reconstructions(paths["vae"], cfg.stage_a.data, bench_dir, unseen_dir,
-                                                           seconds)
+    bench, unseen, round_trip = _benchmark_reconstructions(paths["vae"], cfg.stage_a.data, cfg.evaluation.recon_images,
+                                                           bench_dir, unseen_dir, seconds)
 
     # 3. Summary.
     a_metrics = json.loads((out / "stage_a" / "metrics.json").read_text())
@@ -68,7 +68,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
                     "val_ssim": a_metrics["validation"].get("ssim"),
                     "heldout_psnr": psnr["vae"], "bicubic_psnr": psnr.get("bicubic-f8"),
                     "unseen_colours_psnr": unseen_psnr["vae"], "unseen_colours_bicubic_psnr": unseen_psnr.get("bicubic-f8"),
-                    "reconstructions_valid": round_trip["validity"],
+                    "reconstructions_valid": round_trip["validity"], "recon_images": cfg.evaluation.recon_images,
                     "scaling_factor": a_metrics["latent_stats"]["scaling_factor"]},
         "stage_b": {"steps": b_metrics["steps"], "final_loss": MetricHistory(b_metrics["history"]).last("loss")},
         "samples": {k: scores[k] for k in ("n", "validity", "class_histogram", "max_class_deviation", "reasons")},
@@ -120,7 +120,7 @@ def _sample_and_score(pipeline_folder: Path, ev, samples_dir: Path, seconds: dic
     return scores, plain
 
 
-def _benchmark_reconstructions(vae_folder: Path, data_cfg, bench_dir: Path, unseen_dir: Path,
+def _benchmark_reconstructions(vae_folder: Path, data_cfg, num_images: int, bench_dir: Path, unseen_dir: Path,
                                seconds: dict) -> tuple[dict, dict, dict]:
     """Reconstruction fidelity on shapes the autoencoder never saw (another seed of the generator), in the
     training colours and in the colours held out of training, and how many survive the round trip valid:
@@ -129,11 +129,11 @@ def _benchmark_reconstructions(vae_folder: Path, data_cfg, bench_dir: Path, unse
 
     clock = time.monotonic()
     heldout_seed = data_cfg.shapes_seed + 1
-    bench = run_bench_recon([str(vae_folder)], DATA, data_cfg.resolution, num_images=256,
+    bench = run_bench_recon([str(vae_folder)], DATA, data_cfg.resolution, num_images=num_images,
                             shapes_seed=heldout_seed, out_dir=bench_dir)
     unseen = run_bench_recon([str(vae_folder)], BUILTIN_SHAPES_UNSEEN_COLOURS, data_cfg.resolution,
-                             num_images=256, shapes_seed=heldout_seed, out_dir=unseen_dir)
-    round_trip = _reconstruction_validity(vae_folder, heldout_seed, num_images=256, size=data_cfg.resolution)
+                             num_images=num_images, shapes_seed=heldout_seed, out_dir=unseen_dir)
+    round_trip = _reconstruction_validity(vae_folder, heldout_seed, num_images=num_images, size=data_cfg.resolution)
     seconds["bench_recon"] = round(time.monotonic() - clock, 1)
     return bench, unseen, round_trip
 
@@ -189,9 +189,9 @@ def _summary_markdown(s: dict) -> str:
         f"Wall time {s['wall_minutes']:.1f} min on {cpu['model']} ({cpu['cores']} cores; {extensions}): "
         + ", ".join(f"{part.replace('_', ' ')} {value / 60:.1f} min" for part, value in s["seconds"].items()) + ".",
         "",
-        f"- Stage A: {a['steps']} steps, held-out PSNR {a['val_psnr']:.2f} dB, SSIM {a['val_ssim']:.4f}; on 256 "
+        f"- Stage A: {a['steps']} steps, held-out PSNR {a['val_psnr']:.2f} dB, SSIM {a['val_ssim']:.4f}; on {a['recon_images']} "
         f"unseen shapes {a['heldout_psnr']:.2f} dB against {a['bicubic_psnr']:.2f} dB for bicubic-f8, and "
-        f"{a['reconstructions_valid']:.1%} of their reconstructions valid shapes; on 256 shapes in colours held "
+        f"{a['reconstructions_valid']:.1%} of their reconstructions valid shapes; on {a['recon_images']} shapes in colours held "
         f"out of training {a['unseen_colours_psnr']:.2f} dB against {a['unseen_colours_bicubic_psnr']:.2f} dB; "
         f"latent scaling factor {a['scaling_factor']:.4f}",
         f"- Stage B: {b['steps']} steps, final loss {b['final_loss']:.4f}",
