@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional
 
 from ldm_core.config.settings import ConfigError, _require
 
+
 def check_architecture(model: Any, architectures: Mapping[str, dict]) -> None:
     """The model section of a config: `preset` names an entry of `architectures`, `block_out_channels` is a
     non-empty list of positive widths or null, and `layers_per_block` and `norm_num_groups` are positive or
