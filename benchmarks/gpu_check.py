@@ -234,8 +234,10 @@ class Runner:
 
 
 def free_memory(device: torch.device) -> None:
-    gc.collect()
+    # Only the GPU's cached blocks between sections matter; on a CPU a full collection costs 0.2 s and frees
+    # nothing the next section needs.
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
