@@ -8,8 +8,9 @@ Every path runs in its own process (peak memory is per path). "Ours" is the real
 `configs/unet/unet-small.yaml`), timed by its own `step_time` log (the steps alone, no validation or
 checkpoints); the references are `benchmarks/reference_loops.py`. Images/s is the global batch divided
 by the mean step time after warm-up. FLOPs per step are counted by `torch.utils.flop_counter`: for our
-trainers as the difference between a 2-step and a 1-step run of the trainer itself (so exactly one
-training step, whatever the trainer does in it), for the references on one call of their step.
+trainers on one optimizer step of the trainer itself, after the timed ones (exactly one training step,
+whatever the trainer does in it: `benchmarks.harness.counted_step_flops`), for the references on one call
+of their step.
 Utilisation divides achieved FLOP/s by this machine's large-matmul FLOP/s in the path's precision,
 measured in the same run.
 """
@@ -24,8 +25,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import (count_flops, machine_description, markdown_table, matmul_peak_flops,
-                                peak_memory_mib, pick_device, run_isolated, seconds_per_call, write_results)
+from benchmarks.harness import (count_flops, counted_step_flops, machine_description, markdown_table,
+                                matmul_peak_flops, peak_memory_mib, pick_device, run_isolated, seconds_per_call,
+                                write_results)
 from ldm_core.image_values import to_model_input
 
 WORKER = "benchmarks.bench_train"
@@ -114,18 +116,16 @@ def worker_ours(args) -> dict[str, Any]:
                                        progress=False)
             result["cache_build_s"] = time.perf_counter() - start
             result["cache_images"] = int(len(train_idx))
-        run = _run_ours(args.stage, args.disc_on, args.warmup + args.iters, args.images, tmp, args.resolution)
-        times = [r["step_time"] for r in run["metrics"]["history"] if "step_time" in r][args.warmup:]
+        # One step more than are timed: the last one runs under the FLOP counter, which slows it.
+        with counted_step_flops(args.warmup + args.iters) as flops:
+            run = _run_ours(args.stage, args.disc_on, args.warmup + args.iters + 1, args.images, tmp,
+                            args.resolution)
+        times = [r["step_time"] for r in run["metrics"]["history"] if "step_time" in r]
+        times = times[args.warmup:args.warmup + args.iters]
         tc = run["cfg"].train
         result.update(step_s=sum(times) / len(times), batch=tc.batch_size, precision=tc.mixed_precision,
-                      resolution=run["cfg"].data.resolution,
-                      **peak_memory_mib(pick_device(args.device)))  # before the FLOP count's small runs
-        # FLOPs of exactly one step of our trainer: a 2-step run minus a 1-step run, both counted.
-        images = min(args.images, 256)  # enough for one batch; fewer images to encode and validate
-        counts = [count_flops(lambda n=n: _run_ours(args.stage, args.disc_on, n, images, tmp / f"flops{n}",
-                                                    args.resolution))
-                  for n in (1, 2)]
-        result["flops_per_step"] = counts[1] - counts[0]
+                      resolution=run["cfg"].data.resolution, flops_per_step=flops["flops"],
+                      **peak_memory_mib(pick_device(args.device)))
         return result
 
 

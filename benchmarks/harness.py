@@ -7,6 +7,7 @@ is its own and no allocator or thread-pool state leaks from one path into the ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import resource
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -82,6 +83,42 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with counter:
         fn()
     return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def counted_step_flops(index: int) -> Iterator[dict]:
+    """Count the FLOPs of one optimizer step of the real trainer: the `index`-th (from 0) that the loop's
+    `StepTimer` bounds. Yields a dict that holds `flops` once that step has run.
+
+    The patch wraps whatever `StepTimer.start` / `stop` are when it is entered, so it nests with other
+    step hooks (benchmarks/profile_steps.py adds the profiler's).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ldm_core.training.step_timer import StepTimer
+
+    original_start, original_stop = StepTimer.start, StepTimer.stop
+    state: dict = {"count": 0, "counter": None}
+    record: dict = {}
+
+    def start(self):
+        if state["count"] == index:
+            state["counter"] = FlopCounterMode(display=False)
+            state["counter"].__enter__()
+        original_start(self)
+
+    def stop(self):
+        original_stop(self)
+        if state["count"] == index:
+            state["counter"].__exit__(None, None, None)
+            record["flops"] = int(state["counter"].get_total_flops())
+        state["count"] += 1
+
+    StepTimer.start, StepTimer.stop = start, stop
+    try:
+        yield record
+    finally:
+        StepTimer.start, StepTimer.stop = original_start, original_stop
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import machine_description, markdown_table, matmul_peak_flops, run_isolated, write_results
+from benchmarks.harness import (counted_step_flops, machine_description, markdown_table, matmul_peak_flops,
+                                run_isolated, write_results)
 
 WORKER = "benchmarks.profile_steps"
 NEVER = 10 ** 9  # a step count no run reaches: validation, sampling and checkpoints stay off
@@ -98,23 +99,17 @@ def _annotated(cls, method: str, label: str):
 
 
 @contextlib.contextmanager
-def _profiled_steps(warmup: int, steps: int, record: dict):
+def _profiled_steps(first: int, steps: int, record: dict):
     """Patch the loop's `StepTimer` (its `start` and `stop` bound each optimizer step in `TrainingRun.train`)
-    so that `warmup` steps run plain, one under the FLOP counter, then `steps` under the profiler; fills
-    `record` with the FLOP count, the profile and the step times."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    so that steps `first` to `first + steps - 1` (from 0) run under the profiler; fills `record` with the
+    profile and their wall time."""
     from ldm_core.training.step_timer import StepTimer
 
     original_start, original_stop = StepTimer.start, StepTimer.stop
-    state = {"count": 0, "counter": None, "profiler": None}
+    state = {"count": 0, "profiler": None}
 
     def start(self):
-        count = state["count"]
-        if count == warmup:
-            state["counter"] = FlopCounterMode(display=False)
-            state["counter"].__enter__()
-        if count == warmup + 1:
+        if state["count"] == first:
             state["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             state["profiler"].start()
             record["started"] = time.perf_counter()
@@ -124,10 +119,7 @@ def _profiled_steps(warmup: int, steps: int, record: dict):
         original_stop(self)
         count = state["count"]
         state["count"] += 1
-        if count == warmup:
-            state["counter"].__exit__(None, None, None)
-            record["flops"] = int(state["counter"].get_total_flops())
-        if count == warmup + steps:
+        if count == first + steps - 1:
             record["seconds"] = time.perf_counter() - record["started"]
             state["profiler"].stop()
             record["profiler"] = state["profiler"]
@@ -148,7 +140,8 @@ def worker(args) -> dict[str, Any]:
     cfg = stage_config(args.stage, total, args.overrides)
     record: dict = {}
     with tempfile.TemporaryDirectory() as tmp, _annotated(TrainingImages, "batch", "ldm.data.batch"), \
-            _annotated(EMAModel, "step", "ldm.ema.step"), _profiled_steps(args.warmup, args.steps, record):
+            _annotated(EMAModel, "step", "ldm.ema.step"), counted_step_flops(args.warmup) as flops, \
+            _profiled_steps(args.warmup + 1, args.steps, record):
         tmp = Path(tmp)
         if args.stage == "a":
             from stage_a_vae.train import train_vae
@@ -179,8 +172,8 @@ def worker(args) -> dict[str, Any]:
     by_family["Python and framework"] = max(seconds_per_step - ops_us / 1e6 / args.steps, 0.0)
     peak = matmul_peak_flops(torch.device("cpu"), torch.float32, seconds=args.peak_seconds)
     return {"stage": args.stage, "batch": cfg.train.batch_size, "resolution": cfg.data.resolution,
-            "seconds_per_step": seconds_per_step, "family_seconds": by_family, "flops_per_step": record["flops"],
-            "achieved_gflops": record["flops"] / seconds_per_step / 1e9, "matmul_peak_gflops": peak / 1e9,
+            "seconds_per_step": seconds_per_step, "family_seconds": by_family, "flops_per_step": flops["flops"],
+            "achieved_gflops": flops["flops"] / seconds_per_step / 1e9, "matmul_peak_gflops": peak / 1e9,
             "threads": torch.get_num_threads(), "overrides": args.overrides}
 
 
@@ -200,11 +193,18 @@ def _main_thread(profiler) -> int:
     return max(totals, key=totals.get)
 
 
-def run(out: Path, warmup: int, steps: int, overrides: list[str], peak_seconds: float = 2.0) -> dict[str, Any]:
+def run(out: Path, warmup: int, steps: int, overrides: list[str], peak_seconds: float = 2.0,
+        isolate: bool = True) -> dict[str, Any]:
+    """Profile both stages and write the table. `isolate=False` runs the workers in this process (the tests:
+    the same code without two interpreter starts; the timings then share the process with whatever ran before)."""
     results = {}
     for stage in ("a", "b"):
-        results[stage] = run_isolated(WORKER, ["--stage", stage, "--warmup", str(warmup), "--steps", str(steps),
-                                               "--peak-seconds", str(peak_seconds), *overrides])
+        if isolate:
+            results[stage] = run_isolated(WORKER, ["--stage", stage, "--warmup", str(warmup), "--steps", str(steps),
+                                                   "--peak-seconds", str(peak_seconds), *overrides])
+        else:
+            results[stage] = worker(argparse.Namespace(stage=stage, warmup=warmup, steps=steps,
+                                                       peak_seconds=peak_seconds, overrides=overrides))
     rows = []
     for family in FAMILY_ORDER:
         row = {"family": family}
