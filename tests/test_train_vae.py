@@ -13,7 +13,7 @@ from stage_a_vae.config import StageAConfig
 from stage_a_vae.train import train_vae
 
 BASE = [
-    "model.preset=kl-f8-tiny", "model.block_out_channels=[32,32,64,64]", "model.norm_num_groups=16",
+    "model.preset=kl-f8-tiny", "model.block_out_channels=[16,16,32,32]", "model.norm_num_groups=8",
     "data.resolution=32", "data.shapes_count=96", "data.val_count=16",
     "loss.lpips_trunk=random", "train.batch_size=8", "train.lr=1e-4", "train.lr_schedule=constant",
     "train.log_every=1", "train.validate_every=1000", "train.checkpoint_every=1000", "train.progress_bar=false",
@@ -44,7 +44,7 @@ def test_training_raises_validation_psnr(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     psnr = [r["val_psnr"] for r in metrics["history"] if "val_psnr" in r]
     assert len(psnr) >= 3  # step 0 (the baseline), every 40 steps, final
-    # Measured +2.3 dB (10.1 -> 12.4 dB); an untrained or broken loop stays within 1 dB.
+    # Measured +3.1 dB (9.7 -> 12.9 dB); an untrained or broken loop stays within 1 dB.
     assert psnr[-1] > psnr[0] + 1.5, psnr
 
 
