@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/ldm demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --numprocesses auto --maxprocesses 4 --dist worksteal tests
 
 # Speed and sampling quality, ours against the references (docs/performance.md). The sampling
 # benchmark uses the demo's model, so the demo runs first if it has not.

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+# `make test` runs the tests in several processes (pytest-xdist): each gets its share of the cores, so that
+# their thread pools do not oversubscribe the machine. Set before numpy and torch are imported, so that the
+# processes the tests start inherit it too. A value the user set is kept.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
