@@ -114,10 +114,15 @@ class VAETrainConfig(TrainConfig):
     # betas and keep LDM's (0.5, 0.9) for the adversarial game.
     disc_adam_beta1: Optional[float] = None
     disc_adam_beta2: Optional[float] = None
+    # The discriminator's learning-rate schedule; None: the autoencoder's `lr_schedule`. LDM keeps both rates
+    # constant; under a decaying schedule a late `disc_start` leaves the discriminator almost no rate to learn with.
+    disc_lr_schedule: Optional[str] = field(default=None, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.disc_lr is None or self.disc_lr > 0, "train.disc_lr", self.disc_lr, "a positive number or null")
+        _require(self.disc_lr_schedule in (None, "constant", "cosine", "linear"), "train.disc_lr_schedule",
+                 self.disc_lr_schedule, "one of constant, cosine, linear, or null")
         for key in ("disc_adam_beta1", "disc_adam_beta2"):
             value = getattr(self, key)
             _require(value is None or 0 <= value < 1, f"train.{key}", value, "a number in [0, 1) or null")
@@ -126,6 +131,11 @@ class VAETrainConfig(TrainConfig):
     def disc_learning_rate(self) -> float:
         """The discriminator's learning rate: `disc_lr` where set, else the autoencoder's `lr`."""
         return self.lr if self.disc_lr is None else self.disc_lr
+
+    @property
+    def disc_schedule(self) -> str:
+        """The discriminator's learning-rate schedule: `disc_lr_schedule` where set, else `lr_schedule`."""
+        return self.lr_schedule if self.disc_lr_schedule is None else self.disc_lr_schedule
 
     @property
     def disc_betas(self) -> tuple[float, float]:

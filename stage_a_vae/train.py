@@ -135,7 +135,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
     opt_ae = make_adam(ae_params, tc, lr=tc.lr)
     opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
-    sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc)
+    sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc, schedule=tc.disc_schedule)
     ema = make_ema(vae, cfg.ema)
     model, disc_ddp, opt_ae, opt_d = accelerator.prepare(AutoencoderForTraining(vae), discriminator, opt_ae, opt_d)
     if ema is not None:

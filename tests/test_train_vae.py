@@ -112,16 +112,21 @@ def test_existing_run_needs_resume(tmp_path):
 
 
 
-def test_the_discriminator_keeps_its_own_adam_betas(tmp_path):
+def test_the_discriminator_keeps_its_own_adam_betas_and_lr_schedule(tmp_path):
     out = tmp_path / "run"
-    train_vae(_cfg("train.max_steps=2", "loss.disc_start=0", "loss.perceptual_weight=0", "train.adam_beta1=0.9",
+    train_vae(_cfg("train.max_steps=4", "loss.disc_start=0", "loss.perceptual_weight=0", "train.adam_beta1=0.9",
                    "train.adam_beta2=0.99", "train.disc_adam_beta1=0.5", "train.disc_adam_beta2=0.9",
-                   "train.checkpoint_every=2"), "builtin:shapes", out)
+                   "train.lr_schedule=cosine", "train.disc_lr_schedule=constant", "train.checkpoint_every=2"),
+              "builtin:shapes", out)
     state = torch.load(out / "checkpoints" / "step-0000002" / "training_state.pt", weights_only=False)
     assert tuple(state["opt_ae"]["param_groups"][0]["betas"]) == (0.9, 0.99)
     assert tuple(state["opt_d"]["param_groups"][0]["betas"]) == (0.5, 0.9)
-    # Unset, the discriminator follows the autoencoder (LDM: the same betas for both).
-    assert _cfg().train.disc_adam_beta1 is None and _cfg().train.disc_adam_beta2 is None
+    # Halfway through a cosine schedule the autoencoder's rate is half of lr; the discriminator's stays at lr.
+    assert state["opt_ae"]["param_groups"][0]["lr"] == pytest.approx(0.5e-4)
+    assert state["opt_d"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    # Unset, the discriminator follows the autoencoder (LDM: the same betas and rates for both).
+    unset = _cfg("train.lr_schedule=cosine").train
+    assert unset.disc_adam_beta1 is None and unset.disc_adam_beta2 is None and unset.disc_schedule == "cosine"
 
 
 TINY = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",

@@ -35,11 +35,13 @@ def make_adam(params: Iterable[torch.nn.Parameter], train_cfg: TrainConfig, *, l
 
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig):
-    """Linear warm-up then constant, cosine or linear decay (diffusers.optimization.get_scheduler)."""
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, schedule: Optional[str] = None):
+    """Linear warm-up then constant, cosine or linear decay (diffusers.optimization.get_scheduler); `schedule`
+    replaces `train_cfg.lr_schedule` (Stage A's discriminator may have its own)."""
     from diffusers.optimization import get_scheduler
 
-    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[train_cfg.lr_schedule]
+    schedule = train_cfg.lr_schedule if schedule is None else schedule
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[schedule]
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=train_cfg.lr_warmup_steps,
                          num_training_steps=train_cfg.max_steps)
 
