@@ -86,39 +86,53 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
 
 @contextlib.contextmanager
-def counted_step_flops(index: int) -> Iterator[dict]:
-    """Count the FLOPs of one optimizer step of the real trainer: the `index`-th (from 0) that the loop's
-    `StepTimer` bounds. Yields a dict that holds `flops` once that step has run.
+def around_steps(before: Callable[[int], None], after: Callable[[int], None]) -> Iterator[None]:
+    """Call `before(i)` and `after(i)` around the `i`-th (from 0) optimizer step of the real trainer, as
+    bounded by the loop's `StepTimer` (`TrainingRun.train` starts and stops it around each step).
 
-    The patch wraps whatever `StepTimer.start` / `stop` are when it is entered, so it nests with other
-    step hooks (benchmarks/profile_steps.py adds the profiler's).
+    The patch wraps whatever `StepTimer.start` / `stop` are when it is entered, so hooks nest.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     from ldm_core.training.step_timer import StepTimer
 
     original_start, original_stop = StepTimer.start, StepTimer.stop
-    state: dict = {"count": 0, "counter": None}
-    record: dict = {}
+    count = [0]
 
     def start(self):
-        if state["count"] == index:
-            state["counter"] = FlopCounterMode(display=False)
-            state["counter"].__enter__()
+        before(count[0])
         original_start(self)
 
     def stop(self):
         original_stop(self)
-        if state["count"] == index:
-            state["counter"].__exit__(None, None, None)
-            record["flops"] = int(state["counter"].get_total_flops())
-        state["count"] += 1
+        after(count[0])
+        count[0] += 1
 
     StepTimer.start, StepTimer.stop = start, stop
     try:
-        yield record
+        yield
     finally:
         StepTimer.start, StepTimer.stop = original_start, original_stop
+
+
+@contextlib.contextmanager
+def counted_step_flops(index: int) -> Iterator[dict]:
+    """Count the FLOPs of the `index`-th (from 0) optimizer step of the real trainer (`around_steps`).
+    Yields a dict that holds `flops` once that step has run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    record: dict = {}
+
+    def before(i):
+        if i == index:
+            counter.__enter__()
+
+    def after(i):
+        if i == index:
+            counter.__exit__(None, None, None)
+            record["flops"] = int(counter.get_total_flops())
+
+    with around_steps(before, after):
+        yield record
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> float:

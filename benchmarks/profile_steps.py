@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import (counted_step_flops, machine_description, markdown_table, matmul_peak_flops,
+from benchmarks.harness import (around_steps, counted_step_flops, machine_description, markdown_table, matmul_peak_flops,
                                 run_isolated, write_results)
 
 WORKER = "benchmarks.profile_steps"
@@ -98,37 +98,22 @@ def _annotated(cls, method: str, label: str):
         setattr(cls, method, original)
 
 
-@contextlib.contextmanager
 def _profiled_steps(first: int, steps: int, record: dict):
-    """Patch the loop's `StepTimer` (its `start` and `stop` bound each optimizer step in `TrainingRun.train`)
-    so that steps `first` to `first + steps - 1` (from 0) run under the profiler; fills `record` with the
-    profile and their wall time."""
-    from ldm_core.training.step_timer import StepTimer
+    """Steps `first` to `first + steps - 1` (from 0) of the real trainer under the profiler (`around_steps`);
+    fills `record` with the profile and their wall time."""
 
-    original_start, original_stop = StepTimer.start, StepTimer.stop
-    state = {"count": 0, "profiler": None}
-
-    def start(self):
-        if state["count"] == first:
-            state["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-            state["profiler"].start()
+    def before(i):
+        if i == first:
+            record["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            record["profiler"].start()
             record["started"] = time.perf_counter()
-        original_start(self)
 
-    def stop(self):
-        original_stop(self)
-        count = state["count"]
-        state["count"] += 1
-        if count == first + steps - 1:
+    def after(i):
+        if i == first + steps - 1:
             record["seconds"] = time.perf_counter() - record["started"]
-            state["profiler"].stop()
-            record["profiler"] = state["profiler"]
+            record["profiler"].stop()
 
-    StepTimer.start, StepTimer.stop = start, stop
-    try:
-        yield
-    finally:
-        StepTimer.start, StepTimer.stop = original_start, original_stop
+    return around_steps(before, after)
 
 
 def worker(args) -> dict[str, Any]:
