@@ -916,17 +916,17 @@ def section_demo(r: Runner) -> dict[str, Any]:
     demo_dir = r.out / "demo"
     # A finished demo folder is only printed again by `ldm demo`: start from an empty one.
     shutil.rmtree(demo_dir, ignore_errors=True)
-    log = r.out / "demo.log"
     cmd = [sys.executable, "-m", "workflows.cli", "demo", "--out", str(demo_dir), *r.plan.demo_overrides]
-    timeout = max(1.0, r.time_left() - 2)
-    results: dict[str, Any] = {"command": " ".join(cmd), "log": str(log), "timeout_s": round(timeout, 1)}
+    results: dict[str, Any] = {"command": " ".join(cmd)}
     start = time.monotonic()
-    if r.plan.demo_in_process:
+    if r.plan.demo_in_process:  # its output goes to this process's
         from workflows.cli import main as ldm_main
 
-        results["returncode"] = ldm_main(cmd[3:])  # its output goes to this process's, not to the log
-        results["log"] = None
+        results["returncode"] = ldm_main(cmd[3:])
     else:
+        log = r.out / "demo.log"
+        timeout = max(1.0, r.time_left() - 2)
+        results.update(log=str(log), timeout_s=round(timeout, 1))
         with open(log, "w") as fh:
             try:
                 results["returncode"] = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
@@ -947,7 +947,8 @@ def section_demo(r: Runner) -> dict[str, Any]:
             "samples_class_histogram": s["samples"]["class_histogram"],
             "samples_plain_diffusers_validity": s["samples_plain_diffusers"]["validity"], "sampler": s["sampler"]}
     elif "error" not in results:
-        results["error"] = f"`ldm demo` exited {results.get('returncode')} without a summary; see {log}"
+        results["error"] = (f"`ldm demo` exited {results.get('returncode')} without a summary"
+                            + (f"; see {results['log']}" if "log" in results else ""))
     results["cpu_reference"] = (CPU_DEMO if r.plan is FULL else
                                 "not comparable: tiny mode trains 2 steps of the unit-test presets")
     return results

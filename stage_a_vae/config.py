@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ldm_core.config.architectures import check_architecture
-from ldm_core.config.settings import (FINGERPRINTED, RESUMABLE, ConfigError, DataConfig, EMAConfig, TrainConfig,
-                                      _require, check_relative_path, fingerprint, fingerprint_parts, redefault)
+from ldm_core.config.settings import (FINGERPRINTED, LR_SCHEDULES, RESUMABLE, ConfigError, DataConfig, EMAConfig,
+                                      TrainConfig, _require, check_relative_path, fingerprint, fingerprint_parts,
+                                      redefault)
 
 
 @dataclass
@@ -121,8 +122,8 @@ class VAETrainConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(self.disc_lr is None or self.disc_lr > 0, "train.disc_lr", self.disc_lr, "a positive number or null")
-        _require(self.disc_lr_schedule in (None, "constant", "cosine", "linear"), "train.disc_lr_schedule",
-                 self.disc_lr_schedule, "one of constant, cosine, linear, or null")
+        _require(self.disc_lr_schedule in (None, *LR_SCHEDULES), "train.disc_lr_schedule", self.disc_lr_schedule,
+                 f"one of {', '.join(LR_SCHEDULES)}, or null")
         for key in ("disc_adam_beta1", "disc_adam_beta2"):
             value = getattr(self, key)
             _require(value is None or 0 <= value < 1, f"train.{key}", value, "a number in [0, 1) or null")

@@ -138,6 +138,10 @@ class EMAConfig:
         _require(self.power > 0, "ema.power", self.power, "a positive number")
 
 
+# Learning-rate schedules after the warm-up (ldm_core/training/optimization.py).
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclass
 class TrainConfig:
     """The training loop shared by both stages (Accelerate)."""
@@ -182,8 +186,8 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", self.lr, "a positive number")
         _require(self.gradient_accumulation_steps > 0, "train.gradient_accumulation_steps",
                  self.gradient_accumulation_steps, "a positive integer")
-        _require(self.lr_schedule in ("constant", "cosine", "linear"), "train.lr_schedule",
-                 self.lr_schedule, "one of constant, cosine, linear")
+        _require(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule,
+                 f"one of {', '.join(LR_SCHEDULES)}")
         _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
                  self.mixed_precision, "one of no, fp16, bf16")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "1 or more")
