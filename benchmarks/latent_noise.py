@@ -8,6 +8,10 @@ with `diffusion.input_scale: 1` samples in), perturbed by independent Gaussian n
 deviation sigma, decoded, and judged by the exact shapes scorer behind `ldm eval-samples`. sigma 0 is the
 plain round trip. A decoder that stays valid under noise a sampler's error can reach is not what limits
 the samples; one that breaks at small sigma asks Stage B for latents more precise than it can give.
+
+Beside the table it gives the posterior's median std in the same units: the noise the decoder was trained
+on (a KL autoencoder decodes z = mean + std * eps). With LDM's KL weight of 1e-6 it is tiny, so nothing in
+Stage A teaches the decoder to tolerate a sampler's errors (docs/demo.md, "The KL weight").
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.3)
 
 
 @torch.no_grad()
-def run(vae_path: Path, num_images: int, seed: int) -> list[dict]:
+def run(vae_path: Path, num_images: int, seed: int) -> dict:
+    """{"rows": one row per sigma, "posterior_std": the posterior's median std in unit-variance units}."""
     from diffusers import AutoencoderKL
 
     from evaluation.shapes_score import score_images
@@ -33,7 +38,9 @@ def run(vae_path: Path, num_images: int, seed: int) -> list[dict]:
 
     vae = AutoencoderKL.from_pretrained(vae_path, use_safetensors=True).eval()
     images, labels, _ = make_shapes(num_images, seed, size=64)
-    latents = scale_latents(torch.cat([mean for mean, _ in iter_posteriors(vae, images)]), vae.config)
+    posteriors = list(iter_posteriors(vae, images))
+    latents = scale_latents(torch.cat([mean for mean, _ in posteriors]), vae.config)
+    posterior_std = float(torch.cat([std for _, std in posteriors]).median()) * vae.config.scaling_factor
     generator = torch.Generator().manual_seed(0)
     rows = []
     for sigma in SIGMAS:
@@ -42,7 +49,7 @@ def run(vae_path: Path, num_images: int, seed: int) -> list[dict]:
                              for i in range(0, num_images, 32)])
         scores = score_images(decoded.numpy(), labels)
         rows.append({"sigma": sigma, "valid_percent": 100 * scores["validity"], "reasons": scores["reasons"]})
-    return rows
+    return {"rows": rows, "posterior_std": posterior_std}
 
 
 def main() -> None:
@@ -54,10 +61,12 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.vae / "config.json").is_file():
         raise SystemExit(f"No autoencoder at {args.vae}. Run `make demo` first or pass --vae RUN/vae.")
-    rows = run(args.vae, args.num_images, args.seed)
-    table = markdown_table(rows, [("sigma", "noise std (unit-variance latents)"), ("valid_percent", "valid %"),
-                                  ("reasons", "why the others are invalid")])
-    write_results(args.out, "latent_noise", table, {"vae": str(args.vae), "num_images": args.num_images, "rows": rows})
+    result = run(args.vae, args.num_images, args.seed)
+    table = markdown_table(result["rows"], [("sigma", "noise std (unit-variance latents)"), ("valid_percent", "valid %"),
+                                            ("reasons", "why the others are invalid")])
+    table += (f"\n\nThe posterior's median std in the same units (the noise the decoder was trained on): "
+              f"{result['posterior_std']:.4f}")
+    write_results(args.out, "latent_noise", table, {"vae": str(args.vae), "num_images": args.num_images, **result})
 
 
 if __name__ == "__main__":
