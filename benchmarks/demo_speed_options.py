@@ -1,7 +1,7 @@
 """What would make the demo's training steps faster on this machine: each option against the demo's own
 step, side by side in one run, as a ratio of seconds per step.
 
-    python -m benchmarks.demo_speed_options --out runs/bench        # about 3 minutes on a 2-core CPU
+    python -m benchmarks.demo_speed_options --out runs/bench        # about 4 minutes on a 2-core CPU
 
 Every row runs the real trainer (`train_vae` / `train_unet`) with `configs/demo.yaml`'s stage config plus
 the row's overrides, in its own process, and reads the trainer's own `step_time` log after warm-up (the
@@ -34,6 +34,9 @@ ROWS = [
     ("A", "the demo's step (fp32, batch 8)", []),
     ("A", "channels_last", ["train.channels_last=true"]),
     ("A", "bf16 autocast", ["train.mixed_precision=bf16"]),
+    # Narrower levels at 64 and 32 px, where the decoder spends most of its FLOPs (docs/demo-speed.md).
+    ("A", "widths (16, 16, 64, 64)", ["model.block_out_channels=[16,16,64,64]"]),
+    ("A", "widths (16, 16, 32, 64)", ["model.block_out_channels=[16,16,32,64]"]),
     ("B", "the demo's step (fp32, batch 64)", []),
     ("B", "channels_last", ["train.channels_last=true"]),
     ("B", "bf16 autocast", ["train.mixed_precision=bf16"]),
