@@ -1,11 +1,11 @@
 """benchmarks/latent_noise.py: the posterior's std it reports is the one the autoencoder's encoder gives."""
 
 import torch
+from diffusers import AutoencoderKL
 
 from benchmarks import latent_noise
 from ldm_core.data.shapes import make_shapes
 from stage_a_vae.architectures import VAE_ARCHITECTURES
-from diffusers import AutoencoderKL
 
 
 def test_posterior_std_is_the_encoders_median_std_in_unit_variance_units(tmp_path):
