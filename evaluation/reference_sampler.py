@@ -16,13 +16,17 @@ and h_i = lambda_{t_i} - lambda_{t_{i-1}}, one 2M step is
     D' = (1 + 1 / (2 r)) D_{i-1} - 1 / (2 r) D_{i-2},  r = h_{i-1} / h_i  (first step: D' = D_{i-1}),
 
 and the last step goes to sigma = 0, where the update is the data prediction itself.
+
+A class-conditional U-Net (diffusers `num_class_embeds` = K + 1, the last id the null class) is sampled
+with classifier-free guidance (Ho & Salimans 2022, eq. 6 written for the noise prediction):
+eps = eps(x, null) + w (eps(x, c) - eps(x, null)), w = 1 being the plain conditional model.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -72,11 +76,26 @@ def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 
     return steps.astype(np.int64)
 
 
+def guided_prediction(unet: UNet2DModel, x: torch.Tensor, t: int, class_labels: Optional[torch.Tensor],
+                      guidance_scale: float) -> torch.Tensor:
+    """The U-Net's output at (x, t): unconditional, conditional on `class_labels`, or guided (module docstring)."""
+    if class_labels is None:
+        return unet(x, t).sample
+    if guidance_scale == 1.0:
+        return unet(x, t, class_labels=class_labels).sample
+    null = torch.full_like(class_labels, unet.config.num_class_embeds - 1)
+    cond = unet(x, t, class_labels=class_labels).sample
+    uncond = unet(x, t, class_labels=null).sample
+    return uncond + guidance_scale * (cond - uncond)
+
+
 @torch.no_grad()
 def dpm_solver_pp_2m(unet: UNet2DModel, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-                     timesteps: np.ndarray, prediction_type: str = "epsilon") -> torch.Tensor:
-    """Denoise `noise` ~ N(0, I) with DPM-Solver++(2M), one model call per timestep; returns the latents.
+                     timesteps: np.ndarray, prediction_type: str = "epsilon",
+                     class_labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Denoise `noise` ~ N(0, I) with DPM-Solver++(2M), one step per timestep; returns the latents.
 
+    `class_labels` (B,) ids for a class-conditional U-Net, with `guidance_scale` w (module docstring).
     The final step lands on sigma = 0 with a first-order update.
     """
     alpha = alphas_cumprod.sqrt()
@@ -85,7 +104,7 @@ def dpm_solver_pp_2m(unet: UNet2DModel, noise: torch.Tensor, alphas_cumprod: tor
     x = noise.double()
     previous_d, previous_h = None, None
     for i, t in enumerate(timesteps):
-        out = unet(x.to(noise.dtype), int(t)).sample.double()
+        out = guided_prediction(unet, x.to(noise.dtype), int(t), class_labels, guidance_scale).double()
         if prediction_type == "epsilon":
             d = (x - sigma[t] * out) / alpha[t]
         elif prediction_type == "v_prediction":
@@ -108,26 +127,35 @@ def dpm_solver_pp_2m(unet: UNet2DModel, noise: torch.Tensor, alphas_cumprod: tor
 
 
 @torch.no_grad()
-def sample_saved_pipeline(folder: Union[str, Path], noise: torch.Tensor, num_steps: int = 20) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] from a saved unconditional pipeline folder, through plain diffusers.
+def sample_saved_pipeline(folder: Union[str, Path], noise: torch.Tensor, num_steps: int = 20,
+                          class_labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from a saved pipeline folder, through plain diffusers.
 
     Parameters:
         folder: a `LatentDiffusionPipeline.save_pretrained` folder (model_index.json, vae/, unet/, scheduler/).
         noise: the starting latents ~ N(0, I), (B, C, h, w) for the U-Net.
         num_steps: DPM-Solver++(2M) steps.
+        class_labels: (B,) class ids; required for a class-conditional U-Net, refused for an unconditional one.
+        guidance_scale: classifier-free guidance weight for a class-conditional U-Net (1 = none).
     """
     folder = Path(folder)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True).eval()
     unet = UNet2DModel.from_pretrained(folder, subfolder="unet", use_safetensors=True).eval()
-    if unet.config.num_class_embeds is not None:
-        raise ValueError(f"{folder} holds a class-conditional U-Net; this check samples unconditional models.")
+    conditional = unet.config.num_class_embeds is not None
+    if conditional != (class_labels is not None):
+        raise ValueError(f"{folder} holds a {'class-conditional' if conditional else 'unconditional'} U-Net: "
+                         f"{'give' if conditional else 'give no'} class_labels.")
+    if not conditional and guidance_scale != 1.0:
+        raise ValueError(f"guidance_scale {guidance_scale:g} needs a class-conditional U-Net; {folder} holds an "
+                         f"unconditional one.")
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     timesteps = sampling_timesteps(config["num_train_timesteps"], num_steps,
                                    config.get("timestep_spacing", "linspace"))
     latents = dpm_solver_pp_2m(unet, noise, alphas_cumprod_from_config(config), timesteps,
-                               config.get("prediction_type", "epsilon"))
+                               config.get("prediction_type", "epsilon"), class_labels, guidance_scale)
     images = [vae.decode(unscale_latents(chunk, vae.config)).sample for chunk in latents.split(16)]
     return (torch.cat(images).float().clamp(-1, 1) + 1) / 2
 
 
-__all__ = ["alphas_cumprod_from_config", "sampling_timesteps", "dpm_solver_pp_2m", "sample_saved_pipeline"]
+__all__ = ["alphas_cumprod_from_config", "sampling_timesteps", "guided_prediction", "dpm_solver_pp_2m",
+           "sample_saved_pipeline"]

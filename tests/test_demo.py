@@ -49,3 +49,27 @@ def test_demo_writes_every_output_its_summary_names_and_does_not_rerun(tmp_path,
     before = (out / "summary.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(out), *TINY]) == 0
     assert "already complete" in capsys.readouterr().out and (out / "summary.json").stat().st_mtime_ns == before
+
+
+def test_class_conditional_demo_guides_both_sampling_paths_and_scores_the_requested_classes(tmp_path):
+    """`ldm demo stage_b.model.num_classes=3 evaluation.guidance_scale=W`: the pipeline and the hand-written
+    sampler get the same classes (each in turn) and guidance, and both are scored against them."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *TINY, "stage_b.model.num_classes=3", "evaluation.guidance_scale=2",
+                 f"stage_b.data.latent_cache_dir={tmp_path / 'cache'}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampler"].endswith("guidance 2")
+    labels = json.loads((out / "samples" / "labels.json").read_text())
+    assert labels["guidance_scale"] == 2.0
+    assert [labels["labels"][f"image_{i:05d}.png"] for i in range(4)] == ["circle", "square", "triangle", "circle"]
+    plain = json.loads((out / "samples" / "scores_plain_diffusers.json").read_text())
+    for scores in (summary["samples"], summary["samples_plain_diffusers"]):
+        assert 0.0 <= scores["class_match"] <= scores["validity"]
+    assert [c["n"] for c in plain["class_match_by_class"].values()] == [2, 1, 1]
+
+
+def test_guidance_needs_a_class_conditional_stage_b(tmp_path, capsys):
+    """Refused before any training, not after it at sampling time."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), *TINY, "evaluation.guidance_scale=2"]) == 2
+    assert "guidance needs stage_b.model.num_classes > 0" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -232,3 +232,36 @@ def test_plain_diffusers_components_and_a_hand_written_dpm_solver_reproduce_the_
     # The comparison is sharp: another step count or prediction type moves the latents well past it.
     assert (latents(19) - our_latents).abs().max() > 1e-2
     assert (latents(20, "v_prediction") - our_latents).abs().max() > 1e-2
+
+
+def test_hand_written_sampler_reproduces_guided_class_conditional_sampling(tmp_path):
+    """Classifier-free guidance written independently (two U-Net calls, the null class the last embedding)
+    gives the pipeline's guided latents and images (one batched call); the guidance and the labels matter."""
+    from evaluation.reference_sampler import (alphas_cumprod_from_config, dpm_solver_pp_2m, sample_saved_pipeline,
+                                              sampling_timesteps)
+
+    pipe = make_pipeline(num_classes=3, sampler="dpmsolver++")
+    torch.manual_seed(1)
+    for p in pipe.unet.parameters():
+        p.data.normal_(0, 0.05)
+    pipe.save_pretrained(tmp_path)
+    noise = torch.cat([torch.randn((1, 4, 4, 4), generator=image_generator(0, i)) for i in range(3)])
+    labels = torch.tensor([2, 0, 1])
+    guided = dict(num_inference_steps=10, class_labels=labels, guidance_scale=3.0)
+    ours = pipe(batch_size=3, latents=noise, output_type="pt", **guided).images
+    plain = sample_saved_pipeline(tmp_path, noise, num_steps=10, class_labels=labels, guidance_scale=3.0)
+    torch.testing.assert_close(plain, ours, atol=2e-4, rtol=0)
+
+    our_latents = pipe(batch_size=3, latents=noise, output_type="latent", **guided).images
+    config = pipe.scheduler.config
+    timesteps = sampling_timesteps(config.num_train_timesteps, 10, config.timestep_spacing)
+
+    def latents(class_labels, guidance_scale):
+        return dpm_solver_pp_2m(pipe.unet, noise, alphas_cumprod_from_config(config), timesteps,
+                                class_labels=class_labels, guidance_scale=guidance_scale)
+
+    torch.testing.assert_close(latents(labels, 3.0), our_latents, atol=1e-4, rtol=1e-4)
+    assert (latents(labels, 1.0) - our_latents).abs().max() > 1e-2
+    assert (latents(labels.roll(1), 3.0) - our_latents).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="class-conditional U-Net: give class_labels"):
+        sample_saved_pipeline(tmp_path, noise, num_steps=10)

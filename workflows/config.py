@@ -17,11 +17,15 @@ class EvaluationConfig:
     scheduler: str = "dpmsolver++"
     num_inference_steps: int = 20
     seed: int = 0
+    # Classifier-free guidance weight for a class-conditional Stage B (stage_b.model.num_classes > 0), whose
+    # images then cycle through the classes; 1 = the plain conditional model.
+    guidance_scale: float = 1.0
     recon_images: int = 256  # held-out shapes in each reconstruction benchmark (training and held-out colours)
 
     def __post_init__(self) -> None:
         check_sampling("evaluation", self.scheduler, self.num_inference_steps, self.seed)
         _require(self.num_images > 0, "evaluation.num_images", self.num_images, "a positive integer")
+        _require(self.guidance_scale >= 0, "evaluation.guidance_scale", self.guidance_scale, "0 or more (1 = no guidance)")
         # Standard deviations need two images.
         _require(self.recon_images >= 2, "evaluation.recon_images", self.recon_images, "a whole number of at least 2")
 
@@ -36,6 +40,9 @@ class LDMConfig:
         timesteps = self.stage_b.diffusion.num_train_timesteps
         _require(self.evaluation.num_inference_steps <= timesteps, "evaluation.num_inference_steps",
                  self.evaluation.num_inference_steps, f"at most stage_b.diffusion.num_train_timesteps={timesteps}")
+        _require(self.evaluation.guidance_scale == 1.0 or self.stage_b.model.num_classes > 0,
+                 "evaluation.guidance_scale", self.evaluation.guidance_scale,
+                 "1 for an unconditional Stage B (guidance needs stage_b.model.num_classes > 0)")
         _require(self.stage_a.data.resolution == self.stage_b.data.resolution, "stage_b.data.resolution",
                  self.stage_b.data.resolution, f"stage_a.data.resolution={self.stage_a.data.resolution}: the U-Net "
                  f"learns the VAE's latents of the same images")

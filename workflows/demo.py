@@ -29,6 +29,7 @@ from workflows.train_all import train_both_stages
 
 logger = logging.getLogger("ldm.demo")
 DATA = BUILTIN_SHAPES
+SAMPLE_SCORES = ("n", "validity", "class_histogram", "max_class_deviation", "class_match")
 
 
 def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
@@ -71,9 +72,11 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
                     "reconstructions_valid": round_trip["validity"], "recon_images": cfg.evaluation.recon_images,
                     "scaling_factor": a_metrics["latent_stats"]["scaling_factor"]},
         "stage_b": {"steps": b_metrics["steps"], "final_loss": MetricHistory(b_metrics["history"]).last("loss")},
-        "samples": {k: scores[k] for k in ("n", "validity", "class_histogram", "max_class_deviation", "reasons")},
-        "samples_plain_diffusers": {k: plain[k] for k in ("n", "validity", "class_histogram", "max_class_deviation")},
-        "sampler": f"{cfg.evaluation.scheduler}, {cfg.evaluation.num_inference_steps} steps",
+        # class_match (valid and showing the requested class) only for a class-conditional Stage B.
+        "samples": {k: scores[k] for k in SAMPLE_SCORES + ("reasons",) if k in scores},
+        "samples_plain_diffusers": {k: plain[k] for k in SAMPLE_SCORES if k in plain},
+        "sampler": f"{cfg.evaluation.scheduler}, {cfg.evaluation.num_inference_steps} steps"
+                   + (f", guidance {cfg.evaluation.guidance_scale:g}" if cfg.stage_b.model.num_classes else ""),
         "bench_recon": bench.get("table_markdown"),
         "bench_recon_unseen_colours": unseen.get("table_markdown"),
         "outputs": {
@@ -108,13 +111,14 @@ def _sample_and_score(pipeline_folder: Path, ev, samples_dir: Path, seconds: dic
     clock = time.monotonic()
     pipe = LatentDiffusionPipeline.from_pretrained(pipeline_folder)
     pipe.scheduler = make_sampler(ev.scheduler, pipe.scheduler.config)
+    # A class-conditional model cycles through its classes (labels.json, which score_folder reads).
     generate_images(pipe, ev.num_images, seed=ev.seed, batch_size=16, num_inference_steps=ev.num_inference_steps,
-                    out_dir=samples_dir, overwrite=True)  # a demo killed after sampling re-samples
+                    guidance_scale=ev.guidance_scale, out_dir=samples_dir, overwrite=True)  # a killed demo re-samples
     seconds["sampling"] = round(time.monotonic() - clock, 1)
     scores = score_folder(samples_dir)
     write_json(samples_dir / "scores.json", scores)
     clock = time.monotonic()
-    plain = score_images(_plain_diffusers_samples(pipeline_folder, pipe, ev))
+    plain = score_images(*_plain_diffusers_samples(pipeline_folder, pipe, ev))
     write_json(samples_dir / "scores_plain_diffusers.json", plain)
     seconds["sampling_plain_diffusers"] = round(time.monotonic() - clock, 1)
     return scores, plain
@@ -161,18 +165,25 @@ def _reconstruction_validity(vae_folder: Path, seed: int, num_images: int, size:
 
 def _plain_diffusers_samples(folder: Path, pipe, ev):
     """uint8 (N, 3, H, W) images from the saved folder through plain diffusers models and the hand-written
-    DPM-Solver++(2M) loop, from the same per-image noise as `generate_images`."""
+    DPM-Solver++(2M) loop, from the same per-image noise (and, for a class-conditional model, the same
+    classes and guidance) as `generate_images`; and the requested classes as SHAPE_CLASSES indices, or None."""
     import numpy as np
     import torch
 
     from evaluation.reference_sampler import sample_saved_pipeline
+    from evaluation.shapes_score import SHAPE_CLASSES
     from ldm_core.randomness import image_generator
 
     size = pipe.unet.config.sample_size
     shape = (1, pipe.unet.config.in_channels, size, size)
     noise = torch.cat([torch.randn(shape, generator=image_generator(ev.seed, i)) for i in range(ev.num_images)])
-    images = sample_saved_pipeline(folder, noise, num_steps=ev.num_inference_steps)
-    return np.asarray(to_uint8(images * 2 - 1))
+    class_ids = requested = None
+    if pipe.num_classes:
+        class_ids = torch.arange(ev.num_images) % pipe.num_classes  # generate_images' cycle
+        requested = np.array([SHAPE_CLASSES.index(pipe.config.class_names[k]) for k in class_ids])
+    images = sample_saved_pipeline(folder, noise, num_steps=ev.num_inference_steps, class_labels=class_ids,
+                                   guidance_scale=ev.guidance_scale)
+    return np.asarray(to_uint8(images * 2 - 1)), requested
 
 
 def _summary_markdown(s: dict) -> str:
@@ -181,7 +192,10 @@ def _summary_markdown(s: dict) -> str:
                            if cpu.get(name)) or "no AVX2"
 
     def classes(scores):
-        return ", ".join(f"{k} {v:.0%}" for k, v in scores["class_histogram"].items())
+        shown = ", ".join(f"{k} {v:.0%}" for k, v in scores["class_histogram"].items())
+        if "class_match" in scores:
+            shown += f"; {scores['class_match']:.1%} valid and showing the class asked for"
+        return shown
 
     lines = [
         "# two-stage-ldm demo",
