@@ -118,7 +118,7 @@ def _sample_and_score(pipeline_folder: Path, ev, samples_dir: Path, seconds: dic
     scores = score_folder(samples_dir)
     write_json(samples_dir / "scores.json", scores)
     clock = time.monotonic()
-    plain = score_images(*_plain_diffusers_samples(pipeline_folder, pipe, ev))
+    plain = score_images(*_plain_diffusers_samples(pipeline_folder, pipe, ev, samples_dir))
     write_json(samples_dir / "scores_plain_diffusers.json", plain)
     seconds["sampling_plain_diffusers"] = round(time.monotonic() - clock, 1)
     return scores, plain
@@ -163,24 +163,28 @@ def _reconstruction_validity(vae_folder: Path, seed: int, num_images: int, size:
     return score_images(reconstructions.numpy(), labels)
 
 
-def _plain_diffusers_samples(folder: Path, pipe, ev):
+def _plain_diffusers_samples(folder: Path, pipe, ev, samples_dir: Path):
     """uint8 (N, 3, H, W) images from the saved folder through plain diffusers models and the hand-written
-    DPM-Solver++(2M) loop, from the same per-image noise (and, for a class-conditional model, the same
-    classes and guidance) as `generate_images`; and the requested classes as SHAPE_CLASSES indices, or None."""
+    DPM-Solver++(2M) loop, from the same per-image noise as `generate_images` (and, for a class-conditional
+    model, the classes it wrote to `samples_dir/labels.json`, with the same guidance); and those requested
+    classes as SHAPE_CLASSES indices, or None."""
     import numpy as np
     import torch
 
     from evaluation.reference_sampler import sample_saved_pipeline
-    from evaluation.shapes_score import SHAPE_CLASSES
+    from evaluation.shapes_score import SHAPE_CLASSES, read_requested_classes
     from ldm_core.randomness import image_generator
+    from workflows.generate import image_file_name
 
     size = pipe.unet.config.sample_size
     shape = (1, pipe.unet.config.in_channels, size, size)
     noise = torch.cat([torch.randn(shape, generator=image_generator(ev.seed, i)) for i in range(ev.num_images)])
     class_ids = requested = None
     if pipe.num_classes:
-        class_ids = torch.arange(ev.num_images) % pipe.num_classes  # generate_images' cycle
-        requested = np.array([SHAPE_CLASSES.index(pipe.config.class_names[k]) for k in class_ids])
+        labels = read_requested_classes(samples_dir)["labels"]
+        names = [labels[image_file_name(i)] for i in range(ev.num_images)]
+        class_ids = torch.tensor([pipe.config.class_names.index(name) for name in names])
+        requested = np.array([SHAPE_CLASSES.index(name) for name in names])
     images = sample_saved_pipeline(folder, noise, num_steps=ev.num_inference_steps, class_labels=class_ids,
                                    guidance_scale=ev.guidance_scale)
     return np.asarray(to_uint8(images * 2 - 1)), requested

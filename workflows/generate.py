@@ -49,8 +49,8 @@ from pipelines.latent_diffusion import (LatentDiffusionPipeline, PipelineFolder,
                                         class_ids_for, inspect_pipeline_folder)
 from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
 
-__all__ = ["LABELS_FILE", "GRID_FILE", "generate_images", "write_labels_file", "save_grid", "add_arguments",
-           "check_output_folder", "generated_files", "main", "resolve_device"]
+__all__ = ["LABELS_FILE", "GRID_FILE", "generate_images", "image_file_name", "write_labels_file", "save_grid",
+           "add_arguments", "check_output_folder", "generated_files", "main", "resolve_device"]
 
 logger = logging.getLogger("ldm.generate")
 
@@ -67,7 +67,8 @@ _FLAGS = {"out": "--out", "overwrite": "--overwrite", "num_images": "--num-image
           "class": "--class"}
 
 
-def _image_name(i: int) -> str:
+def image_file_name(i: int) -> str:
+    """The file name of generated image i (zero-padded, so names sort in image order)."""
     return f"image_{i:05d}.png"
 
 
@@ -212,7 +213,7 @@ def generate_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed:
     out_dir = check_output_folder(out_dir, overwrite)
     is_main = accelerator is None or accelerator.is_main_process
     staging = _staging_folder(out_dir)
-    names = [_image_name(i) for i in range(num_images)]
+    names = [image_file_name(i) for i in range(num_images)]
     indices = list(range(num_images))
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.split_between_processes(indices) as mine:
