@@ -1,9 +1,9 @@
 """FID plumbing shared by `ldm bench-recon` (rFID) and `ldm eval-samples` (sample FID).
 
 The feature extractor is torch-fidelity's InceptionV3 (pool3, 2048 features) as wrapped by
-torchmetrics' `NoTrainInceptionV3`, built from a local weights file found with
-`ldm_core.models.pretrained.find_weights`; `feature_extractor_weights_path` is always given, so neither
-library ever tries its download URL. Resizing to 299 uses torch-fidelity's TF1-compatible bilinear
+torchmetrics' `NoTrainInceptionV3`, built from the weights file `ldm_core.models.pretrained.find_weights`
+gives (a path given, torch hub's cache, or torch-fidelity's file downloaded there on first use and checked
+before it is kept); `feature_extractor_weights_path` is always given, so neither library downloads by itself. Resizing to 299 uses torch-fidelity's TF1-compatible bilinear
 interpolation (`antialias=False`): torchmetrics >= 1.8 defaults to an antialiased resize that gives
 numbers not comparable with published FIDs (docs/reconstruction-protocol.md). Images are fed as
 uint8, because torchmetrics' `normalize=True` path truncates floats instead of rounding them.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -37,29 +38,22 @@ _STATE_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_
 
 def load_fid_inception(weights_path: Optional[str | os.PathLike] = None,
                        device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Build the FID Inception network from a local weights file; never downloads.
+    """Build the FID Inception network from its weights file, downloaded on first use.
 
     Parameters:
         weights_path: explicit path of `weights-inception-2015-12-05-6726825d.pth`; otherwise torch hub's
-            checkpoint cache is searched.
+            checkpoint cache, where it is downloaded when absent (offline: an error instead).
         device: where the network runs.
 
     Raises:
-        MissingWeightsError: the file is absent; the message names it and where to put it.
+        MissingWeightsError: the file is absent and cannot be fetched now; the message says how and where.
         WeightsFileError: the file is not the FID Inception weights (random bytes, text, Python objects,
-            another network's tensors); the message names it and what it should be.
+            another network's tensors, a cut download); the message names it and what it should be.
     """
-    path = find_weights(INCEPTION_FID_FILE, weights_path, option_hint="--fid-weights PATH")
+    path = find_weights(INCEPTION_FID_FILE, weights_path, option_hint="--fid-weights PATH",
+                        check=check_inception_file)
+    check_inception_file(path)
     should = f"It should be {expected_weights(INCEPTION_FID_FILE)}."
-    # torch-fidelity reads the file with a full unpickler; check first that it holds tensors only.
-    state = load_state_dict(path, expected=expected_weights(INCEPTION_FID_FILE))
-    for key, shape in _INCEPTION_LANDMARKS.items():
-        value = state.get(key)
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            found = "is missing" if value is None else (
-                f"has shape {tuple(value.shape)}, not {shape}" if isinstance(value, torch.Tensor) else "is not a tensor")
-            raise WeightsFileError(f"The weights file {path} is not the FID Inception network: its tensor {key!r} "
-                                   f"{found}. {should}")
     try:
         net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(FID_FEATURES)],
                                  feature_extractor_weights_path=str(path), antialias=False)
@@ -69,6 +63,22 @@ def load_fid_inception(weights_path: Optional[str | os.PathLike] = None,
                                f"({detail[:240]}{'...' if len(detail) > 240 else ''}). {should}") from None
     net.num_features = FID_FEATURES  # spares torchmetrics a dummy forward pass to infer it
     return net.to(device)
+
+
+def check_inception_file(path: str | os.PathLike) -> None:
+    """Refuse a file that is not torch-fidelity's Inception weights (WeightsFileError naming it): it must be a
+    state dict of tensors only (torch-fidelity reads it with a full unpickler) with the network's first
+    convolution and 1008-way classifier in their shapes. Its publisher states no hash, so this is the check a
+    download gets before it is kept."""
+    should = f"It should be {expected_weights(INCEPTION_FID_FILE)}."
+    state = load_state_dict(Path(path), expected=expected_weights(INCEPTION_FID_FILE))
+    for key, shape in _INCEPTION_LANDMARKS.items():
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            found = "is missing" if value is None else (
+                f"has shape {tuple(value.shape)}, not {shape}" if isinstance(value, torch.Tensor) else "is not a tensor")
+            raise WeightsFileError(f"The weights file {path} is not the FID Inception network: its tensor {key!r} "
+                                   f"{found}. {should}")
 
 
 class FIDStatistics:

@@ -1,11 +1,11 @@
-"""The LPIPS perceptual distance used by the Stage A loss, loaded without any download.
+"""The LPIPS perceptual distance used by the Stage A loss.
 
 LDM's loss uses LPIPS with a VGG16 trunk (Zhang et al. 2018). The `lpips` package ships the small
-calibrated linear heads but fetches the VGG16 trunk through torchvision at construction time, which is
-impossible offline. So the module is built with a random trunk (``pnet_rand=True``, nothing is fetched)
-and torchvision's ImageNet VGG16 weights are then copied in from a local file found by
-`ldm_core.models.pretrained.find_weights`. A missing file is an error that says where to put it; a random trunk
-is only ever used when asked for by name (``trunk="random"``), and then with a warning.
+calibrated linear heads; torchvision's ImageNet VGG16 weights come from the file
+`ldm_core.models.pretrained.find_weights` gives (a path given, torch hub's cache, or downloaded there on
+first use with torchvision's sha256 check) and are copied into a module built with a random trunk
+(``pnet_rand=True``). Offline, a missing file is an error that says how to fetch it and where to put it; a
+random trunk is only ever used when asked for by name (``trunk="random"``), and then with a warning.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ def build_lpips(trunk: str = "vgg", weights_path: Optional[str] = None) -> lpips
             ``"random"`` keeps a randomly initialised trunk (demos and tests only; a warning is logged).
         weights_path (`str`, *optional*):
             Explicit path of ``vgg16-397923af.pth``. When None the file is looked for in torch hub's
-            checkpoint cache (``$TORCH_HOME/hub/checkpoints/``).
+            checkpoint cache (``$TORCH_HOME/hub/checkpoints/``) and downloaded there when absent.
 
     Returns:
         `lpips.LPIPS` in eval mode with every parameter frozen. It expects images in [-1, 1] and returns
         one distance per image, shape ``(N, 1, 1, 1)``.
 
     Raises:
-        MissingWeightsError: the VGG16 file is not on this machine (the message names it and where to put it).
+        MissingWeightsError: the VGG16 file is not on this machine and cannot be downloaded now (the message
+            names it, how to fetch it and where to put it).
         ConfigError: an unknown trunk, or a weights path given with the random trunk.
     """
     if trunk not in TRUNKS:

@@ -13,6 +13,11 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.env
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ["OMP_NUM_THREADS"] = str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+# No test reaches a network: the Hugging Face libraries, and this project's own first-use downloads, work from
+# their caches only (HF_HUB_OFFLINE, read by huggingface_hub when it is imported). The tests of the online paths
+# switch it off themselves and talk to servers they start on 127.0.0.1 (tests/loopback.py).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -136,19 +136,20 @@ def lpips_impl(backbone: str) -> str:
 
 
 def load_lpips(backbone: str = "alex", weights_path: Optional[str | os.PathLike] = None):
-    """Build `lpips.LPIPS(net=backbone)` with its ImageNet trunk read from a local torchvision file.
+    """Build `lpips.LPIPS(net=backbone)` with its ImageNet trunk from torchvision's weights file.
 
-    The package's small linear heads ship inside it; the trunk would normally be downloaded by
-    torchvision, which this machine cannot do. So the model is built with a random trunk
-    (`pnet_rand=True`, no download) and the torchvision weights are then loaded into it; every trunk
-    parameter must be filled, or this raises.
+    The package's small linear heads ship inside it. The trunk file is a path given, or torch hub's
+    cache, where it is downloaded on first use with its sha256 checked
+    (`ldm_core.models.pretrained.find_weights`); it is loaded into a model built with a random trunk
+    (`pnet_rand=True`), and every trunk parameter must be filled, or this raises.
 
     Parameters:
         backbone: "alex" (the lpips package's default) or "vgg" (common in papers).
-        weights_path: explicit path of the torchvision file; otherwise torch hub's cache is searched.
+        weights_path: explicit path of the torchvision file; otherwise torch hub's cache.
 
     Raises:
-        MissingWeightsError: the trunk file is absent; the message names the file and where to put it.
+        MissingWeightsError: the trunk file is absent and cannot be fetched now (offline, or the download
+            failed); the message names the file, how to fetch it and where to put it.
         WeightsFileError: the file is there but is not that trunk (random bytes, text, Python objects,
             another network's tensors); the message names the file and what it should be.
     """

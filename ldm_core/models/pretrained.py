@@ -1,41 +1,70 @@
-"""Locating pretrained weights that cannot be downloaded on an offline machine, and reading model
-folders and weight files as data.
+"""Pretrained weights fetched on first use through torch hub's own mechanism, and model folders and weight
+files read as data.
 
-Nothing here downloads. A weight file is looked for at an explicit path first, then in torch hub's
-checkpoint cache (`$TORCH_HOME/hub/checkpoints/`, the place torchvision and the lpips package read
-from). When it is absent the error says exactly which file is missing and where to put it; when it is
-there but is not that file (random bytes, text, another network's tensors) the error names it and says
-what it should be. A diffusers model folder is checked the same way before it is loaded: its config must
-be a JSON object describing the expected class, and its weights exactly the tensors that config builds
-(diffusers itself would fill missing tensors with random values and only log a warning).
+A weight file is looked for at an explicit path first, then in torch hub's checkpoint cache
+(`$TORCH_HOME/hub/checkpoints/`, where torchvision and the lpips package look too). When it is not there,
+it is downloaded into that cache with `torch.hub.download_url_to_file`, under its upstream name, with the
+sha256 check torchvision's file names carry; the download goes to a temporary file that is checked and
+only then renamed into place, so a cut download or a wrong file leaves nothing behind. Offline
+(`HF_HUB_OFFLINE=1`, the switch the Hugging Face libraries use) nothing is downloaded and the error says
+which file is missing, the command that fetches it and where to put it (docs/hub.md). A file that is there
+but is not that file (random bytes, text, another network's tensors) is refused with its name. A diffusers
+model folder is checked the same way before it is loaded: its config must be a JSON object describing the
+expected class, and its weights exactly the tensors that config builds (diffusers itself would fill missing
+tensors with random values and only log a warning).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import socket
+import tempfile
 from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-# docs/commands.md, "Pretrained weights on an offline machine": the files, with the names their upstream loaders expect.
+logger = logging.getLogger("ldm.weights")
+
+# docs/commands.md, "Pretrained weights": the files, with the names their upstream loaders expect.
 VGG16_FILE = "vgg16-397923af.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 INCEPTION_FID_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
-_SOURCES = {
-    VGG16_FILE: "torchvision's VGG16 ImageNet weights (download.pytorch.org/models/vgg16-397923af.pth)",
-    ALEXNET_FILE: "torchvision's AlexNet ImageNet weights (download.pytorch.org/models/alexnet-owt-7be5be79.pth)",
-    INCEPTION_FID_FILE: "the FID Inception-v3 weights used by torch-fidelity and torchmetrics "
-                        "(github.com/toshas/torch-fidelity/releases, file weights-inception-2015-12-05-6726825d.pth)",
+
+@dataclass(frozen=True)
+class RemoteWeights:
+    """Where a weights file comes from. `sha256_prefix`: the start of its sha256, checked on download
+    (torchvision names its files after it and checks it itself); None where the publisher states none
+    (torch-fidelity's Inception file, which torch-fidelity downloads unchecked), and then the file is checked
+    by loading it."""
+
+    description: str
+    url: str
+    sha256_prefix: Optional[str]
+
+
+REMOTE_WEIGHTS = {
+    VGG16_FILE: RemoteWeights("torchvision's VGG16 ImageNet weights",
+                              "https://download.pytorch.org/models/vgg16-397923af.pth", "397923af"),
+    ALEXNET_FILE: RemoteWeights("torchvision's AlexNet ImageNet weights",
+                                "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "7be5be79"),
+    INCEPTION_FID_FILE: RemoteWeights(
+        "the FID Inception-v3 weights used by torch-fidelity and torchmetrics",
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+        None),
 }
 
 
 class MissingWeightsError(FileNotFoundError):
-    """A pretrained weight file is not on this machine; the message says which and where to put it."""
+    """A pretrained weight file is not on this machine and cannot be fetched now; the message says which,
+    how to fetch it and where to put it."""
 
 
 class WeightsFileError(ValueError):
@@ -44,8 +73,8 @@ class WeightsFileError(ValueError):
 
 def expected_weights(filename: str) -> str:
     """`filename` and where it comes from, for messages about a file that should have been it."""
-    source = _SOURCES.get(filename)
-    return f"{filename}, {source}" if source else filename
+    remote = REMOTE_WEIGHTS.get(filename)
+    return f"{filename}, {remote.description} ({remote.url})" if remote else filename
 
 
 def torch_hub_checkpoint_dir() -> Path:
@@ -53,24 +82,91 @@ def torch_hub_checkpoint_dir() -> Path:
 
 
 def find_weights(filename: str, explicit_path: Optional[str | os.PathLike] = None, *,
-                 option_hint: str = "") -> Path:
-    """Return the path of `filename`, from `explicit_path` or torch hub's cache; never download.
+                 option_hint: str = "", check: Optional[Callable[[Path], Any]] = None) -> Path:
+    """Return the path of `filename`: `explicit_path`, else torch hub's cache, else downloaded into it.
 
-    `option_hint` names the config key or CLI flag that accepts an explicit path, for the error.
+    Parameters:
+        filename: one of `REMOTE_WEIGHTS` (or another file name, then only looked for).
+        explicit_path: a path the user gave; it must exist (nothing is downloaded in its place).
+        option_hint: the config key or CLI flag that accepts an explicit path, for messages.
+        check: raises `WeightsFileError` when a freshly downloaded file is not the expected one (the
+            file is then removed); used for files without a published hash.
+
+    Raises:
+        MissingWeightsError: no such explicit file; or not cached and offline, or the download failed
+            (the message gives the command that fetches it elsewhere and where to put it).
+        WeightsFileError: the download was not the expected file (hash or `check`); nothing is kept.
     """
     if explicit_path:
         path = Path(explicit_path).expanduser()
         if path.is_file():
             return path
-        raise MissingWeightsError(f"The weights file {path} does not exist (expected {filename}: "
-                                  f"{_SOURCES.get(filename, filename)}).")
+        raise MissingWeightsError(f"The weights file {path} does not exist (expected {expected_weights(filename)}).")
     cached = torch_hub_checkpoint_dir() / filename
     if cached.is_file():
         return cached
-    hint = f", or pass its path with {option_hint}" if option_hint else ""
-    raise MissingWeightsError(
-        f"Missing pretrained weights: {filename} ({_SOURCES.get(filename, filename)}). "
-        f"This machine cannot download it. Copy the file to {cached}{hint}.")
+    remote = REMOTE_WEIGHTS.get(filename)
+    route = _fetch_route(filename, cached, option_hint)
+    if remote is None:
+        raise MissingWeightsError(f"Missing pretrained weights: {filename}. Put it at {cached}{route}.")
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():
+        raise MissingWeightsError(f"Missing pretrained weights: {filename} ({remote.description}), and this machine "
+                                  f"is offline (HF_HUB_OFFLINE=1). {route}")
+    return download_weights(filename, cached, remote, option_hint=option_hint, check=check)
+
+
+def _fetch_route(filename: str, cached: Path, option_hint: str) -> str:
+    remote = REMOTE_WEIGHTS.get(filename)
+    if remote is None:
+        return f", or pass its path with {option_hint}" if option_hint else ""
+    local = f", or pass its path with {option_hint}" if option_hint else ""
+    return (f"Fetch it where there is internet with `curl -L -o {filename} {remote.url}` and put it at "
+            f"{cached}{local}; online, it is downloaded there on first use.")
+
+
+def download_weights(filename: str, destination: Path, remote: RemoteWeights, *, option_hint: str = "",
+                     check: Optional[Callable[[Path], Any]] = None) -> Path:
+    """Download `remote` to `destination` with torch hub (`torch.hub.download_url_to_file`, its progress bar
+    and sha256 prefix check), through a temporary file in the same folder that is renamed into place only
+    once it is whole and checked. A stalled connection fails after `HF_HUB_DOWNLOAD_TIMEOUT` seconds."""
+    from huggingface_hub import constants
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=destination.parent, prefix=f".{filename}.", suffix=".download")
+    os.close(handle)
+    partial = Path(partial)
+    logger.info("Downloading %s (first use) from %s into %s", filename, remote.url, destination.parent)
+    try:
+        try:
+            with _socket_timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT):
+                torch.hub.download_url_to_file(remote.url, str(partial), hash_prefix=remote.sha256_prefix,
+                                               progress=True)
+        except RuntimeError as err:  # torch hub's hash check
+            raise WeightsFileError(f"The download of {filename} from {remote.url} is not that file ({err}); "
+                                   f"nothing was kept. {_fetch_route(filename, destination, option_hint)}") from None
+        except OSError as err:  # URLError, HTTPError, timeouts, refused connections, a full disk
+            reason = " ".join(str(getattr(err, "reason", None) or err).split()) or type(err).__name__
+            raise MissingWeightsError(f"Could not download {filename} from {remote.url} ({reason}); nothing was "
+                                      f"kept. {_fetch_route(filename, destination, option_hint)}") from None
+        if check is not None:
+            check(partial)
+        os.replace(partial, destination)
+    finally:
+        partial.unlink(missing_ok=True)
+    return destination
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    """torch hub opens its connection without a timeout; this bounds every connect and read."""
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
 
 
 def load_state_dict(path: Path, *, expected: Optional[str] = None) -> dict:
@@ -390,17 +486,19 @@ def load_model_folder(model_class: type, folder: str | os.PathLike, *, what: str
 
 
 # --------------------------------------------------------------------------------------------------
-# LPIPS: the lpips package ships its small linear heads but fetches the ImageNet trunk through
-# torchvision when it is built, which is impossible offline. So the module is built with a random trunk
-# (`pnet_rand=True`, nothing is fetched) and torchvision's weights are copied in from a local file.
+# LPIPS: the lpips package ships its small linear heads but has torchvision fetch the ImageNet trunk, unchecked
+# and with no offline message, when it is built. So the module is built with a random trunk (`pnet_rand=True`,
+# nothing is fetched) and torchvision's weights are copied in from the file `find_weights` gives.
 
 LPIPS_TRUNK_FILES = {"vgg": VGG16_FILE, "alex": ALEXNET_FILE}
 
 
 def build_pretrained_lpips(net: str, weights_path: Optional[str | os.PathLike] = None, *, option_hint: str = ""):
-    """`lpips.LPIPS(net=net)` with its ImageNet trunk read from a local torchvision file, frozen, in eval mode.
+    """`lpips.LPIPS(net=net)` with its ImageNet trunk from torchvision's file (a path given, torch hub's cache,
+    or downloaded there on first use), frozen, in eval mode.
 
-    Raises MissingWeightsError (naming the file and where to put it) when the trunk file is absent.
+    Raises MissingWeightsError (naming the file, how to fetch it and where to put it) when the trunk file is
+    absent and cannot be downloaded now.
     """
     if net not in LPIPS_TRUNK_FILES:
         raise ValueError(f"Unknown LPIPS backbone {net!r}; choose one of {', '.join(LPIPS_TRUNK_FILES)}.")
