@@ -45,8 +45,9 @@ from ldm_core.data.image_files import DataError
 from ldm_core.data.sources import open_image_source, source_kind
 from ldm_core.data.streaming import iter_image_batches
 from ldm_core.image_values import to_model_input, to_uint8
+from ldm_core.models.hub import AUTOENCODER, resolve_model_argument
 from ldm_core.models.latent_scale import LatentMoments
-from ldm_core.models.pretrained import MissingWeightsError
+from ldm_core.models.pretrained import MissingWeightsError, WeightsFileError
 
 logger = logging.getLogger("ldm.bench")
 
@@ -81,13 +82,14 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
               lpips_weights: Optional[str] = None, fid_weights: Optional[str] = None,
               shapes_seed: int = 1, device: Optional[str | torch.device] = None,
               save_recon: Optional[str] = None, batch_source: Optional[BatchSource] = None,
-              fid_feature_net: Optional[torch.nn.Module] = None) -> BenchPlan:
+              fid_feature_net: Optional[torch.nn.Module] = None, streaming: bool = False) -> BenchPlan:
     """Check the options, describe the autoencoders and find the metric networks' weights.
 
     Parameters:
         vae_paths: run folders (holding `vae/`) or diffusers `AutoencoderKL` folders; a `Reconstructor`
             object may stand in for a folder (Python API).
-        data: an image folder or `builtin:shapes`; `num_images` limits it (all images by default).
+        data: any `--data` source (ldm_core/data/sources.py); `num_images` limits it (all images by default).
+        streaming: read a Hub dataset (`hf:org/name[:split]`) as a stream instead of downloading it whole.
         metrics: a subset of psnr, ssim, msssim, lpips, rfid.
         latent: "mode" (the protocol's default) or "sample" (seeded per image from `seed`).
         dtype: fp32 (default), bf16 or fp16 for the autoencoders.
@@ -102,7 +104,7 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
     except (RuntimeError, ValueError, TypeError):
         raise ValueError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N.") from None
     if batch_source is None:
-        _check_data(data)
+        _check_data(data, streaming)
 
     vaes = [p if isinstance(p, Reconstructor) else VAEReconstructor(p, dtype=dtype, latent=latent, seed=seed)
             for p in vae_paths]
@@ -114,7 +116,7 @@ def make_plan(vae_paths: Sequence[str], data: str, resolution: int, *, num_image
     models: list[Reconstructor] = [BicubicReconstructor(f) for f in factors] + vaes
 
     plan = BenchPlan(models=models, batches=batch_source or _data_source(data, resolution, batch_size,
-                                                                         num_images, shapes_seed),
+                                                                         num_images, shapes_seed, streaming),
                      meta={}, metrics=tuple(metrics), device=device,
                      save_recon=Path(save_recon) if save_recon else None)
     for name in ALL_METRICS:
@@ -158,22 +160,24 @@ def _check_options(vae_paths, resolution, batch_size, seed, shapes_seed, metrics
 def _load_metric_networks(plan: BenchPlan, lpips_backbone: str, lpips_weights: Optional[str],
                           fid_weights: Optional[str], fid_feature_net: Optional[torch.nn.Module]) -> None:
     """LPIPS and FID Inception networks onto `plan`, or the reason each metric is null."""
-    # A file missing from the hub cache makes the metric null with the reason; a wrong explicit path
-    # is an error (the user asked for that file).
-    if "lpips" in plan.metrics:
-        try:
-            plan.lpips_model = M.load_lpips(lpips_backbone, lpips_weights).to(plan.device)
-        except MissingWeightsError as err:
-            if lpips_weights:
-                raise
-            plan.unavailable["lpips"] = str(err)
-    if "rfid" in plan.metrics:
-        try:
-            plan.fid_net = fid_feature_net if fid_feature_net is not None else load_fid_inception(fid_weights)
-        except MissingWeightsError as err:
-            if fid_weights:
-                raise
-            plan.unavailable["rfid"] = str(err)
+    # A file that is neither in torch hub's cache nor downloadable now (offline, a failed or wrong download)
+    # makes the metric null with the reason; a wrong explicit path is an error (the user asked for that file).
+    # The main process goes first, so a first-use download happens once.
+    with _process_state().main_process_first():
+        if "lpips" in plan.metrics:
+            try:
+                plan.lpips_model = M.load_lpips(lpips_backbone, lpips_weights).to(plan.device)
+            except (MissingWeightsError, WeightsFileError) as err:
+                if lpips_weights:
+                    raise
+                plan.unavailable["lpips"] = str(err)
+        if "rfid" in plan.metrics:
+            try:
+                plan.fid_net = fid_feature_net if fid_feature_net is not None else load_fid_inception(fid_weights)
+            except (MissingWeightsError, WeightsFileError) as err:
+                if fid_weights:
+                    raise
+                plan.unavailable["rfid"] = str(err)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,12 +428,16 @@ def _publish_folder(staging: Path, folder: Path) -> None:
     shutil.rmtree(staging)
 
 
-def _check_data(data: str) -> None:
+def _check_data(data: str, streaming: bool = False) -> None:
     """--data names a source with at least 2 images (decoded later, during the run): builtin:shapes, a
-    folder, WebDataset shards or a Hugging Face dataset (ldm_core/data/sources.py)."""
+    folder, WebDataset shards or a Hugging Face dataset (ldm_core/data/sources.py). A stream is only opened:
+    its images are counted as they are read."""
     if source_kind(str(data)) == "shapes":  # raises DataError for an unknown builtin: name
         return
-    count = len(open_image_source(str(data)))
+    source = open_image_source(str(data), streaming=streaming)
+    if getattr(source, "streaming", False):
+        return
+    count = len(source)
     if count < 2:
         raise DataError(f"--data {printable_name(data)} holds {count} image; the benchmark needs at least "
                         f"2 (standard deviations and FID need 2 images).")
@@ -457,11 +465,11 @@ def _examples(plan: BenchPlan, wanted: dict[str, list[int]]) -> dict[str, tuple[
 
 
 def _data_source(data: str, resolution: int, batch_size: int, num_images: Optional[int],
-                 shapes_seed: int) -> BatchSource:
+                 shapes_seed: int, streaming: bool = False) -> BatchSource:
     def source(rank: int, world_size: int):
         yield from iter_image_batches(data, resolution, batch_size, limit=num_images, rank=rank,
                                       world_size=world_size, shapes_count=num_images or DataConfig().shapes_count,
-                                      shapes_seed=shapes_seed, progress=False)
+                                      shapes_seed=shapes_seed, progress=False, streaming=streaming)
     return source
 
 
@@ -493,9 +501,15 @@ def _deduplicate_names(models: list[Reconstructor]) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `ldm bench-recon`."""
-    parser.add_argument("--vae", action="append", required=True, metavar="PATH",
-                        help="run folder (with vae/) or diffusers AutoencoderKL folder; repeat to compare")
-    parser.add_argument("--data", required=True, help="image folder, WebDataset shards, Hugging Face dataset or builtin:shapes")
+    parser.add_argument("--vae", action="append", required=True, metavar="PATH_OR_HUB_ID",
+                        help="run folder (with vae/), diffusers AutoencoderKL folder, or Hugging Face Hub id fetched on "
+                             "first use (e.g. stabilityai/sd-vae-ft-mse); repeat to compare")
+    parser.add_argument("--data", required=True,
+                        help="image folder, WebDataset shards, Hugging Face dataset (a local one, or hf:org/name[:split] "
+                             "on the Hub) or builtin:shapes")
+    parser.add_argument("--streaming", action="store_true",
+                        help="read a Hub dataset as a stream (only the images used are fetched) instead of "
+                             "downloading it whole")
     parser.add_argument("--resolution", type=int, required=True)
     parser.add_argument("--num-images", type=int, default=None, help="default: every image of --data")
     parser.add_argument("--metrics", default=",".join(ALL_METRICS),
@@ -521,12 +535,13 @@ def main(args: argparse.Namespace) -> int:
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     # Bad input raises ValueError / FileNotFoundError / MissingWeightsError, which `ldm` prints as a
     # one-line error (workflows/cli.py).
+    vaes = [str(resolve_model_argument(vae, kind=AUTOENCODER, option="--vae")) for vae in args.vae]
     results = run_bench_recon(
-        args.vae, args.data, args.resolution, out=args.out, progress=not args.no_progress,
+        vaes, args.data, args.resolution, out=args.out, progress=not args.no_progress,
         num_images=args.num_images, metrics=metrics, latent=args.latent, seed=args.seed,
         dtype=args.dtype, batch_size=args.batch_size, lpips_backbone=args.lpips_net,
         lpips_weights=args.lpips_weights, fid_weights=args.fid_weights,
-        shapes_seed=args.shapes_seed, save_recon=args.save_recon)
+        shapes_seed=args.shapes_seed, save_recon=args.save_recon, streaming=args.streaming)
     if _process_state().is_main_process:
         print(results["table_markdown"])
     return 0

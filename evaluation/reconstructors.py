@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_core.models.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
+from ldm_core.models.hub import describe_model_source, hub_repo_id
 from ldm_core.randomness import image_generator
 
 
@@ -85,7 +86,8 @@ class VAEReconstructor(Reconstructor):
         # do not match it (`ldm_core.models.autoencoder_folders.read_vae_folder`).
         self.folder, self.config = read_vae_folder(self.path)
         self.factor = vae_downsampling_factor(self.config)
-        self.name = printable_name(self.path.resolve().name)
+        # A model fetched from the Hub is named by its id (its folder is a commit hash in the cache).
+        self.name = printable_name(hub_repo_id(self.path) or self.path.resolve().name)
         self.dtype, self.latent, self.seed = dtype, latent, seed
         self.weights = sorted(p for p in self.folder.iterdir() if p.suffix in (".safetensors", ".bin"))
         self.vae = None
@@ -110,6 +112,7 @@ class VAEReconstructor(Reconstructor):
         from evaluation.report import printable_name  # report imports this module
 
         return {"kind": "AutoencoderKL", "path": printable_name(self.path), "vae_folder": printable_name(self.folder),
+                "source": printable_name(describe_model_source(self.folder)),
                 "factor": self.factor, "latent_channels": self.config.get("latent_channels"),
                 "config_scaling_factor": self.config.get("scaling_factor"),
                 "weights_sha256": {p.name: sha256_file(p) for p in self.weights}}

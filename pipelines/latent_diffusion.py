@@ -6,12 +6,12 @@ denoise it with the scheduler, undo the latent scaling, decode.
 
 Saved folders have diffusers' standard layout (`model_index.json`, `vae/`, `unet/`, `scheduler/`) and
 every component loads with plain diffusers classes, e.g. `AutoencoderKL.from_pretrained(folder,
-subfolder="vae")`. The pipeline itself loads with `LatentDiffusionPipeline.from_pretrained(folder)` from
-this package. `diffusers.DiffusionPipeline.from_pretrained(folder)` alone cannot: it looks
+subfolder="vae")`. The pipeline itself loads with `LatentDiffusionPipeline.from_pretrained(folder_or_hub_id)` from
+this package (a Hub id is fetched on first use: `ldm_core.models.hub`). `diffusers.DiffusionPipeline.from_pretrained(folder)` alone cannot: it looks
 `model_index.json`'s `_class_name` up inside the diffusers package, and its `custom_pipeline=<file>`
 route executes that file as remote code (it demands `trust_remote_code=True`), which this project does not
 rely on. No code is ever stored in, or run from, a model folder: `LatentDiffusionPipeline.from_pretrained`
-reads only local folders, refuses `custom_pipeline` / `trust_remote_code`, refuses a folder holding
+fetches only the pipeline's config, scheduler and safetensors files from the Hub, refuses `custom_pipeline` / `trust_remote_code`, refuses a folder holding
 Python files or pickle-only weights, accepts in `model_index.json` only the three stock diffusers
 components, and reads weights with safetensors.
 """
@@ -33,6 +33,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNe
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ldm_core.models.hub import PIPELINE, HubReference, fetch_model, parse_hub_reference, resolve_model_argument
 from ldm_core.models.latent_scale import unscale_latents
 from ldm_core.models.pretrained import (ModelFolderError, UnsafeModelFolderError, check_model_folder, check_model_weights,
                                  load_model_folder, read_config_file, read_model_config, short_reason)
@@ -278,7 +279,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """Load a folder written by `save_pretrained`, without running or unpickling anything from it.
 
         Parameters:
-            pretrained_model_name_or_path: a local pipeline folder (nothing is downloaded).
+            pretrained_model_name_or_path: a local pipeline folder, or a Hugging Face Hub id
+                (`org/name[@revision]`) whose files are fetched on first use into the Hugging Face cache
+                (`ldm_core.models.hub`: only the config, scheduler and safetensors files of the pipeline).
+            revision: the Hub revision, as in diffusers (also writable as `org/name@revision`).
             **kwargs: passed to `DiffusionPipeline.from_pretrained` (e.g. `torch_dtype`), except the options
                 that load code (`custom_pipeline`, `custom_revision`, `trust_remote_code`), which are refused,
                 and `use_safetensors`, which is always True.
@@ -301,7 +305,13 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             kwargs.pop(option, None)
         if kwargs.pop("use_safetensors", True) is not True:
             raise ValueError("use_safetensors must stay True: pickle weight files can run code when loaded.")
-        folder = Path(pretrained_model_name_or_path)
+        revision = kwargs.pop("revision", None)
+        reference = parse_hub_reference(str(pretrained_model_name_or_path))
+        if revision and reference is not None and not Path(pretrained_model_name_or_path).exists():
+            folder = fetch_model(HubReference(reference.repo_id, revision, reference.subfolder), kind=PIPELINE)
+        else:
+            folder = resolve_model_argument(pretrained_model_name_or_path, kind=PIPELINE,
+                                            option="pretrained_model_name_or_path")
         info = inspect_pipeline_folder(folder, cls.__name__)
         dtype = {"torch_dtype": kwargs["torch_dtype"]} if kwargs.get("torch_dtype") is not None else {}
         components = {name: load_model_folder(getattr(diffusers, info.index[name][1]), folder / name,

@@ -44,6 +44,7 @@ from PIL import Image
 from evaluation.eval_samples import SCORES_FILE
 from ldm_core.atomic_files import write_atomic
 from ldm_core.images.grids import save_grid
+from ldm_core.models.hub import PIPELINE, resolve_model_argument
 from ldm_core.randomness import image_generator
 from pipelines.latent_diffusion import (LatentDiffusionPipeline, PipelineFolder, check_sampling_arguments,
                                         class_ids_for, inspect_pipeline_folder)
@@ -272,7 +273,9 @@ def _finish(staging: Path, names: list[str], pipeline, class_ids, guidance_scale
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `ldm generate`."""
-    parser.add_argument("--model", required=True, help="pipeline folder (RUN/pipeline, with model_index.json)")
+    parser.add_argument("--model", required=True,
+                        help="pipeline folder (RUN/pipeline, with model_index.json), or a Hugging Face Hub id of one "
+                             "fetched on first use (org/name[@revision])")
     parser.add_argument("--num-images", type=int, default=16, help="number of images (default 16)")
     parser.add_argument("--steps", type=int, default=20,
                         help="denoising steps, 1 to the model's training steps (default 20)")
@@ -356,15 +359,15 @@ def main(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device) if args.device else None
     check_generate_counts(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, names=_FLAGS)
-    model = _check_model_option(args.model)
+    model_dir = resolve_model_argument(args.model, kind=PIPELINE, option="--model")
+    model = _check_model_option(model_dir)
     scheduler = make_sampler(args.scheduler, model.scheduler.config) if args.scheduler else model.scheduler
     check_sampling_arguments(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
                              num_train_timesteps=scheduler.config.num_train_timesteps,
                              conditional=bool(model.num_classes), names=_FLAGS)
     label = _class_option(args.class_label, model)
     out = check_output_folder(args.out, args.overwrite, names=_FLAGS)
-    model_dir = Path(args.model).resolve()
-    if out.resolve() == model_dir or model_dir in out.resolve().parents:
+    if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise ValueError(f"--out {_printable(out)} is inside the --model folder {_printable(args.model)}; write the "
                          f"images to a folder of their own (a model folder holds only the model).")
     if args.eta and "eta" not in inspect.signature(scheduler.step).parameters:
@@ -372,7 +375,7 @@ def main(args: argparse.Namespace) -> int:
                        sampler_name(scheduler))
 
     accelerator = Accelerator(cpu=(device is not None and device.type == "cpu") or cpu_only())
-    pipeline = LatentDiffusionPipeline.from_pretrained(args.model)
+    pipeline = LatentDiffusionPipeline.from_pretrained(model_dir)
     if args.scheduler:
         pipeline.scheduler = make_sampler(args.scheduler, pipeline.scheduler.config)
     pipeline.to(device or accelerator.device)

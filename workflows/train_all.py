@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ldm_core.training.accelerator import check_mixed_precision
+from ldm_core.training.accelerator import check_mixed_precision, check_trackers
 from ldm_core.training.checkpoints import LATEST, CheckpointError, check_resumable
 from ldm_core.config.settings import load_config
+from ldm_core.models.hub import AUTOENCODER, resolve_model_argument
 from stage_a_vae.train import train_vae
 from workflows.arguments import add_training_args
 from workflows.config import LDMConfig
-from workflows.train_unet import train_unet
+from workflows.train_unet import VAE_HELP, train_unet
 
 logger = logging.getLogger("ldm.train")
 
@@ -47,12 +48,13 @@ def train_both_stages(cfg: LDMConfig, data: str, out: str | Path, vae: Optional[
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Stage A, then Stage B on its frozen VAE, then the pipeline. Overrides take the stage "
                           "prefix: stage_a.train.max_steps=500 stage_b.train.lr=1e-4.")
-    parser.add_argument("--vae", help="use this AutoencoderKL folder and skip Stage A")
+    parser.add_argument("--vae", help=f"skip Stage A and use {VAE_HELP}")
     add_training_args(parser, "configs/demo.yaml")
 
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(LDMConfig, args.config, args.overrides)
+    vae = str(resolve_model_argument(args.vae, kind=AUTOENCODER, option="--vae")) if args.vae else None
     if args.resume and args.resume != LATEST:
         # One checkpoint folder belongs to one stage; `ldm train` resumes each stage from its own.
         raise CheckpointError(f"--resume {args.resume}: `ldm train` resumes both stages, each from its own "
@@ -61,9 +63,11 @@ def main(args: argparse.Namespace) -> int:
     # Both stages are checked now, so a Stage B mismatch does not surface only after Stage A has run.
     check_mixed_precision(cfg.stage_a.train, "stage_a.train.mixed_precision")
     check_mixed_precision(cfg.stage_b.train, "stage_b.train.mixed_precision")
-    if args.vae is None:
+    check_trackers(cfg.stage_a.train, "stage_a.train.report_to")
+    check_trackers(cfg.stage_b.train, "stage_b.train.report_to")
+    if vae is None:
         check_resumable(Path(args.out) / "stage_a", args.resume, cfg.stage_a.model_fingerprint())
     check_resumable(Path(args.out) / "stage_b", args.resume, cfg.stage_b.model_fingerprint())
-    paths = train_both_stages(cfg, args.data, args.out, vae=args.vae, resume=args.resume)
+    paths = train_both_stages(cfg, args.data, args.out, vae=vae, resume=args.resume)
     print(f"Done. Generate with: ldm generate --model {paths['pipeline']} --num-images 16 --out samples")
     return 0

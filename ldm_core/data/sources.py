@@ -14,19 +14,25 @@ whatever the format: the same images in the same order from a folder and from th
   Face dataset (`datasets.load_from_disk`, or `load_dataset("parquet" | "imagefolder")`), the image from
   its first `Image` column (or `data.image_column`), labels from its first `ClassLabel` column (or
   `data.label_column`);
+- ``hf:NAME[:SPLIT]`` where NAME is not a path here: a dataset on the Hugging Face Hub
+  (`datasets.load_dataset(NAME, split=SPLIT)`, downloaded and memory-mapped by `datasets` into its cache on
+  first use; from the cache offline), or, for readers that take each image once in order (`ldm bench-recon`,
+  `ldm eval-samples`), streamed without a download when asked (`streaming=True`);
 - any other folder: image files searched recursively, labels from first-level subfolders.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import glob
 import hashlib
 import logging
 import os
+import re
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -51,6 +57,12 @@ class ImageSource:
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def in_order(self) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
+        """Every image in order, as (name, a call that decodes it): how readers that take each image once go
+        through a source, a stream included (the calls may run on other threads)."""
+        for index in range(len(self)):
+            yield self.name(index), functools.partial(self.open, index)
 
     def name(self, index: int) -> str:
         """A stable name of image `index` for warnings and reports."""
@@ -263,14 +275,30 @@ def _reason(err: Exception) -> str:
     return str(err) or type(err).__name__
 
 
+# A dataset on the Hub, `hf:NAME[:SPLIT]`: NAME is `org/name` (or a legacy name without an org, which the
+# Hub redirects), SPLIT one of the dataset's splits (default: train, else its first).
+_HUB_DATASET = re.compile(r"^(?P<name>(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*)(?::(?P<split>[\w.-]+))?$")
+
+
+def hub_dataset_name(path: str) -> Optional[tuple[str, Optional[str]]]:
+    """(name, split) when the part after `hf:` names a Hub dataset rather than a path here, else None."""
+    match = _HUB_DATASET.match(path)
+    if match is None or Path(path).expanduser().exists() or path.startswith((".", "~")):
+        return None
+    return match.group("name"), match.group("split")
+
+
 class HFDatasetSource(ImageSource):
     kind = "huggingface"
 
-    def __init__(self, path: str, image_column: Optional[str] = None, label_column: Optional[str] = None):
+    def __init__(self, path: str, image_column: Optional[str] = None, label_column: Optional[str] = None,
+                 streaming: bool = False):
         import datasets
 
         self.spec = path
+        self.streaming = False
         location = Path(path).expanduser()
+        hub = hub_dataset_name(path)
         try:
             if (location / "state.json").is_file() or (location / "dataset_dict.json").is_file():
                 loaded = datasets.load_from_disk(str(location))
@@ -279,13 +307,16 @@ class HFDatasetSource(ImageSource):
                 loaded = datasets.load_dataset("parquet", data_files=files, split="train")
             elif location.is_dir():
                 loaded = datasets.load_dataset("imagefolder", data_dir=str(location), split="train")
+            elif hub is not None:
+                loaded = _load_hub_dataset(*hub, streaming=streaming)
+                self.streaming = streaming
             else:
                 raise DataError(f"Hugging Face dataset {path} does not exist.")
         except DataError:
             raise
         except Exception as err:
             raise DataError(f"Cannot open {path} as a Hugging Face dataset: {_reason(err)}") from None
-        if isinstance(loaded, datasets.DatasetDict):
+        if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             split = "train" if "train" in loaded else sorted(loaded)[0]
             loaded = loaded[split]
         features = loaded.features
@@ -302,19 +333,33 @@ class HFDatasetSource(ImageSource):
             if self.label_column not in features:
                 raise DataError(f"{path} has no column {label_column!r} (data.label_column); its columns "
                                 f"are {', '.join(features)}.")
-            self.labels = np.asarray(self.dataset[self.label_column], dtype=np.int64)
             feature = features[self.label_column]
+            if not self.streaming:  # a stream's labels are only known as it is read
+                self.labels = np.asarray(self.dataset[self.label_column], dtype=np.int64)
             self.class_names = (list(feature.names) if isinstance(feature, datasets.ClassLabel)
-                                else [str(c) for c in range(int(self.labels.max()) + 1)])
+                                else None if self.streaming else [str(c) for c in range(int(self.labels.max()) + 1)])
 
     def __len__(self) -> int:
+        if self.streaming:
+            raise DataError(f"hf:{self.spec} is read as a stream, so its images are only reachable in order; "
+                            f"read it without streaming for random access (training).")
         return len(self.dataset)
 
     def name(self, index: int) -> str:
         return f"{Path(self.spec).name}[{index}]"
 
     def open(self, index: int) -> Image.Image:
-        cell = self.dataset[int(index)][self.image_column]
+        return self._decode(self.dataset[int(index)][self.image_column])
+
+    def in_order(self) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
+        if not self.streaming:
+            yield from super().in_order()
+            return
+        for index, row in enumerate(self.dataset):
+            yield self.name(index), functools.partial(self._decode, row[self.image_column])
+
+    @staticmethod
+    def _decode(cell) -> Image.Image:
         data = cell.get("bytes") if isinstance(cell, dict) else None
         if data is None and isinstance(cell, dict) and cell.get("path"):
             return decode_rgb(cell["path"])
@@ -324,6 +369,29 @@ class HFDatasetSource(ImageSource):
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"hf|{self.dataset._fingerprint}|{len(self.dataset)}".encode()).hexdigest()
+
+
+def _load_hub_dataset(name: str, split: Optional[str], *, streaming: bool):
+    """`datasets.load_dataset(name, split=split)` with one-line errors for what a user can fix."""
+    import datasets
+    from huggingface_hub import is_offline_mode
+
+    shown = f"hf:{name}" + (f":{split}" if split else "")
+    try:
+        return datasets.load_dataset(name, split=split, streaming=streaming)
+    except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as err:
+        raise DataError(f"--data {shown}: no such folder here, and no dataset {name} on the Hugging Face Hub "
+                        f"({_reason(err)}; a private or gated one needs `hf auth login`).") from None
+    except ConnectionError as err:  # offline and not cached, or the Hub unreachable
+        where = ("this machine is offline (HF_HUB_OFFLINE=1)" if is_offline_mode()
+                 else f"the Hub cannot be reached ({_reason(err)})")
+        split_arg = f", split={split!r}" if split else ""
+        raise DataError(f"--data {shown}: not in the datasets cache ({datasets.config.HF_DATASETS_CACHE}) and {where}. "
+                        f"Where there is internet run `python -c \"import datasets; datasets.load_dataset({name!r}"
+                        f"{split_arg}).save_to_disk('{name.rpartition('/')[2]}')\"`, copy that folder here and give "
+                        f"--data {name.rpartition('/')[2]}.") from None
+    except ValueError as err:  # an unknown split names the known ones
+        raise DataError(f"--data {shown}: {_reason(err)}") from None
 
 
 def folder_labels(names: list[str]) -> tuple[Optional[np.ndarray], Optional[list[str]]]:
@@ -343,7 +411,7 @@ def source_kind(spec: str) -> str:
             raise DataError(f"Unknown built-in dataset {spec!r}; the built-in datasets are "
                             f"{' and '.join(SHAPES_COLOUR_SETS)}.")
         return "shapes"
-    if spec.startswith("hf:"):
+    if spec.startswith("hf:"):  # a local dataset, or one on the Hub
         return "huggingface"
     if ".tar" in spec or ("{" in spec and ".." in spec):
         return "webdataset"
@@ -353,9 +421,27 @@ def source_kind(spec: str) -> str:
     return "folder"
 
 
+def hub_dataset_id(spec: str) -> Optional[str]:
+    """The Hub dataset `--data` names (`hf:org/name[:split]` -> org/name), or None for any other source."""
+    named = hub_dataset_name(spec[3:]) if spec.startswith("hf:") else None
+    return named[0] if named else None
+
+
+def data_identity(spec: str) -> str:
+    """What `--data` names, the same from any working folder: a built-in set or a Hub dataset by its name, a
+    path by its absolute path."""
+    if spec.startswith("builtin:") or (spec.startswith("hf:") and hub_dataset_name(spec[3:]) is not None):
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
 def open_image_source(spec: str | Path, *, shapes_count: int = 4096, shapes_seed: int = 0,
-                      image_column: Optional[str] = None, label_column: Optional[str] = None) -> ImageSource:
+                      image_column: Optional[str] = None, label_column: Optional[str] = None,
+                      streaming: bool = False) -> ImageSource:
     """The `ImageSource` that `--data` names (see the module docstring).
+
+    `streaming` reads a Hub dataset as a stream (no download; images only in order, `in_order`); every
+    other source is read as it always is.
 
     Raises:
         DataError: a missing path, no images, no readable shard, or a dataset without an image column.
@@ -367,5 +453,5 @@ def open_image_source(spec: str | Path, *, shapes_count: int = 4096, shapes_seed
     if kind == "webdataset":
         return TarShardSource(spec)
     if kind == "huggingface":
-        return HFDatasetSource(spec[3:] if spec.startswith("hf:") else spec, image_column, label_column)
+        return HFDatasetSource(spec[3:] if spec.startswith("hf:") else spec, image_column, label_column, streaming)
     return FolderSource(spec)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +23,7 @@ _DECODE_CHUNK = 64
 
 def iter_image_batches(spec: str | Path, resolution: int, batch_size: int, *, limit: Optional[int] = None,
                        rank: int = 0, world_size: int = 1, shapes_count: int = 4096, shapes_seed: int = 0,
-                       progress: bool = False, image_column: Optional[str] = None
+                       progress: bool = False, image_column: Optional[str] = None, streaming: bool = False
                        ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str], list[bool]]]:
     """Stream any `--data` source (ldm_core/data/sources.py) in batches, centre-cropped to `resolution`.
 
@@ -40,6 +41,7 @@ def iter_image_batches(spec: str | Path, resolution: int, batch_size: int, *, li
         shapes_count, shapes_seed: size and seed of builtin:shapes.
         progress: show a tqdm bar over the images (rank 0 only).
         image_column: a Hugging Face dataset's image column (default: its first Image column).
+        streaming: read a Hub dataset as a stream, without downloading it whole (`open_image_source`).
 
     Yields:
         (global_indices int64 (B,), images uint8 (B, 3, R, R), names, upscaled): names are paths relative
@@ -58,30 +60,33 @@ def iter_image_batches(spec: str | Path, resolution: int, batch_size: int, *, li
                         f"world_size={world_size}.")
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of images or None, got {limit}.")
-    source = open_image_source(spec, shapes_count=shapes_count, shapes_seed=shapes_seed, image_column=image_column)
+    source = open_image_source(spec, shapes_count=shapes_count, shapes_seed=shapes_seed, image_column=image_column,
+                               streaming=streaming)
     return _batches(_decoded(source, resolution, rank, progress), source, batch_size, rank, world_size, limit)
 
 
 def _decoded(source: ImageSource, resolution: int, rank: int, progress: bool):
-    def decode(index: int):
+    def decode(item):
+        name, open_image = item
         try:
-            rgb = source.open(index)
-            return index, pil_to_chw(resize_center_crop(rgb, resolution)), min(rgb.size) < resolution, None
+            rgb = open_image()
+            return name, pil_to_chw(resize_center_crop(rgb, resolution)), min(rgb.size) < resolution, None
         except BadImageError as err:
-            return index, None, False, err
+            return name, None, False, err
 
-    total = len(source)
+    total = None if getattr(source, "streaming", False) else len(source)  # a stream's length is unknown
+    images = source.in_order()
     with ThreadPoolExecutor(max_workers=default_workers()) as pool, \
             tqdm(total=total, disable=not progress or rank != 0, desc="decoding images", unit="img") as bar:
-        for start in range(0, total, _DECODE_CHUNK):
-            # Chunking bounds memory: at most one chunk of decoded images is in flight.
-            for index, array, upscaled, err in pool.map(decode, range(start, min(start + _DECODE_CHUNK, total))):
+        # Chunking bounds memory: at most one chunk of decoded images is in flight.
+        while chunk := list(itertools.islice(images, _DECODE_CHUNK)):
+            for name, array, upscaled, err in pool.map(decode, chunk):
                 bar.update(1)
                 if err is not None:
                     if rank == 0:
-                        logger.warning("skipping %s: %s", source.name(index), err)
+                        logger.warning("skipping %s: %s", name, err)
                     continue
-                yield source.name(index), array, upscaled
+                yield name, array, upscaled
 
 
 def _batches(decoded, source: ImageSource, batch_size: int, rank: int, world_size: int, limit: Optional[int]):

@@ -188,14 +188,21 @@ def resolve_latent_scale(vae, vae_path: Path, images: np.ndarray, max_images: in
     """Set `vae.config.scaling_factor` to the scale Stage B trains with, and return it for metrics.json.
 
     The unit-variance scale comes from the VAE folder's measurement (latent_stats.json, written by Stage A,
-    whose config then already holds 1/std); without one, 1/std is measured here and the warning says so.
-    `input_scale` (Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models", sec. 3: the
+    whose config then already holds 1/std). A published autoencoder whose config states a `shift_factor`
+    (SD3: 0.0609 and 1.5305; Flux: 0.1159 and 0.3611) is used with its own shift and scale, as diffusers'
+    pipelines use it. Otherwise 1/std is measured here and the warning says so (LDM's `scale_by_std`;
+    Stable Diffusion's 0.18215 is that measurement for its VAE on its data). `input_scale` (Chen 2023, "On the Importance of Noise Scheduling for Diffusion Models", sec. 3: the
     input scaling factor b) multiplies it: the U-Net sees latents of standard deviation b, so every
     timestep's SNR is b^2 times the schedule's. It is written into the VAE's config, so the saved pipeline
     and any diffusers user divide by the same number before decoding."""
     stats_file = Path(vae_path) / "latent_stats.json"
     if stats_file.is_file():
         info = {"source": str(stats_file), **json.loads(stats_file.read_text())}
+    elif getattr(vae.config, "shift_factor", None) is not None:
+        info = {"source": "config.json", "shift_factor": float(vae.config.shift_factor),
+                "scaling_factor": float(vae.config.scaling_factor)}
+        logger.info("%s states its own latent normalisation: (z - %g) * %g (config.json)", vae_path,
+                    info["shift_factor"], info["scaling_factor"])
     else:
         stats = measure_latent_stats(vae, images, max_images=max_images, seed=seed)
         logger.warning("%s has no measured latent scale (latent_stats.json); measured 1/std = %.5f over %d images "
