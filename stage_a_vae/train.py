@@ -29,7 +29,10 @@ from ldm_core.data.step_batches import shuffle_channels
 from ldm_core.config.settings import resolve_run_path
 from ldm_core.training.ema import ema_weights, exported_copy, make_ema
 from ldm_core.images.grids import save_reconstruction_grid
+from ldm_core.data.sources import hub_dataset_id
+from ldm_core.models.autoencoder_folders import vae_downsampling_factor
 from ldm_core.models.latent_scale import apply_scaling_factor, measure_latent_stats
+from ldm_core.models.model_card import CardContent, write_model_card
 from ldm_core.training.optimization import make_adam, make_lr_scheduler
 from ldm_core.randomness import seeded_generator
 from ldm_core.training.run_folder import write_json
@@ -130,7 +133,8 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     vae = apply_memory_format(build_autoencoder(cfg.model), tc)
     discriminator = apply_memory_format(NLayerDiscriminator(input_channels=3, channels=lc.disc_channels,
                                                             num_layers=lc.disc_num_layers, norm=lc.disc_norm), tc)
-    perceptual = build_lpips(lc.lpips_trunk, lc.lpips_weights) if lc.perceptual_weight > 0 else None
+    with accelerator.main_process_first():  # a first-use download happens once, not once per process
+        perceptual = build_lpips(lc.lpips_trunk, lc.lpips_weights) if lc.perceptual_weight > 0 else None
     loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual, discriminator).to(device)
     ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
     opt_ae = make_adam(ae_params, tc, lr=tc.lr)
@@ -200,6 +204,7 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         apply_scaling_factor(export, stats)
         export.save_pretrained(run.run_dir / "vae")
         write_json(run.run_dir / "vae" / "latent_stats.json", stats.to_json())
+        write_model_card(run.run_dir / "vae", _model_card(cfg, run, export, data, images, final_metrics, stats))
     run.finish(curves=(["rec", "kl", "g_loss", "d_loss", "d_weight", "logits_real", "logits_fake", "val_psnr",
                         "val_ssim"], "Stage A"),
                metrics={"validation": final_metrics, "latent_stats": stats.to_json() if stats else None},
@@ -207,3 +212,32 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
                          "lpips_trunk": lc.lpips_trunk if lc.perceptual_weight > 0 else "none",
                          "exported_weights": "ema" if (ema is not None and cfg.ema.export_ema) else "raw"})
     return run.run_dir
+
+
+def _model_card(cfg: StageAConfig, run: TrainingRun, vae, data: str, images: TrainingImages, validation: dict,
+                stats) -> CardContent:
+    """What RUN/vae/README.md says: the autoencoder, how to load it, its training and its measured figures."""
+    f, channels = vae_downsampling_factor(vae), vae.config.latent_channels
+    tc = cfg.train
+    return CardContent(
+        title=f"KL autoencoder, f={f}, {channels} latent channels",
+        summary=(f"A diffusers `AutoencoderKL` ({sum(p.numel() for p in vae.parameters()):,} parameters) trained with "
+                 f"LDM's autoencoder loss (L1 + LPIPS + KL + PatchGAN; CompVis/latent-diffusion "
+                 f"`ldm/modules/losses/contperceptual.py`). Its `config.json` holds the latent scale measured on its "
+                 f"training images: `scaling_factor` = 1/std = {stats.scaling_factor:.5g} over {stats.num_images} "
+                 f"images (`latent_stats.json`)."),
+        usage=('from diffusers import AutoencoderKL\n\n'
+               'vae = AutoencoderKL.from_pretrained("THIS_FOLDER_OR_HUB_ID")\n'
+               '# Stage B on its latents: ldm train-unet --vae THIS_FOLDER_OR_HUB_ID --data ... --out RUN'),
+        training=[("data", data), ("training images", len(images.train_idx)), ("resolution", cfg.data.resolution),
+                  ("steps", run.step), ("batch size", f"{tc.batch_size} x {run.accelerator.num_processes} process(es)"),
+                  ("learning rate", tc.lr), ("precision", tc.mixed_precision),
+                  ("LPIPS trunk", cfg.loss.lpips_trunk if cfg.loss.perceptual_weight > 0 else "none (weight 0)"),
+                  ("PatchGAN from step", cfg.loss.disc_start), ("KL weight", cfg.loss.kl_weight)],
+        figures=[(f"held-out PSNR (dB, {len(images.val_idx)} images)", validation.get("psnr")),
+                 (f"held-out SSIM ({len(images.val_idx)} images)", validation.get("ssim")),
+                 ("latent std", stats.std), ("scaling_factor (1/std)", stats.scaling_factor)],
+        config_yaml=(run.run_dir / "config.yaml").read_text(),
+        picture=run.run_dir / "images" / "recon_final.png",
+        picture_name="reconstructions.png", picture_caption="Held-out images: input, reconstruction, difference",
+        tags=["autoencoder", "vae", "kl-autoencoder"], datasets=[d for d in [hub_dataset_id(data)] if d])

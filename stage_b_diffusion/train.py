@@ -28,7 +28,10 @@ from ldm_core.models.autoencoder_folders import load_frozen_vae, read_vae_folder
 from ldm_core.config.settings import resolve_run_path
 from ldm_core.training.ema import exported_copy, make_ema
 from ldm_core.images.grids import save_grid
+from ldm_core.data.sources import hub_dataset_id
+from ldm_core.models.hub import describe_model_source, hub_repo_id
 from ldm_core.models.latent_scale import resolve_latent_scale, scale_latents
+from ldm_core.models.model_card import CardContent, write_model_card
 from ldm_core.training.optimization import make_adam, make_lr_scheduler
 from ldm_core.randomness import image_generator
 from ldm_core.data.training_images import TrainingImages
@@ -159,6 +162,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     sample_grid("final")
     if run.is_main:
         make_pipeline().save_pretrained(run.run_dir / "pipeline")
+        write_model_card(run.run_dir / "pipeline", _model_card(cfg, run, vae, vae_dir, data, len(train_idx), scale_info))
     run.finish(curves=(["loss", "grad_norm", "lr"], "Stage B"), metrics={"latent_scale": scale_info},
                run_info={"vae": str(vae_path), "data": data, "train_images": len(train_idx), "dataset": images.summary(),
                          "latent_cache": {"dtype": cfg.data.latent_cache_dtype, "shard_size": cfg.data.latent_shard_size},
@@ -179,3 +183,39 @@ def _training_labels(cfg: StageBConfig, images: TrainingImages):
                          f"{len(images.class_names)} classes ({', '.join(images.class_names)}). Set "
                          f"model.num_classes={len(images.class_names)}.")
     return images.labels[images.train_idx], list(images.class_names)
+
+
+def _model_card(cfg: StageBConfig, run: TrainingRun, vae, vae_dir: Path, data: str, train_images: int,
+                scale_info: dict) -> CardContent:
+    """What RUN/pipeline/README.md says: the pipeline, how to sample from it, its training and figures."""
+    tc, dc = cfg.train, cfg.diffusion
+    shift = getattr(vae.config, "shift_factor", None)
+    normalisation = (f"(z - {shift:g}) * {vae.config.scaling_factor:.5g}" if shift is not None
+                     else f"z * {vae.config.scaling_factor:.5g}")
+    source = describe_model_source(vae_dir)
+    return CardContent(
+        title="Latent diffusion pipeline (UNet2DModel on a frozen KL autoencoder)",
+        summary=(f"A `LatentDiffusionPipeline` (two-stage-ldm): a `UNet2DModel` trained with DDPM's noise-prediction "
+                 f"objective on the latents of a frozen `AutoencoderKL` ({source}), normalised as {normalisation} "
+                 f"(`vae/config.json`). The folder has diffusers' layout: `vae/`, `unet/`, `scheduler/` load with "
+                 f"plain diffusers classes."),
+        usage=('from pipelines.latent_diffusion import LatentDiffusionPipeline  # the two-stage-ldm package\n\n'
+               'pipe = LatentDiffusionPipeline.from_pretrained("THIS_FOLDER_OR_HUB_ID")\n'
+               'images = pipe(batch_size=16, num_inference_steps=20).images\n'
+               '# or: ldm generate --model THIS_FOLDER_OR_HUB_ID --num-images 16 --out samples'),
+        training=[("data", data), ("training images", train_images), ("resolution", cfg.data.resolution),
+                  ("autoencoder", source), ("steps", run.step),
+                  ("batch size", f"{tc.batch_size} x {run.accelerator.num_processes} process(es)"),
+                  ("learning rate", tc.lr), ("noise schedule", f"{dc.beta_schedule} {dc.beta_start:g} to {dc.beta_end:g}, "
+                                                               f"{dc.num_train_timesteps} steps"),
+                  ("prediction", dc.prediction_type), ("Min-SNR gamma", dc.snr_gamma or "off"),
+                  ("precision", tc.mixed_precision)],
+        figures=[("final training loss", run.history.last("loss")),
+                 ("latent scale from", scale_info.get("source")),
+                 ("scaling_factor trained with", scale_info.get("trained_scaling_factor"))],
+        config_yaml=(run.run_dir / "config.yaml").read_text(),
+        picture=run.run_dir / "images" / "samples_final.png",
+        picture_name="samples.png", picture_caption=f"Samples from the saved weights ({cfg.sampling.scheduler}, {cfg.sampling.num_inference_steps} "
+                        f"steps, seed {cfg.sampling.seed})",
+        pipeline_tag="unconditional-image-generation", tags=["latent-diffusion"],
+        datasets=[d for d in [hub_dataset_id(data)] if d], base_model=hub_repo_id(vae_dir))

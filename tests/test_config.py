@@ -89,11 +89,12 @@ def test_every_shipped_preset_loads():
 
 def test_the_keys_a_resume_may_change_are_those_marked_on_their_fields():
     # The list ldm_core/training/run_folder.py held before the marks moved onto the fields, and the
-    # discriminator's schedule added since.
+    # discriminator's schedule and the trackers added since.
     expected = {"train.lr", "train.disc_lr", "train.disc_lr_schedule", "train.max_steps", "train.lr_warmup_steps",
                 "train.lr_schedule",
                 "train.time_budget_minutes", "train.log_every", "train.validate_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.progress_bar", "train.nonfinite_loss", "train.max_nonfinite_skips",
+                "train.report_to",
                 "train.mixed_precision", "train.max_grad_norm", "train.fused_optimizer", "train.channels_last",
                 "train.latent_stats_images", "ema.export_ema", "sampling.", "data.image_cache_dir",
                 "data.latent_cache_dir", "data.num_workers", "data.decoded_cache_mb"}

@@ -6,7 +6,11 @@
     ldm generate    --model RUN/pipeline --num-images N --steps S --scheduler NAME --seed S --out DIR [--overwrite]
     ldm eval-samples --dataset builtin:shapes DIR
     ldm bench-recon --vae A [--vae B ...] --data DIR --resolution R
+    ldm push        RUN/pipeline org/name
     ldm demo        [--out DIR]
+
+A model argument (--vae, --model) is a local folder or a Hugging Face Hub id (org/name[@revision][/subfolder])
+fetched on first use (ldm_core/models/hub.py); --data hf:org/name[:split] names a Hub dataset.
 
 Every training command takes `key=value` overrides after its flags (for example
 `train.max_steps=2000 loss.kl_weight=1e-6`); `ldm <command> --help` lists the flags.
@@ -34,6 +38,7 @@ COMMANDS = {
     "generate": ("workflows.generate", "generate images from noise with a saved pipeline"),
     "eval-samples": ("evaluation.eval_samples", "score generated images (validity/coverage on builtin:shapes, FID)"),
     "bench-recon": ("evaluation.bench_recon", "benchmark reconstruction fidelity of KL autoencoders"),
+    "push": ("workflows.push", "upload a saved autoencoder or pipeline, with its model card, to the Hugging Face Hub"),
 }
 
 
@@ -41,13 +46,13 @@ def _user_errors() -> tuple[type, ...]:
     from ldm_core.training.checkpoints import CheckpointError
     from ldm_core.config.settings import ConfigError
     from ldm_core.data.image_files import DataError
-    from ldm_core.models.pretrained import MissingWeightsError
+    from ldm_core.models.pretrained import MissingWeightsError, WeightsFileError
     from ldm_core.training.run_folder import RunFolderError
 
     # OSError covers folders that cannot be created or written (a path under a file, no permission, a
     # full disk): the user fixes those, so they get a message, not a traceback.
-    return (ConfigError, DataError, MissingWeightsError, CheckpointError, RunFolderError, FloatingPointError,
-            OSError, ValueError)
+    return (ConfigError, DataError, MissingWeightsError, WeightsFileError, CheckpointError, RunFolderError,
+            FloatingPointError, OSError, ValueError)
 
 
 def _message(err: BaseException) -> str:

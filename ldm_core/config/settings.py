@@ -163,6 +163,10 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata=RESUMABLE)
     keep_checkpoints: int = field(default=2, metadata=RESUMABLE)
     log_every: int = field(default=10, metadata=RESUMABLE)
+    # Where logged values go besides metrics.json (Accelerate's trackers): tensorboard | wandb | all | none.
+    # Weights & Biases needs the wandb package (pip install 'two-stage-ldm[wandb]') and an account, or
+    # WANDB_MODE=offline; its files go to RUN/logs/wandb/.
+    report_to: str = field(default="tensorboard", metadata=RESUMABLE)
     validate_every: int = field(default=250, metadata=RESUMABLE)
     progress_bar: bool = field(default=True, metadata=RESUMABLE)
     # What a NaN or inf loss does: "stop" (after keeping the last good checkpoint) or "skip" the step,
@@ -190,6 +194,7 @@ class TrainConfig:
                  f"one of {', '.join(LR_SCHEDULES)}")
         _require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
                  self.mixed_precision, "one of no, fp16, bf16")
+        _require(self.report_to in REPORT_TO, "train.report_to", self.report_to, f"one of {', '.join(REPORT_TO)}")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "1 or more")
         _require(self.checkpoint_every > 0, "train.checkpoint_every", self.checkpoint_every,
                  "a positive integer")
@@ -199,6 +204,10 @@ class TrainConfig:
             _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "0 or more")
         for key in ("adam_beta1", "adam_beta2"):
             _require(0.0 <= getattr(self, key) < 1.0, f"train.{key}", getattr(self, key), "in [0, 1)")
+
+
+# train.report_to -> Accelerate's `log_with`.
+REPORT_TO = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

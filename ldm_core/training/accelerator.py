@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import torch
 
-from ldm_core.config.settings import ConfigError, TrainConfig
+from ldm_core.config.settings import REPORT_TO, ConfigError, TrainConfig
 
 logger = logging.getLogger("ldm.train")
 
@@ -34,8 +34,21 @@ def check_mixed_precision(train_cfg: TrainConfig, key: str = "train.mixed_precis
                           f"CPU with AVX512-BF16 or AMX).")
 
 
+def check_trackers(train_cfg: TrainConfig, key: str = "train.report_to") -> list[str]:
+    """The trackers `train.report_to` names, refused before any work when one cannot run here."""
+    trackers = REPORT_TO[train_cfg.report_to]
+    if "wandb" in trackers:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"{key}={train_cfg.report_to} needs the wandb package: pip install wandb (or "
+                              f"pip install 'two-stage-ldm[wandb]'), or choose {key}=tensorboard.")
+    return trackers
+
+
 def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True):
-    """An Accelerator with mixed precision, gradient accumulation and TensorBoard logging into the run."""
+    """An Accelerator with mixed precision, gradient accumulation and the trackers of `train.report_to`
+    logging into the run (TensorBoard into RUN/logs/, Weights & Biases into RUN/logs/wandb/)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
@@ -46,9 +59,10 @@ def make_accelerator(train_cfg: TrainConfig, run_dir: Path, *, log: bool = True)
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
+    trackers = check_trackers(train_cfg) if log else []
     accelerator = Accelerator(cpu=cpu_only(), mixed_precision=train_cfg.mixed_precision,
                               gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
-                              log_with="tensorboard" if log else None, project_config=project)
+                              log_with=trackers or None, project_config=project)
     if accelerator.device.type == "cpu" and train_cfg.mixed_precision == "bf16" and not cpu_has_native_bf16():
         logger.warning("train.mixed_precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 convolutions are "
                        "emulated there and run many times slower than fp32 (docs/performance.md). Use "

@@ -19,6 +19,7 @@ yields it as an `Update`; the loop checks, back-propagates and applies it before
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm_core.training.accelerator import check_mixed_precision, end_run, make_accelerator
+from ldm_core.data.sources import data_identity
 from ldm_core.data.step_batches import StepBatches
 from ldm_core.training.checkpoints import META_FILE, CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from ldm_core.config.settings import TrainConfig
@@ -104,6 +106,7 @@ class TrainingRun:
         self.timing: dict[str, float] = {}  # start-up and throughput, written to run_info.json
         check_mixed_precision(train_cfg)
         self.run_dir, self._checkpoint, self.resume_changes = prepare_run_dir(out, cfg, resume)
+        self.config_values = dataclasses.asdict(cfg)  # what a tracker records of the run
         self.accelerator = make_accelerator(train_cfg, self.run_dir)
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
@@ -134,9 +137,8 @@ class TrainingRun:
         return step_generator(self.train_cfg.seed, micro_step, self.accelerator.process_index, device)
 
     def bind_data(self, data: str) -> None:
-        """`bind` the dataset: a folder by its absolute path, a built-in set by its name."""
-        spec = str(data)
-        self.bind("data", spec if spec.startswith("builtin:") else str(Path(spec).expanduser().resolve()), "--data")
+        """`bind` the dataset: a path by its absolute path, a built-in set or a Hub dataset by its name."""
+        self.bind("data", data_identity(str(data)), "--data")
 
     def bind(self, name: str, value: str, what: str) -> None:
         """Record a value outside the config that defines the run (the data, Stage B's VAE), saved with every
@@ -239,7 +241,10 @@ class TrainingRun:
         """
         tc, acc, accum = self.train_cfg, self.accelerator, self.train_cfg.gradient_accumulation_steps
         if self.is_main:
-            acc.init_trackers(f"stage_{self.stage.lower()}")
+            # Weights & Biases gets the run's name and resolved config; TensorBoard writes RUN/logs/stage_x/.
+            (self.run_dir / "logs").mkdir(exist_ok=True)
+            acc.init_trackers(f"stage_{self.stage.lower()}", init_kwargs={"wandb": {
+                "name": self.run_dir.name, "dir": str(self.run_dir / "logs"), "config": self.config_values}})
         if self.step == 0 and before_first_step is not None:
             before_first_step()
         budget, timer = TimeBudget(tc.time_budget_minutes), StepTimer(self.device)  # the timer: step_time
