@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from benchmarks.real_photos import load_photo
+from benchmarks.photo_test_set import load_photo
 
 # Colour photographs stored inside the package itself (others are fetched on first use).
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",

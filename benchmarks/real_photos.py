@@ -1,23 +1,25 @@
-"""Real photographs end to end: train an autoencoder on Debian's wallpaper photographs, then `ldm bench-recon`
-on crops of photographs it never saw, at 64 and 128 px, beside the bicubic-f8 row.
+"""Real photographs end to end: train an autoencoder on Debian's wallpaper photographs, then `ldm bench-recon` on
+six kinds of image it never saw (benchmarks/photo_test_set.py), at 64 and 128 px, beside the bicubic-f8 row.
 
     python -m benchmarks.real_photos --out runs/bench/real_photos              # make bench-photos
     python -m benchmarks.real_photos --out runs/bench/real_photos --compare-gan   # make bench-photos-gan
     python -m benchmarks.real_photos --out OUT --photos DIR train.max_steps=2000   # any folder, any override
 
-- Training photographs: the photographs of the corpus that `benchmarks/photo_corpus.py` builds from
-  Debian's wallpaper packages (`--corpus`, built when missing; `--kinds photo,render` adds the renders)
-  plus three colour photographs that ship inside scikit-image (astronaut, rocket, stereo_motorcycle).
-  Or any folder with `--photos DIR`.
+- Training photographs: the corpus's photographs (`benchmarks/photo_corpus.py`; `--corpus`, built when
+  missing; `--kinds photo,render` adds renders) less those the test set holds out, plus three colour
+  photographs that ship inside scikit-image (astronaut, rocket, stereo_motorcycle). Or any folder with
+  `--photos DIR` (the test set then takes its held-out photographs and renders from the corpus if one is
+  built, else only from scikit-image and generated images).
 - Crops that hold detail: each training photograph is first brought to a shorter side of `--zoom` x R px
   (8 x 64 = 512, antialiased bicubic; never enlarged), a speed-up only, since the crop then draws the
   side of its square log-uniformly between R px and the whole shorter side (`data.crop=random_scaled`,
   `data.crop_min_scale=1/zoom^2`): each crop shows its part of the scene at a downscale of 1x to 8x
   (relative to 512 px), so every octave of zoom is as likely, from the native texture of a 5,000 px
   photograph down to the whole scene in R px.
-- Held-out photographs: `chelsea` (a cat) and `coffee` from scikit-image. Test crops are squares of
-  side R to min(4R, the shorter side) at random places (seed 0), which bench-recon brings to R px: a
-  downscale of 1x to 4x of these already small photographs (451x300, 600x400).
+- The test set: texture crops, whole photographs, smooth renders and gradients, dark and bright images,
+  flat fields (benchmarks/photo_test_set.py). Per kind: PSNR and SSIM beside bicubic-f8; over every kind
+  but the flat fields, PSNR on the outer 4-pixel ring against the interior; on the flat fields, the median
+  and worst PSNR, the channel bias in levels, and what black and white come back as.
 - The recipe is `configs/vae/kl-f8-photo.yaml`, whose comments give its reasons.
 - `--compare-gan` trains the recipe twice for the same steps: without the discriminator (the run of
   plain `make bench-photos`, kept when it has finished in the same --out), and with it switched on at
@@ -25,9 +27,10 @@ on crops of photographs it never saw, at 64 and 128 px, beside the bicubic-f8 ro
   `--gan-start` is exported too (the "before" row), and bench-recon compares the three; the discriminator's
   mean logits and the adaptive weight over the run are in its metrics.json and loss_curves.png.
 
-Writes OUT/photos (the training copies), OUT/test{R} (the crops), OUT/<run>/ (each training run),
+Writes OUT/photos (the training copies), OUT/test{R}/<kind>/ (the test images), OUT/<run>/ (each training run),
 OUT/bench{R} (bench-recon's results), OUT/summary.json and OUT/summary.md (the tables, the commands, the
-machine), and with --compare-gan OUT/gan_zoom.png (crops at 4x: original, without, with the GAN).
+machine), OUT/kinds.png (one image of each kind at 4x: original, bicubic-f8, each autoencoder), and with
+--compare-gan OUT/gan_zoom.png (texture crops at 4x: original, without, with the GAN).
 """
 
 from __future__ import annotations
@@ -44,26 +47,11 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import photo_corpus
+from benchmarks.photo_test_set import KINDS, build_test_set, flat_field_summary, load_photo, training_files
 
-TEST_PHOTOS = ("chelsea", "coffee")
 SKIMAGE_TRAIN = ("astronaut", "rocket", "stereo_motorcycle")
 RECIPE = "vae/kl-f8-photo.yaml"
 NEVER = 10 ** 9
-
-
-def load_photo(name: str) -> np.ndarray:
-    """A photograph bundled with scikit-image as RGB uint8 (grayscale repeated; a stereo pair's left view)."""
-    import skimage.data
-
-    image = getattr(skimage.data, name)()
-    if isinstance(image, tuple):  # stereo_motorcycle: (left view, right view, disparity)
-        image = image[0]
-    image = np.asarray(image)
-    if image.dtype == bool:
-        image = image.astype(np.uint8) * 255
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    return image[..., :3].astype(np.uint8)
 
 
 def downscale_to(image: Image.Image, short_side: int) -> Image.Image:
@@ -99,33 +87,13 @@ def prepare_training_photos(sources: Sequence[Path], folder: Path, short_side: i
     return written
 
 
-def export_test_crops(folder: Path, count: int, resolution: int, seed: int = 0,
-                      names: Sequence[str] = TEST_PHOTOS) -> int:
-    """`count` square crops of the held-out photographs, of side R to min(4R, shorter side), in turn."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    photos = [load_photo(name) for name in names]
-    for k in range(count):
-        image = photos[k % len(photos)]
-        h, w = image.shape[:2]
-        side = int(rng.integers(resolution, min(4 * resolution, h, w) + 1))
-        top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-        Image.fromarray(image[top:top + side, left:left + side]).save(folder / f"{names[k % len(photos)]}_{k:04d}.png")
-    return count
-
-
 def corpus_sources(corpus: Path, kinds: Sequence[str]) -> list[Path]:
-    """The corpus's files of the given kinds; the corpus is built first when it has no manifest."""
+    """The corpus's training files of the given kinds; the corpus is built first when it has no manifest."""
     corpus = corpus.expanduser()
     if not (corpus / "manifest.json").is_file():
         print(f"building the photo corpus in {corpus} (python -m benchmarks.photo_corpus)")
         photo_corpus.build_corpus(corpus)
-    chosen = [corpus / row["file"] for row in photo_corpus.load_manifest(corpus) if row["kind"] in kinds]
-    if not chosen:
-        raise photo_corpus.CorpusError(f"the corpus in {corpus} has no image of kind {', '.join(kinds)}.")
-    return chosen
+    return training_files(corpus, kinds)
 
 
 def recipe_config(steps: Optional[int], zoom: int, gan_start: Optional[int], overrides: Sequence[str]):
@@ -181,7 +149,7 @@ def reconstructors(vaes: dict[str, Path]) -> list:
 
 
 def benchmark(vaes: dict[str, Path], test: Path, resolution: int, out: Path) -> dict:
-    """bench-recon of the named autoencoders on the test crops; returns its results."""
+    """bench-recon of the named autoencoders on every kind of the test set at once; returns its results."""
     from evaluation.bench_recon import run_bench_recon
 
     if out.exists():  # results of an earlier run are replaced
@@ -190,50 +158,114 @@ def benchmark(vaes: dict[str, Path], test: Path, resolution: int, out: Path) -> 
                            progress=False)
 
 
-def table(results_by_resolution: dict[int, dict]) -> str:
-    """One Markdown table: every model at every resolution, with bicubic-f8's margin."""
-    lines = ["| crops | model | PSNR ± std (dB) | vs bicubic-f8 | SSIM ± std | HF kept | chroma kept |",
-             "|---|---|---|---|---|---|---|"]
-    for resolution, results in results_by_resolution.items():
-        bicubic = next(m for m in results["models"] if m["name"].startswith("bicubic"))["metrics"]["psnr"]["mean"]
-        for model in results["models"]:
-            psnr, ssim, kept = model["metrics"]["psnr"], model["metrics"]["ssim"], model["kept"]
-            lines.append(f"| {resolution} px, n={psnr['n']} | {model['name']} | {psnr['mean']:.2f} ± {psnr['std']:.2f} "
-                         f"| {psnr['mean'] - bicubic:+.2f} | {ssim['mean']:.3f} ± {ssim['std']:.3f} "
-                         f"| {_ratio(kept['hf_power'])} | {_ratio(kept['chroma'])} |")
-    return "\n".join(lines)
+def kind_of(row: dict) -> str:
+    """The kind of a bench-recon row, from its image's path inside the test folder (`<kind>/NNNN_x.png`)."""
+    return row["name"].split("/")[0]
 
 
-def _ratio(kept: dict) -> str:
-    return "n/a" if kept["ratio"] is None else f"{kept['ratio']:.3f}"
+def per_kind(results: dict) -> dict:
+    """Per model and kind: mean PSNR and SSIM, and n; per model: the border ring against the interior over
+    every kind but the flat fields, and the flat-field summary."""
+    out = {}
+    for model in results["models"]:
+        rows = model["rows"]
+        kinds = {kind: [r for r in rows if kind_of(r) == kind] for kind in KINDS}
+        textured = [r for r in rows if kind_of(r) != "flat" and r["psnr_border"] is not None]
+        out[model["name"]] = {
+            "kinds": {kind: {"psnr": float(np.mean([r["psnr"] for r in rs])), "ssim": float(np.mean([r["ssim"] for r in rs])),
+                             "n": len(rs)} for kind, rs in kinds.items() if rs},
+            "border": {"psnr_border": float(np.mean([r["psnr_border"] for r in textured])),
+                       "psnr_interior": float(np.mean([r["psnr_interior"] for r in textured])), "n": len(textured)},
+            "flat": flat_field_summary(kinds["flat"]) if kinds["flat"] else None}
+    return out
 
 
-def zoom_figure(test: Path, resolution: int, vaes: dict[str, Path], out: Path, count: int = 4, zoom: int = 4) -> Path:
-    """Test crops at `zoom`x (nearest neighbour): original, then each autoencoder's reconstruction, side by side."""
+def tables(summaries: dict[int, dict]) -> str:
+    """The per-kind table, the border table and the flat-field table, in Markdown, for every resolution."""
+    kind_rows = ["| kind | px | model | PSNR (dB) | vs bicubic-f8 | SSIM | vs bicubic-f8 |", "|---|---|---|---|---|---|---|"]
+    border_rows = ["| px | model | border ring PSNR | interior PSNR | ring gap to bicubic-f8 | interior gap | "
+                   "ring minus interior gap |", "|---|---|---|---|---|---|---|"]
+    flat_rows = ["| px | model | median PSNR | worst PSNR | median / worst channel bias (levels) | black comes back as | "
+                 "white comes back as |", "|---|---|---|---|---|---|---|"]
+    for resolution, models in summaries.items():
+        base = next(v for k, v in models.items() if k.startswith("bicubic"))
+        for kind in KINDS:
+            for name, entry in models.items():
+                if kind not in entry["kinds"]:
+                    continue
+                m, b = entry["kinds"][kind], base["kinds"][kind]
+                kind_rows.append(f"| {kind} (n={m['n']}) | {resolution} | {name} | {m['psnr']:.2f} | {m['psnr'] - b['psnr']:+.2f} "
+                                 f"| {m['ssim']:.3f} | {m['ssim'] - b['ssim']:+.3f} |")
+        for name, entry in models.items():
+            e, b = entry["border"], base["border"]
+            ring, inner = e["psnr_border"] - b["psnr_border"], e["psnr_interior"] - b["psnr_interior"]
+            border_rows.append(f"| {resolution} | {name} | {e['psnr_border']:.2f} | {e['psnr_interior']:.2f} | {ring:+.2f} "
+                               f"| {inner:+.2f} | {ring - inner:+.2f} |")
+            f = entry["flat"]
+            if f is not None:
+                flat_rows.append(f"| {resolution} | {name} | {f['median_psnr']:.1f} | {f['worst_psnr']:.1f} | "
+                                 f"{f['median_abs_bias']:.1f} / {f['worst_abs_bias']:.1f} | {_levels(f['black'])} | "
+                                 f"{_levels(f['white'])} |")
+    return "\n".join(kind_rows) + "\n\n" + "\n".join(border_rows) + "\n\n" + "\n".join(flat_rows)
+
+
+def _levels(values) -> str:
+    return "n/a" if values is None else "(" + ", ".join(f"{v:.0f}" for v in values) + ")"
+
+
+def reconstruct_files(files: Sequence[Path], resolution: int, vaes: dict[str, Path]) -> list:
+    """The files brought to R as bench-recon reads them, then bicubic-f8's and each autoencoder's
+    reconstruction (posterior mode, fp32, uint8): a list of (label, uint8 (N, 3, R, R)) columns."""
     import torch
 
-    from ldm_core.data.image_files import list_image_files, pil_to_chw, resize_center_crop
+    from evaluation.reconstructors import BicubicReconstructor
+    from ldm_core.data.image_files import pil_to_chw, resize_center_crop
     from ldm_core.image_values import to_model_input, to_uint8
 
-    files = list_image_files(test)
-    picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, count)]
     ref = torch.from_numpy(np.stack([pil_to_chw(resize_center_crop(Image.open(p).convert("RGB"), resolution))
-                                     for p in picks]))
-    columns = [ref]
+                                     for p in files]))
+    columns = [("original", ref)]
     with torch.no_grad():
-        for model in reconstructors(vaes):  # bench-recon's reconstruction: posterior mode, fp32, uint8
+        for model in [BicubicReconstructor(8), *reconstructors(vaes)]:
             model.load(torch.device("cpu"))
-            columns.append(to_uint8(model.reconstruct(to_model_input(ref), range(count))[0].float()))
+            columns.append((model.name, to_uint8(model.reconstruct(to_model_input(ref), range(len(files)))[0].float())))
             model.unload()
-    tiles = [[Image.fromarray(col[i].permute(1, 2, 0).numpy()).resize((resolution * zoom,) * 2, Image.Resampling.NEAREST)
-              for col in columns] for i in range(count)]
-    side, gap = resolution * zoom, 4
+    return columns
+
+
+def figure(columns: list, out: Path, zoom: int = 4, gap: int = 4) -> Path:
+    """Images side by side at `zoom`x (nearest neighbour): one row per image, one column per source."""
+    count, resolution = columns[0][1].shape[0], columns[0][1].shape[-1]
+    side = resolution * zoom
     canvas = Image.new("RGB", (len(columns) * (side + gap) - gap, count * (side + gap) - gap), "white")
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
+    for c, (_, images) in enumerate(columns):
+        for r in range(count):
+            tile = Image.fromarray(images[r].permute(1, 2, 0).numpy()).resize((side, side), Image.Resampling.NEAREST)
             canvas.paste(tile, (c * (side + gap), r * (side + gap)))
     canvas.save(out)
     return out
+
+
+def kinds_figure(test: Path, resolution: int, vaes: dict[str, Path], out: Path) -> Path:
+    """One image of each kind (for the flat fields, black and white), original / bicubic-f8 / each autoencoder."""
+    picks = []
+    for kind in KINDS:
+        files = sorted((test / kind).glob("*.png"))
+        if kind == "whole":  # a photograph with a sky, when the held-out corpus photographs are there
+            files = [f for f in files if "wallpaper" in f.name][2:3] or files
+        if kind == "flat":
+            picks += [f for f in files if f.name.endswith(("flat_0_0_0.png", "flat_255_255_255.png"))]
+            continue
+        if files:
+            picks.append(files[len(files) // 3])
+    return figure(reconstruct_files(picks, resolution, vaes), out)
+
+
+def zoom_figure(test: Path, resolution: int, vaes: dict[str, Path], out: Path, count: int = 4) -> Path:
+    """Texture crops at 4x: original, bicubic-f8, then each autoencoder's reconstruction, side by side."""
+    files = sorted((test / "texture").glob("*.png"))
+    picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, count)]
+    return figure(reconstruct_files(picks, resolution, vaes), out)
 
 
 def main(argv=None) -> int:
@@ -247,27 +279,30 @@ def main(argv=None) -> int:
     parser.add_argument("--zoom", type=int, default=8, help="largest downscale of a training crop (default: %(default)s)")
     parser.add_argument("--compare-gan", action="store_true", help="also train with the discriminator and compare")
     parser.add_argument("--gan-start", type=int, default=None, help="with --compare-gan; default: at 3/4 of the steps")
-    parser.add_argument("--test-crops", default="64:512,128:256", help="resolution:count pairs (default: %(default)s)")
+    parser.add_argument("--test-sizes", default="64,128", help="test resolutions (default: %(default)s)")
+    parser.add_argument("--test-fraction", type=float, default=1.0,
+                        help="share of the test set's crops to use, for quick runs (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="further Stage A config overrides")
     args = parser.parse_args(argv)
 
     from ldm_core.training.accelerator import cpu_description
     from ldm_core.config.settings import ConfigError
 
+    corpus = args.corpus.expanduser()
     try:
         cfg = recipe_config(None, args.zoom, None, args.overrides)
         steps = args.steps or cfg.train.max_steps
         sources = (sorted(p for p in args.photos.expanduser().rglob("*") if p.is_file()) if args.photos
-                   else corpus_sources(args.corpus, tuple(args.kinds.split(","))))
+                   else corpus_sources(corpus, tuple(args.kinds.split(","))))
     except (photo_corpus.CorpusError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     resolution = cfg.data.resolution
     photos = args.out / "photos"
     names = prepare_training_photos(sources, photos, args.zoom * resolution)
-    tests = {int(r): int(n) for r, n in (pair.split(":") for pair in args.test_crops.split(","))}
-    for r, n in tests.items():
-        export_test_crops(args.out / f"test{r}", n, r)
+    sizes = [int(r) for r in args.test_sizes.split(",")]
+    with_corpus = corpus if (corpus / "manifest.json").is_file() else None
+    test_counts = {r: build_test_set(args.out / f"test{r}", r, with_corpus, fraction=args.test_fraction) for r in sizes}
 
     gan_start = args.gan_start or steps * 3 // 4
     no_gan = recipe_config(steps, args.zoom, None, args.overrides)
@@ -278,18 +313,21 @@ def main(argv=None) -> int:
         before = args.out / "with_gan_before"
         seconds["with_gan"] = train_with_snapshot(with_gan, photos, args.out / "with_gan", gan_start, before)
         vaes = {**vaes, f"with-gan-at-{gan_start}": before, "with-gan": args.out / "with_gan" / "vae"}
-    results = {r: benchmark(vaes, args.out / f"test{r}", r, args.out / f"bench{r}") for r in tests}
+    summaries = {r: per_kind(benchmark(vaes, args.out / f"test{r}", r, args.out / f"bench{r}")) for r in sizes}
     summary = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(), "training_photos": names,
-               "steps": steps, "zoom": args.zoom, "gan_start": gan_start if args.compare_gan else None,
-               "train_seconds": seconds, "overrides": args.overrides,
+               "test_counts": test_counts, "steps": steps, "zoom": args.zoom,
+               "gan_start": gan_start if args.compare_gan else None, "train_seconds": seconds,
+               "overrides": args.overrides, "per_kind": summaries,
                "command": " ".join(["python -m benchmarks.real_photos", *(argv or sys.argv[1:])]),
-               "table_markdown": table(results)}
+               "table_markdown": tables(summaries)}
+    smallest = min(sizes)
+    summary["kinds_figure"] = str(kinds_figure(args.out / f"test{smallest}", smallest, vaes, args.out / "kinds.png"))
     if args.compare_gan:
-        smallest = min(tests)
         summary["zoom_figure"] = str(zoom_figure(args.out / f"test{smallest}", smallest, vaes, args.out / "gan_zoom.png"))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     (args.out / "summary.md").write_text(summary["table_markdown"] + "\n")
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("table_markdown", "training_photos")}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("table_markdown", "training_photos", "per_kind")},
+                     indent=2))
     print(summary["table_markdown"])
     return 0
 

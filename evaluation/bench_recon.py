@@ -244,7 +244,12 @@ def _rows(plan: BenchPlan, indices, names, upscaled, ref: torch.Tensor, rec: tor
     msssim = M.msssim_per_image(ref, rec) if "msssim" not in plan.unavailable else None
     lp = M.lpips_per_image(plan.lpips_model, ref, rec) if plan.lpips_model is not None else None
     detail = {key: (fn(ref), fn(rec)) for key, fn in (("hf_power", M.high_frequency_power), ("chroma", M.mean_chroma))}
+    border, interior = M.border_interior_psnr(ref, rec) if min(ref.shape[-2:]) > 2 * M.BORDER_RING_PX else (None, None)
+    bias = M.channel_bias(ref, rec)
     return [{"index": int(idx), "name": str(name), "upscaled": bool(upscaled[i]), "psnr": float(psnr[i]),
+             "psnr_border": float(border[i]) if border is not None else None,
+             "psnr_interior": float(interior[i]) if interior is not None else None,
+             "bias": [round(float(b), 4) for b in bias[i]],
              "ssim": float(ssim[i]) if "ssim" not in plan.unavailable else None,
              "msssim": float(msssim[i]) if msssim is not None else None,
              "lpips": float(lp[i]) if lp is not None else None,
@@ -285,6 +290,11 @@ def finalize(plan: BenchPlan, shards_per_process: Sequence[list[dict]]) -> dict:
         entry["kept"] = {key: {"ratio": M.kept_ratio([r[key] for r in rows], [r[f"ref_{key}"] for r in rows]),
                                "impl": impl}
                          for key, impl in (("hf_power", M.HIGH_FREQUENCY_IMPL), ("chroma", M.CHROMA_IMPL))}
+        entry["border"] = {"psnr_border": M.summarize([r["psnr_border"] for r in rows]),
+                           "psnr_interior": M.summarize([r["psnr_interior"] for r in rows]), "impl": M.BORDER_IMPL}
+        biases = np.asarray([r["bias"] for r in rows], dtype=np.float64).reshape(-1, 3)
+        entry["bias"] = {"mean": biases.mean(axis=0).tolist(), "mean_abs": np.abs(biases).mean(axis=0).tolist(),
+                         "worst_abs": float(np.abs(biases).max()) if biases.size else None, "impl": M.BIAS_IMPL}
         entry["throughput"] = _throughput(parts)
         entry["peak_memory"] = {"bytes": max(p["peak_memory_bytes"] for p in parts),
                                 "method": PeakMemory.describe(plan.device)}

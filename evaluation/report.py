@@ -30,7 +30,7 @@ from evaluation.reconstructors import sha256_file
 from ldm_core.images.grids import save_reconstruction_grid
 
 CSV_COLUMNS = ("model", "index", "name", "upscaled", "psnr", "ssim", "msssim", "lpips", "hf_power", "ref_hf_power",
-               "chroma", "ref_chroma")
+               "chroma", "ref_chroma", "psnr_border", "psnr_interior", "bias_r", "bias_g", "bias_b")
 DIFFERENCE_GAIN = 4.0
 _PACKAGES = ("two-stage-ldm", "torch", "torchvision", "diffusers", "accelerate", "lpips", "torchmetrics",
              "torch-fidelity", "numpy", "pillow", "safetensors")
@@ -205,7 +205,8 @@ def write_csv(results: dict, path: Path) -> Path:
         writer.writeheader()
         for model in results["models"]:
             for row in model["rows"]:
-                writer.writerow({"model": model["name"], **{k: row.get(k) for k in CSV_COLUMNS[1:]}})
+                bias = dict(zip(("bias_r", "bias_g", "bias_b"), row.get("bias") or ()))
+                writer.writerow({"model": model["name"], **{k: row.get(k) for k in CSV_COLUMNS[1:]}, **bias})
     return path
 
 

@@ -1,5 +1,6 @@
-"""The real-photograph benchmark end to end at toy size: training copies, test crops, the run without and
-with the discriminator (with its snapshot at the switch), the tables at two resolutions and the zoom figure."""
+"""The real-photograph benchmark end to end at toy size: training copies, the test set of six kinds, the run
+without and with the discriminator (with its snapshot at the switch), the tables at two resolutions and the
+figures."""
 
 import json
 
@@ -16,8 +17,9 @@ def test_benchmark_runs_with_and_without_the_discriminator(tmp_path):
     for k in range(3):
         Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(photos / f"p{k}.png")
     out = tmp_path / "bench"
-    argv = ["--out", str(out), "--photos", str(photos), "--zoom", "2", "--steps", "4", "--compare-gan",
-            "--gan-start", "2", "--test-crops", "32:4,64:2", "model.preset=kl-f8-tiny", "data.resolution=32",
+    argv = ["--out", str(out), "--photos", str(photos), "--corpus", str(tmp_path / "no-corpus"), "--zoom", "2",
+            "--steps", "4", "--compare-gan", "--gan-start", "2", "--test-sizes", "32,64", "--test-fraction", "0.01",
+            "model.preset=kl-f8-tiny", "data.resolution=32",
             "train.batch_size=2", "train.progress_bar=false", "train.log_every=1", "train.validate_every=1000",
             "train.latent_stats_images=4", "ema.enabled=false", "data.num_workers=0"]
     assert real_photos.main(argv) == 0
@@ -27,17 +29,24 @@ def test_benchmark_runs_with_and_without_the_discriminator(tmp_path):
     assert all(min(Image.open(p).size) == 64 for p in copies)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["gan_start"] == 2 and summary["cpu"]["model"]
-    rows = [line for line in summary["table_markdown"].splitlines() if line.startswith("| 32 px") or line.startswith("| 64 px")]
-    names = [line.split("|")[2].strip() for line in rows]
-    assert names == ["bicubic-f8", "without-gan", "with-gan-at-2", "with-gan"] * 2
+    models = ["bicubic-f8", "without-gan", "with-gan-at-2", "with-gan"]
+    for size in ("32", "64"):
+        rows = [line.split("|") for line in summary["table_markdown"].splitlines() if line.startswith("| texture")]
+        assert [r[3].strip() for r in rows if r[2].strip() == size] == models
+        # Every kind has its rows; the flat fields are summarised per model.
+        assert set(summary["per_kind"][size]["without-gan"]["kinds"]) == {"texture", "whole", "smooth", "dark",
+                                                                          "bright", "flat"}
+        assert summary["per_kind"][size]["bicubic-f8"]["flat"]["n"] == 8  # a quick run: the cube's corners
     # The discriminator ran only in the second run and only from step 2; its logits are in metrics.json.
     history = json.loads((out / "with_gan" / "metrics.json").read_text())["history"]
     assert [r["step"] for r in history if "logits_real" in r] == [3, 4]
     assert not any("logits_real" in r for r in json.loads((out / "without_gan" / "metrics.json").read_text())["history"])
     # The snapshot at the switch is the autoencoder before any discriminator step.
     assert (out / "with_gan_before" / "config.json").is_file()
-    with Image.open(out / "gan_zoom.png") as figure:  # 4 crops x (original + 3 autoencoders) at 4x
-        assert figure.size == (4 * 128 + 3 * 4, 4 * 128 + 3 * 4)
+    with Image.open(out / "gan_zoom.png") as figure:  # 4 crops x (original, bicubic, 3 autoencoders) at 4x
+        assert figure.size == (5 * 128 + 4 * 4, 4 * 128 + 3 * 4)
+    with Image.open(out / "kinds.png") as figure:  # one image of five kinds, and black and white
+        assert figure.size == (5 * 128 + 4 * 4, 7 * 128 + 6 * 4)
     # A second call keeps the finished runs instead of training again.
     before = (out / "with_gan" / "metrics.json").stat().st_mtime_ns
     assert real_photos.main(argv) == 0

@@ -15,6 +15,8 @@ per image (mean, std and n are taken afterwards, never a pooled number).
 - Two measures that need no pretrained network, read as a ratio over a set of images (reconstructions'
   sum over originals' sum; 1.0 means kept): the power of the top octave of spatial frequencies (blur
   lowers it) and the mean chroma (desaturation lowers it).
+- Where the errors are: PSNR over the outer ring of pixels and over the rest (a decoder's zero padding
+  shows there first), and each channel's mean shift in levels (a colour cast: black coming back grey).
 """
 
 from __future__ import annotations
@@ -226,6 +228,43 @@ def kept_ratio(reconstruction_values: Sequence[float], reference_values: Sequenc
 
 
 # --------------------------------------------------------------------------------------------------
+# Where the errors are: the border, and a shift of each channel's mean
+
+BORDER_RING_PX = 4
+BORDER_IMPL = (f"PSNR per image over the outer {BORDER_RING_PX}-pixel ring and over the interior, float64 on "
+               f"[0,255], each capped as PSNR")
+BIAS_IMPL = "per image and channel, mean(reconstruction) - mean(reference) in levels of [0,255]"
+
+
+def border_interior_psnr(reference: torch.Tensor, reconstruction: torch.Tensor, ring: int = BORDER_RING_PX,
+                         cap_db: float = PSNR_CAP_DB) -> tuple[torch.Tensor, torch.Tensor]:
+    """PSNR of each pair over the outer `ring` pixels of every side, and over the interior left inside it.
+
+    Returns two float64 CPU tensors of N values (border, interior). Raises ValueError when the images are
+    too small to have an interior (a side of at most 2 * ring)."""
+    _check_pair(reference, reconstruction)
+    height, width = reference.shape[-2:]
+    if min(height, width) <= 2 * ring:
+        raise ValueError(f"Images of {height}x{width} px have no interior inside a {ring}-pixel ring.")
+    squared = (reference.to(torch.float64) - reconstruction.to(torch.float64)).square().mean(dim=1).cpu()
+    inside = torch.zeros(height, width, dtype=torch.bool)
+    inside[ring:height - ring, ring:width - ring] = True
+
+    def psnr(mask: torch.Tensor) -> torch.Tensor:
+        return (10.0 * torch.log10(DATA_RANGE ** 2 / squared[:, mask].mean(dim=1))).clamp(max=cap_db)
+
+    return psnr(~inside), psnr(inside)
+
+
+def channel_bias(reference: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Each image's per-channel mean shift, reconstruction minus reference, in levels: (N, 3) float64 on the
+    CPU. A flat field that comes back 9 levels lighter in red reads +9 in its first column."""
+    _check_pair(reference, reconstruction)
+    diff = reconstruction.to(torch.float64) - reference.to(torch.float64)
+    return diff.mean(dim=(2, 3)).cpu()
+
+
+# --------------------------------------------------------------------------------------------------
 # Summaries
 
 
@@ -240,4 +279,5 @@ def summarize(values: Sequence[float]) -> dict:
 __all__ = ["PSNR_CAP_DB", "LPIPS_BACKBONES", "MSSSIM_MIN_SIDE", "PSNR_IMPL", "SSIM_IMPL", "MSSSIM_IMPL",
            "psnr_per_image", "ssim_per_image", "msssim_per_image", "msssim_unavailable_reason",
            "load_lpips", "lpips_impl", "lpips_per_image", "HIGH_FREQUENCY_IMPL", "CHROMA_IMPL",
+           "BORDER_RING_PX", "BORDER_IMPL", "BIAS_IMPL", "border_interior_psnr", "channel_bias",
            "high_frequency_power", "mean_chroma", "kept_ratio", "summarize"]
