@@ -97,11 +97,15 @@ class VAEDataConfig(DataConfig):
     # Put each training image's RGB channels in a random order (ldm_core/data/step_batches.py `shuffle_channels`), so
     # a small dataset shows the autoencoder every hue instead of a palette. Validation images are not shuffled.
     channel_shuffle: bool = False
+    # The share of training images shown at another exposure and contrast, clipped (ldm_core/data/step_batches.py
+    # `reexpose`), so a few photographs of mid-tones do not leave black, white and flat skies unlearned. 0: off.
+    reexpose: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.image_cache_dir is not None:
             check_relative_path("data.image_cache_dir", self.image_cache_dir)
+        _require(0.0 <= self.reexpose <= 1.0, "data.reexpose", self.reexpose, "in [0, 1]")
 
 
 @dataclass

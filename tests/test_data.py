@@ -321,3 +321,27 @@ def test_shuffle_channels_reorders_each_image_alone_and_reproducibly():
     assert all(sorted(order) == [0, 1, 2] for order in orders)  # a permutation of the image's own channels
     assert len(orders) == 6  # 64 images draw all six orders of RGB
     assert torch.equal(out.sum(dim=1), batch.sum(dim=1))  # nothing but the order changes
+
+
+def test_reexpose_moves_each_images_mean_and_contrast_alone_and_reproducibly():
+    from ldm_core.data.step_batches import reexpose
+    from ldm_core.randomness import seeded_generator
+
+    torch.manual_seed(0)
+    batch = torch.rand(64, 3, 8, 8) * 0.5 - 0.25  # mid-tones only, as a few photographs give
+    assert torch.equal(reexpose(batch, seeded_generator(0, 3, 0, 2), 0.0), batch)  # off: untouched
+    out = reexpose(batch, seeded_generator(0, 3, 0, 2), 1.0)
+    assert torch.equal(out, reexpose(batch, seeded_generator(0, 3, 0, 2), 1.0))  # same stream, same exposures
+    assert out.min() >= -1 and out.max() <= 1
+    # Black and white now occur (clipped), and the images' means span the range instead of sitting at 0.
+    assert (out == -1).any() and (out == 1).any() and out.mean(dim=(1, 2, 3)).std() > 0.3
+    # Where nothing is clipped, an image is an affine map of itself with one gain for its three channels.
+    for x, y in zip(batch, out):
+        inside = (y > -1) & (y < 1)
+        if inside.all():
+            dx, dy = x - x.mean(), y - y.mean()
+            gain = (dx * dy).sum() / dx.square().sum()
+            assert 0.5 - 1e-6 <= gain <= 2 + 1e-6 and torch.allclose(dy, gain * dx, atol=1e-5)
+    half = reexpose(batch, seeded_generator(0, 3, 0, 2), 0.5)
+    changed = [not torch.equal(a, b) for a, b in zip(half, batch)]
+    assert 16 < sum(changed) < 48  # about half of 64

@@ -68,6 +68,25 @@ def images_to_batch(images_uint8: np.ndarray, indices: np.ndarray, flips: np.nda
 
 
 
+def reexpose(batch: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
+    """Each image of a batch in [-1, 1], with `probability`, shown at another exposure and contrast:
+    x' = clip(m' + g * (x - m), -1, 1), m the image's mean level, m' uniform in [-1, 1] and g log-uniform in
+    [1/2, 2], the same for its three channels.
+
+    A colour augmentation for a few dozen photographs, which rarely reach black or white: re-exposed, they
+    show the autoencoder dark, bright, low- and high-contrast versions of every scene, clipped shadows and
+    skies included, so it does not learn their mid-tones as the only levels there are (docs/real-photographs.md).
+    """
+    n = batch.shape[0]
+    draws = torch.rand(n, 3, generator=generator, device=generator.device).to(batch.device, batch.dtype)
+    chosen = (draws[:, 0] < probability).to(batch.dtype)[:, None, None, None]
+    mean = batch.mean(dim=(1, 2, 3), keepdim=True)
+    target = (draws[:, 1] * 2 - 1)[:, None, None, None]
+    gain = torch.exp2(draws[:, 2] * 2 - 1)[:, None, None, None]
+    shown = (target + gain * (batch - mean)).clamp(-1, 1)
+    return chosen * shown + (1 - chosen) * batch
+
+
 def shuffle_channels(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image's colour channels in an order drawn from `generator` (one of the six of RGB).
 
