@@ -3,6 +3,8 @@ two samples of one distribution, a growing shift or blur, the order of the image
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,3 +88,28 @@ def test_bad_inputs_are_refused():
     collected.add(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="one size"):
         collected.add(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_eval_samples_prints_swd_beside_its_floor(tmp_path, capsys):
+    """`ldm eval-samples FOLDER --reference SPEC`: real shapes score at their floor, blurred ones far above it."""
+    from PIL import Image
+
+    from workflows.cli import main
+
+    real, blurred = tmp_path / "real", tmp_path / "blurred"
+    images = shapes(48, seed=7, size=64)
+    soft = F.interpolate(F.avg_pool2d(images.float(), 4), size=64, mode="bilinear").round().to(torch.uint8)
+    for folder, batch in ((real, images), (blurred, soft)):
+        folder.mkdir()
+        for k, image in enumerate(batch):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"image_{k:05d}.png")
+    scores = {}
+    for folder in (real, blurred):
+        assert main(["eval-samples", str(folder), "--reference", "builtin:shapes", "--num-reference", "96"]) == 0
+        scores[folder.name] = json.loads((folder / "eval.json").read_text())["swd"]
+    out = capsys.readouterr().out
+    assert "SWD x1e3" in out and "floor" in out and "48 other real images" in out
+    assert scores["real"]["n_reference"] == 96 and scores["real"]["n_floor"] == 48
+    # The floor is the same computation on other real shapes: the same for both folders.
+    assert scores["real"]["floor"] == scores["blurred"]["floor"]
+    assert scores["real"]["value"] < 2 * scores["real"]["floor"] < scores["blurred"]["value"]
