@@ -85,18 +85,25 @@ def check_sampling(section: str, scheduler: str, num_inference_steps: int, seed:
 
 @dataclass
 class SamplingConfig:
-    """Sample grids drawn from the EMA weights during training, with a fixed seed."""
+    """Sample grids drawn from the EMA weights during training, with a fixed seed, and sample scores."""
 
     scheduler: str = "dpmsolver++"
     num_inference_steps: int = 20
     grid_images: int = 16
     sample_every: int = 500
     seed: int = 0
+    # Every `metrics_every` steps (0: never), `metrics_images` samples from fixed noise are scored against
+    # held-out images: SWD beside its floor, and on builtin:shapes the exact scorer's validity
+    # (evaluation/training_scores.py). Its cost is logged as metrics_seconds.
+    metrics_every: int = 0
+    metrics_images: int = 64
 
     def __post_init__(self) -> None:
         check_sampling("sampling", self.scheduler, self.num_inference_steps, self.seed)
         _require(self.grid_images > 0, "sampling.grid_images", self.grid_images, "a positive integer")
         _require(self.sample_every > 0, "sampling.sample_every", self.sample_every, "a positive integer")
+        _require(self.metrics_every >= 0, "sampling.metrics_every", self.metrics_every, "0 (off) or a positive integer")
+        _require(self.metrics_images >= 2, "sampling.metrics_images", self.metrics_images, "a whole number of at least 2")
 
 
 @dataclass

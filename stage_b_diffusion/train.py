@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
@@ -46,6 +47,8 @@ logger = logging.getLogger("ldm.train_unet")
 
 # (vae, unet, scheduler, class_names) -> a diffusers DiffusionPipeline with save_pretrained and __call__.
 PipelineBuilder = Callable[..., Any]
+# (held-out images, as many training images, --data) -> scorer(samples uint8 (N, 3, R, R)) -> {name: value}.
+SampleScorerBuilder = Callable[[np.ndarray, np.ndarray, str], Callable[[np.ndarray], dict]]
 
 
 def noise_prediction_micro_step(unet: Network, micro: MicroStep, latents: torch.Tensor, noise_scheduler,
@@ -64,8 +67,12 @@ def noise_prediction_micro_step(unet: Network, micro: MicroStep, latents: torch.
 
 
 def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Path,
-               resume: Optional[str] = None, *, build_pipeline: PipelineBuilder) -> Path:
-    """Train Stage B and write `out/pipeline/` (built by `build_pipeline`). Returns the run folder."""
+               resume: Optional[str] = None, *, build_pipeline: PipelineBuilder,
+               build_sample_scorer: Optional[SampleScorerBuilder] = None) -> Path:
+    """Train Stage B and write `out/pipeline/` (built by `build_pipeline`). Returns the run folder.
+
+    With `sampling.metrics_every`, `build_sample_scorer` scores samples during training (the caller passes
+    `evaluation.training_scores.SampleScorer`; this stage imports only the core)."""
     # 1. Run folder and Accelerator (ldm_core/training/run.py) ----------------------------------------
     read_vae_folder(vae_path)  # a wrong --vae is refused before the run folder exists
     run = TrainingRun(cfg, cfg.train, out, resume, stage="B")
@@ -122,16 +129,34 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
         return build_pipeline(vae=vae, unet=exported_copy(unet, ema, cfg.ema), scheduler=sampler,
                               class_names=class_names)
 
+    def draw_samples(n: int, output_type: str = "pil"):
+        """n samples of the exported weights from fixed noise (image i from the sampling seed and i)."""
+        pipe = make_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        class_labels = [i % len(class_names) for i in range(n)] if class_names else None
+        return pipe(batch_size=n, num_inference_steps=cfg.sampling.num_inference_steps, output_type=output_type,
+                    generator=[image_generator(cfg.sampling.seed, i) for i in range(n)],
+                    class_labels=class_labels).images
+
+    scorer = None
+    if cfg.sampling.metrics_every and build_sample_scorer is not None and run.is_main:
+        held_out = images.read(images.val_idx[:cfg.sampling.metrics_images])
+        scorer = build_sample_scorer(held_out, images.read(train_idx[:len(held_out)]), data)
+
+    def score_samples(step: int) -> None:
+        """The sample scores at this step, logged with the losses, and what they cost."""
+        if scorer is not None:
+            started = time.monotonic()
+            samples = draw_samples(cfg.sampling.metrics_images, output_type="np")
+            scores = scorer(np.round(samples * 255).astype(np.uint8).transpose(0, 3, 1, 2))
+            scores["metrics_seconds"] = time.monotonic() - started
+            run.history.add(step, scores)
+            accelerator.log({f"samples/{k}": v for k, v in scores.items()}, step=step)
+        accelerator.wait_for_everyone()
+
     def sample_grid(tag: str) -> None:
         if run.is_main:
-            pipe = make_pipeline()
-            pipe.set_progress_bar_config(disable=True)
-            n = cfg.sampling.grid_images
-            class_labels = [i % len(class_names) for i in range(n)] if class_names else None
-            images = pipe(batch_size=n, num_inference_steps=cfg.sampling.num_inference_steps, output_type="pil",
-                          generator=[image_generator(cfg.sampling.seed, i) for i in range(n)],
-                          class_labels=class_labels).images
-            save_grid(images, run.run_dir / "images" / f"samples_{tag}.png")
+            save_grid(draw_samples(cfg.sampling.grid_images), run.run_dir / "images" / f"samples_{tag}.png")
         accelerator.wait_for_everyone()
 
     # 5. The step body, on this micro-step's latents; the loop is ldm_core/training/run.py's `TrainingRun.train`
@@ -155,6 +180,7 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     run.train(micro_step, [network], desc="Stage B", lr=lambda: lr_scheduler.get_last_lr()[0],
               postfix=lambda s: {"loss": f"{s['loss']:.4f}"},
               periodic=[(cfg.sampling.sample_every, lambda step: sample_grid(f"step{step:07d}")),
+                        (cfg.sampling.metrics_every or tc.max_steps + 1, score_samples),
                         (tc.checkpoint_every, lambda step: run.write_checkpoint())])
 
     # 7. Export: the pipeline with EMA weights, metrics, pictures ------------------------------------
@@ -163,7 +189,8 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     if run.is_main:
         make_pipeline().save_pretrained(run.run_dir / "pipeline")
         write_model_card(run.run_dir / "pipeline", _model_card(cfg, run, vae, vae_dir, data, len(train_idx), scale_info))
-    run.finish(curves=(["loss", "grad_norm", "lr"], "Stage B"), metrics={"latent_scale": scale_info},
+    run.finish(curves=(["loss", "grad_norm", "lr", ("swd", "swd_floor"), "valid"], "Stage B"),
+               metrics={"latent_scale": scale_info},
                run_info={"vae": str(vae_path), "data": data, "train_images": len(train_idx), "dataset": images.summary(),
                          "latent_cache": {"dtype": cfg.data.latent_cache_dtype, "shard_size": cfg.data.latent_shard_size},
                          "class_names": class_names})

@@ -189,3 +189,31 @@ def test_one_step_body_trains_the_unet_on_the_mse_of_its_noise_prediction():
     assert micro.logs["loss"] == applied[0].loss.detach() and micro.logs["t_mean"] == t.float().mean()
     changed = [name for name, p in unet.named_parameters() if not torch.equal(p, before.get_parameter(name))]
     assert len(changed) > 0.9 * len(list(unet.parameters()))
+
+
+@pytest.mark.loss_curves
+def test_sample_scores_are_logged_during_training_and_change_nothing_else(trained, tmp_path):
+    """sampling.metrics_every: SWD beside its floor and the shapes' validity in metrics.json, TensorBoard and
+    the curves picture, with their cost; the trained weights are those of the same run without them."""
+    from safetensors.torch import load_file
+
+    common = [f"--vae={trained / 'stage_a' / 'vae'}", "--data=builtin:shapes", *(o.removeprefix("stage_b.") for o in STAGE_B),
+              "sampling.metrics_images=8", f"data.latent_cache_dir={tmp_path / 'cache'}", "ema.enabled=false"]
+    assert main(["train-unet", "--config", "unet/unet-small", f"--out={tmp_path / 'with'}", *common,
+                 "sampling.metrics_every=2"]) == 0
+    assert main(["train-unet", "--config", "unet/unet-small", f"--out={tmp_path / 'without'}", *common]) == 0
+    history = json.loads((tmp_path / "with" / "metrics.json").read_text())["history"]
+    scored = [row for row in history if "swd" in row]
+    assert [row["step"] for row in scored] == [2, 4]
+    for row in scored:
+        assert row["swd"] > 0 and row["swd_floor"] > 0 and 0 <= row["valid"] <= 1 and row["metrics_seconds"] > 0
+    assert len({row["swd_floor"] for row in scored}) == 1  # the floor is computed once, on fixed real images
+    assert not any("swd" in row for row in json.loads((tmp_path / "without" / "metrics.json").read_text())["history"])
+    weights = [load_file(tmp_path / run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+               for run in ("with", "without")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "with" / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert "samples/swd" in events.Tags()["scalars"] and "samples/swd_floor" in events.Tags()["scalars"]
+    assert (tmp_path / "with" / "images" / "loss_curves.png").is_file()

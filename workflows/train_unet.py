@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
+from evaluation.training_scores import SampleScorer
 from ldm_core.config.settings import load_config
+from ldm_core.data.image_files import BUILTIN_SHAPES
 from ldm_core.models.hub import AUTOENCODER, resolve_model_argument
 from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion import train as stage_b
@@ -16,8 +18,14 @@ from workflows.arguments import add_training_args
 
 def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Path,
                resume: Optional[str] = None) -> Path:
-    """Stage B (`stage_b_diffusion.train.train_unet`) saving a `LatentDiffusionPipeline` in `out/pipeline/`."""
-    return stage_b.train_unet(cfg, vae_path, data, out, resume, build_pipeline=LatentDiffusionPipeline)
+    """Stage B (`stage_b_diffusion.train.train_unet`) saving a `LatentDiffusionPipeline` in `out/pipeline/`, its
+    samples scored during training by `evaluation.training_scores.SampleScorer` (`sampling.metrics_every`)."""
+    return stage_b.train_unet(cfg, vae_path, data, out, resume, build_pipeline=LatentDiffusionPipeline,
+                              build_sample_scorer=_sample_scorer)
+
+
+def _sample_scorer(held_out, training_images, data: str) -> SampleScorer:
+    return SampleScorer(held_out, training_images, exact_shapes=str(data).startswith(BUILTIN_SHAPES))
 
 
 VAE_HELP = ("the frozen autoencoder: a Stage A run or vae/ folder, any diffusers AutoencoderKL folder, or a Hugging "

@@ -31,22 +31,28 @@ class MetricHistory:
                 return row[key]
         return None
 
-    def save_curves(self, path: Path, keys: Iterable[str], title: str) -> None:
-        """Plot each key against step, one panel per key, as a PNG."""
+    def save_curves(self, path: Path, keys: Iterable[str | tuple[str, ...]], title: str) -> None:
+        """Plot each key against step as a PNG, one panel per key; a tuple of keys shares a panel (a score and
+        its floor), each with its line and a legend."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        keys = [k for k in keys if any(k in r for r in self.rows)]
-        if not keys:
+        panels = [tuple(k for k in ((key,) if isinstance(key, str) else key) if any(k in r for r in self.rows))
+                  for key in keys]
+        panels = [panel for panel in panels if panel]
+        if not panels:
             return
-        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
-        for ax, key in zip(axes[0], keys):
-            pts = [(r["step"], r[key]) for r in self.rows if key in r and math.isfinite(r[key])]
-            if pts:
-                ax.plot(*zip(*pts), lw=1)
-            ax.set_title(key, fontsize=9)
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            for key in panel:
+                pts = [(r["step"], r[key]) for r in self.rows if key in r and math.isfinite(r[key])]
+                if pts:
+                    ax.plot(*zip(*pts), lw=1, marker="o" if len(pts) < 30 else None, ms=3, label=key)
+            if len(panel) > 1:
+                ax.legend(fontsize=7)
+            ax.set_title(" / ".join(panel), fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
         fig.suptitle(title, fontsize=10)
