@@ -100,12 +100,16 @@ class VAEDataConfig(DataConfig):
     # The share of training images shown at another exposure and contrast, clipped (ldm_core/data/step_batches.py
     # `reexpose`), so a few photographs of mid-tones do not leave black, white and flat skies unlearned. 0: off.
     reexpose: float = 0.0
+    # The share of training images whose colours are pushed away from grey (or towards it) and clipped
+    # (`resaturate`), so the edges and corners of the RGB cube are not left unlearned. 0: off.
+    resaturate: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.image_cache_dir is not None:
             check_relative_path("data.image_cache_dir", self.image_cache_dir)
         _require(0.0 <= self.reexpose <= 1.0, "data.reexpose", self.reexpose, "in [0, 1]")
+        _require(0.0 <= self.resaturate <= 1.0, "data.resaturate", self.resaturate, "in [0, 1]")
 
 
 @dataclass

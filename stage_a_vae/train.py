@@ -25,7 +25,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm_core.training.accelerator import apply_memory_format
-from ldm_core.data.step_batches import reexpose, shuffle_channels
+from ldm_core.data.step_batches import reexpose, resaturate, shuffle_channels
 from ldm_core.config.settings import resolve_run_path
 from ldm_core.training.ema import ema_weights, exported_copy, make_ema
 from ldm_core.images.grids import save_reconstruction_grid
@@ -48,6 +48,7 @@ from stage_a_vae.validation import reconstruct_uint8, validate_reconstructions
 logger = logging.getLogger("ldm.train_vae")
 CHANNEL_SHUFFLE_STREAM = 1  # the fourth seed key of the channel orders, after (seed, micro-step, rank)
 REEXPOSE_STREAM = 2  # and of the exposures
+RESATURATE_STREAM = 3  # and of the saturations
 
 
 class AutoencoderForTraining(torch.nn.Module):
@@ -182,6 +183,9 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         if cfg.data.reexpose:  # likewise
             x = reexpose(x, seeded_generator(tc.seed, micro.index, accelerator.process_index, REEXPOSE_STREAM),
                          cfg.data.reexpose)
+        if cfg.data.resaturate:  # likewise
+            x = resaturate(x, seeded_generator(tc.seed, micro.index, accelerator.process_index, RESATURATE_STREAM),
+                           cfg.data.resaturate)
         return autoencoder_micro_step(parts, micro, x, run.generator(micro.index, device))
 
     # 6. The loop -----------------------------------------------------------------------------------

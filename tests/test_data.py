@@ -345,3 +345,22 @@ def test_reexpose_moves_each_images_mean_and_contrast_alone_and_reproducibly():
     half = reexpose(batch, seeded_generator(0, 3, 0, 2), 0.5)
     changed = [not torch.equal(a, b) for a, b in zip(half, batch)]
     assert 16 < sum(changed) < 48  # about half of 64
+
+
+def test_resaturate_reaches_the_edges_of_the_colour_cube_and_keeps_grey():
+    from ldm_core.data.step_batches import resaturate
+    from ldm_core.randomness import seeded_generator
+
+    torch.manual_seed(1)
+    batch = torch.rand(64, 3, 8, 8) * 0.6 - 0.3  # muted colours, as photographs have
+    assert torch.equal(resaturate(batch, seeded_generator(0, 4, 0, 3), 0.0), batch)
+    out = resaturate(batch, seeded_generator(0, 4, 0, 3), 1.0)
+    assert torch.equal(out, resaturate(batch, seeded_generator(0, 4, 0, 3), 1.0))
+    assert out.min() >= -1 and out.max() <= 1 and ((out == -1) | (out == 1)).any()
+    # A grey pixel stays grey; where nothing clips, each pixel's mean over its channels is kept.
+    grey = torch.zeros(4, 3, 2, 2) + torch.linspace(-0.5, 0.5, 4)[:, None, None, None]
+    assert torch.equal(resaturate(grey, seeded_generator(0, 4, 0, 3), 1.0), grey)
+    inside = ((out > -1) & (out < 1)).all(dim=1)
+    torch.testing.assert_close(out.mean(dim=1)[inside], batch.mean(dim=1)[inside], atol=1e-5, rtol=0)
+    spread = lambda x: (x.amax(dim=1) - x.amin(dim=1)).mean(dim=(1, 2))  # noqa: E731 - chroma per image
+    assert (spread(out) / spread(batch)).max() > 2 and (spread(out) / spread(batch)).min() < 1  # up and down
