@@ -6,6 +6,7 @@
     ldm generate    --model RUN/pipeline --num-images N --steps S --scheduler NAME --seed S --out DIR [--overwrite]
     ldm eval-samples --dataset builtin:shapes DIR
     ldm bench-recon --vae A [--vae B ...] --data DIR --resolution R
+    ldm inspect-vae --vae A --data DIR --out DIR
     ldm push        RUN/pipeline org/name
     ldm demo        [--out DIR]
 
@@ -38,6 +39,8 @@ COMMANDS = {
     "generate": ("workflows.generate", "generate images from noise with a saved pipeline"),
     "eval-samples": ("evaluation.eval_samples", "score generated images (validity/coverage on builtin:shapes, FID)"),
     "bench-recon": ("evaluation.bench_recon", "benchmark reconstruction fidelity of KL autoencoders"),
+    "inspect-vae": ("evaluation.inspect_vae", "report on a KL autoencoder's latent space: channels, scale, noise, "
+                                              "equivariance, spectra, interpolations"),
     "push": ("workflows.push", "upload a saved autoencoder or pipeline, with its model card, to the Hugging Face Hub"),
 }
 
