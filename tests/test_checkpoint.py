@@ -115,3 +115,21 @@ def test_step_generator_is_reproducible_and_distinct():
     assert not torch.equal(draw(0, 7, 0), draw(0, 8, 0))
     assert not torch.equal(draw(0, 7, 0), draw(0, 7, 1))
     assert not torch.equal(draw(0, 7, 0), draw(1, 7, 0))
+
+
+def test_a_setting_added_since_a_run_was_saved_does_not_block_its_resume_at_its_default(tmp_path):
+    """A run saved before data.reexpose existed resumes with it at its default, and not with another value."""
+    import yaml
+
+    from ldm_core.config.settings import load_config, save_config
+    from ldm_core.training.run_folder import RunFolderError, check_resume_changes
+    from stage_a_vae.config import StageAConfig
+
+    config = load_config(StageAConfig, None, [])
+    save_config(config, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["data"]["reexpose"]  # as an older version wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert check_resume_changes(tmp_path, config) == {}
+    with pytest.raises(RunFolderError, match=r"data.reexpose: None -> 0.5"):
+        check_resume_changes(tmp_path, load_config(StageAConfig, None, ["data.reexpose=0.5"]))

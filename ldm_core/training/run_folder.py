@@ -83,13 +83,18 @@ def unlock_run_dir(run_dir: Path) -> None:
         handle.close()
 
 
-def config_changes(old: dict, new: dict, prefix: str = "") -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (old, new) for every value that differs between two nested config dicts."""
+def config_changes(old: dict, new: dict, prefix: str = "", defaults: Optional[dict] = None) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (old, new) for every value that differs between two nested config dicts. A key the old
+    config does not have (a setting added since it was saved) is no change when the new value is its
+    default in `defaults`."""
     changes = {}
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
+        default = (defaults or {}).get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changes.update(config_changes(a, b, f"{prefix}{key}."))
+            changes.update(config_changes(a, b, f"{prefix}{key}.", default if isinstance(default, dict) else None))
+        elif key not in old and defaults is not None and key in defaults and b == default:
+            continue
         elif a != b:
             changes[f"{prefix}{key}"] = (a, b)
     return changes
@@ -114,7 +119,10 @@ def check_resume_changes(run_dir: Path, config: Any) -> dict[str, tuple[Any, Any
         raise RunFolderError(f"{saved} cannot be read ({err}); it records how the run was started. Restore it "
                              f"or start a new run in another --out folder.") from None
     # Compared as save_config writes it, so both sides went through the same YAML round trip.
-    changes = config_changes(old, yaml.safe_load(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)))
+    def as_saved(value):
+        return yaml.safe_load(yaml.safe_dump(dataclasses.asdict(value), sort_keys=False))
+
+    changes = config_changes(old, as_saved(config), defaults=as_saved(type(config)()))
     resumable = resumable_keys(type(config))
     refused = {k: v for k, v in changes.items() if not k.startswith(resumable)}
     if refused:
