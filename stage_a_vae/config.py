@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ldm_core.config.architectures import check_architecture
-from ldm_core.config.settings import (FINGERPRINTED, LR_SCHEDULES, RESUMABLE, ConfigError, DataConfig, EMAConfig,
-                                      TrainConfig, _require, check_relative_path, fingerprint, fingerprint_parts,
-                                      redefault)
+from ldm_core.config.settings import (ADDED_AT_DEFAULT, FINGERPRINTED, LR_SCHEDULES, RESUMABLE, ConfigError, DataConfig,
+                                      EMAConfig, TrainConfig, _require, check_relative_path, fingerprint,
+                                      fingerprint_parts, redefault)
 
 
 @dataclass
@@ -72,6 +72,13 @@ class VAELossConfig:
     disc_channels: int = 64
     # BatchNorm (LDM's default) misbehaves under DDP; GroupNorm is rank-independent.
     disc_norm: str = "group"  # group | batch | sync_batch | instance
+    # Latent-space regularisers for Stage B's sake (stage_a_vae/latent_regularisers.py), off by default:
+    # none | scale (Skorokhodov et al. 2025: decode the 2x-downscaled latent against the downscaled image) |
+    # eqvae (Kouzelis et al. 2025: resize by U[0.25, 0.97] and turn by 1-3 quarter turns, latent and image alike),
+    # on `equivariance_share` of the steps; `latent_noise` tau: the decoder sees z + tau U(0,1) std(z) eps.
+    equivariance: str = field(default="none", metadata=ADDED_AT_DEFAULT)
+    equivariance_share: float = field(default=0.5, metadata=ADDED_AT_DEFAULT)
+    latent_noise: float = field(default=0.0, metadata=ADDED_AT_DEFAULT)
 
     def __post_init__(self) -> None:
         _require(self.reconstruction in ("l1", "l2"), "loss.reconstruction", self.reconstruction, "l1 or l2")
@@ -82,6 +89,10 @@ class VAELossConfig:
         for key in ("perceptual_weight", "kl_weight", "disc_weight", "disc_factor"):
             _require(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), "0 or more")
         _require(self.disc_start >= 0, "loss.disc_start", self.disc_start, "0 or more")
+        _require(self.equivariance in ("none", "scale", "eqvae"), "loss.equivariance", self.equivariance,
+                 "none, scale or eqvae")
+        _require(0.0 <= self.equivariance_share <= 1.0, "loss.equivariance_share", self.equivariance_share, "in [0, 1]")
+        _require(self.latent_noise >= 0, "loss.latent_noise", self.latent_noise, "0 or more")
         _require(self.l2_warmup_steps >= 0, "loss.l2_warmup_steps", self.l2_warmup_steps, "0 or more")
         for key in ("disc_num_layers", "disc_channels"):
             _require(getattr(self, key) > 0, f"loss.{key}", getattr(self, key), "a positive integer")

@@ -43,12 +43,14 @@ from stage_a_vae.discriminator import NLayerDiscriminator
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
 from stage_a_vae.perceptual import build_lpips
 from stage_a_vae.architectures import build_autoencoder
+from stage_a_vae.latent_regularisers import LatentTransform, draw_transform
 from stage_a_vae.validation import reconstruct_uint8, validate_reconstructions
 
 logger = logging.getLogger("ldm.train_vae")
 CHANNEL_SHUFFLE_STREAM = 1  # the fourth seed key of the channel orders, after (seed, micro-step, rank)
 REEXPOSE_STREAM = 2  # and of the exposures
 RESATURATE_STREAM = 3  # and of the saturations
+LATENT_TRANSFORM_STREAM = 4  # and of the latent regularisers' transforms
 
 
 class AutoencoderForTraining(torch.nn.Module):
@@ -62,9 +64,12 @@ class AutoencoderForTraining(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None):
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
+                transform: Optional[LatentTransform] = None):
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
+        if transform is not None:  # stage_a_vae/latent_regularisers.py: the decoder sees T(z)
+            z = transform.latent(z)
         return self.vae.decode(z).sample, posterior.mean, posterior.logvar
 
 
@@ -90,20 +95,23 @@ class StageANetworks:
 
 
 def autoencoder_micro_step(parts: StageANetworks, micro: MicroStep, x: torch.Tensor,
-                           generator: torch.Generator) -> Iterator[Update]:
+                           generator: torch.Generator, transform: Optional[LatentTransform] = None) -> Iterator[Update]:
     """One micro-step of Stage A on images `x` in [-1, 1] (CompVis/latent-diffusion: ldm/models/autoencoder.py,
     `training_step`): the autoencoder's update, then, once the discriminator is on, the discriminator's.
 
     Yields each `Update`; the discriminator's loss is computed after the autoencoder's update was applied,
-    on the same reconstruction (detached). `generator` draws the posterior's sample.
+    on the same reconstruction (detached). `generator` draws the posterior's sample. With a `transform`
+    (stage_a_vae/latent_regularisers.py) the decoder sees T(z) and the whole loss is taken against T(x).
     """
     disc_on = parts.discriminator.active(micro.step)
     # The discriminator only scores reconstructions here: frozen, and unwrapped (no DDP bookkeeping).
     if disc_on:
         parts.scorer.requires_grad_(False)
     with parts.autocast():
-        recon, mean, logvar = parts.autoencoder.module(x, generator)
+        recon, mean, logvar = parts.autoencoder.module(x, generator, transform)
     posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+    if transform is not None:
+        x = transform.image(x)
     ae_loss, logs = parts.loss_fn.autoencoder_loss(x, recon, posterior, micro.step, last_layer=parts.last_layer,
                                                    discriminator=parts.scorer)
     micro.logs.update(logs)
@@ -175,6 +183,8 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         return metrics
 
     # 5. The step body, on this micro-step's images; the loop is ldm_core/training/run.py's `TrainingRun.train`
+    factor = vae_downsampling_factor(vae)
+
     def micro_step(micro: MicroStep) -> Iterator[Update]:
         x, _ = images.batch(micro.index, device)
         if cfg.data.channel_shuffle:  # its own stream, so the posterior's samples stay as without it
@@ -186,7 +196,13 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         if cfg.data.resaturate:  # likewise
             x = resaturate(x, seeded_generator(tc.seed, micro.index, accelerator.process_index, RESATURATE_STREAM),
                            cfg.data.resaturate)
-        return autoencoder_micro_step(parts, micro, x, run.generator(micro.index, device))
+        transform = None
+        if lc.equivariance != "none" or lc.latent_noise:  # likewise; off, nothing is drawn
+            transform = draw_transform(lc.equivariance, lc.equivariance_share, lc.latent_noise,
+                                       x.shape[-1] // factor, factor,
+                                       seeded_generator(tc.seed, micro.index, accelerator.process_index,
+                                                        LATENT_TRANSFORM_STREAM, device=device))
+        return autoencoder_micro_step(parts, micro, x, run.generator(micro.index, device), transform)
 
     # 6. The loop -----------------------------------------------------------------------------------
     model.train()

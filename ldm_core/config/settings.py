@@ -41,6 +41,9 @@ RESUMABLE = MappingProxyType({"resumable": True})
 # FINGERPRINTED: shapes a checkpoint's tensors or gives them their meaning; part of the model fingerprint
 # a resumed checkpoint must match (ldm_core/training/checkpoints.py `check_resumable`).
 FINGERPRINTED = MappingProxyType({"fingerprint": True})
+# ADDED_AT_DEFAULT: a key added to a fingerprinted section after checkpoints were written with it; at its
+# default it is left out of the fingerprint, so those checkpoints still resume.
+ADDED_AT_DEFAULT = MappingProxyType({"omit_at_default": True})
 
 
 def redefault(base: Type[Any], name: str, default: Any) -> Any:
@@ -483,12 +486,20 @@ def save_config(config: Any, path: str | Path) -> None:
 
 __all__ = ["ConfigError", "DataConfig", "EMAConfig", "TrainConfig", "load_config", "save_config",
            "to_dict", "valid_keys", "field", "check_relative_path", "resolve_run_path", "RESUMABLE",
-           "FINGERPRINTED", "redefault", "resumable_keys", "fingerprint_parts", "fingerprint"]
+           "FINGERPRINTED", "ADDED_AT_DEFAULT", "redefault", "resumable_keys", "fingerprint_parts", "fingerprint"]
 
 
 def fingerprint(*sections: Any) -> str:
     """A short hash of the config sections that define a checkpoint's shapes and semantics (those
-    `fingerprint_parts` finds)."""
-    blob = json.dumps([dataclasses.asdict(s) if hasattr(s, "__dataclass_fields__") else s for s in sections], sort_keys=True)
+    `fingerprint_parts` finds); keys marked ADDED_AT_DEFAULT count only when they leave their default."""
+    blob = json.dumps([_fingerprinted(s) for s in sections], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _fingerprinted(value: Any) -> Any:
+    """`dataclasses.asdict(value)` without the ADDED_AT_DEFAULT keys that hold their default."""
+    if not dataclasses.is_dataclass(value):
+        return value
+    return {f.name: _fingerprinted(getattr(value, f.name)) for f in dataclasses.fields(value)
+            if not (f.metadata.get("omit_at_default") and getattr(value, f.name) == f.default)}
 
