@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test bench bench-stage-a bench-data bench-photos bench-photos-gan photo-corpus gpu-check install clean
+.PHONY: demo test bench bench-stage-a bench-data bench-photos bench-photos-gan bench-photos-ldm bench-sample-metric photo-corpus gpu-check install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,19 @@ bench-photos: $(STAMP)
 
 bench-photos-gan: $(STAMP)
 	$(BIN)/python -m benchmarks.real_photos --corpus $(PHOTO_CORPUS) --out runs/bench/real_photos --compare-gan
+
+# Stage B on the photo autoencoder's latents of 128 px crops, its SWD curve and samples beside real crops
+# (docs/real-photographs.md); trains the autoencoder first when make bench-photos has not.
+runs/bench/real_photos/summary.json: | $(STAMP)
+	$(BIN)/python -m benchmarks.real_photos --corpus $(PHOTO_CORPUS) --out runs/bench/real_photos
+
+bench-photos-ldm: $(STAMP) runs/bench/real_photos/summary.json
+	$(BIN)/python -m benchmarks.real_photos_ldm --photos-run runs/bench/real_photos --corpus $(PHOTO_CORPUS) --out runs/bench/real_photos_ldm
+
+# Does SWD order the demo's Stage B checkpoints as the exact shapes scorer does (docs/sample-metrics.md)? Needs a
+# demo run that kept its checkpoints: ldm demo --out runs/demo stage_b.train.keep_checkpoints=8 stage_b.train.checkpoint_every=1000
+bench-sample-metric: $(STAMP)
+	$(BIN)/python -m benchmarks.sample_metric_rank --run $(DEMO_OUT)/stage_b --out runs/bench
 
 # On a GPU machine: the machine, its measured limits, Stage A under bf16/fp16 autocast, both stages' speed,
 # sampling and the demo, in at most 8 minutes (docs/gpu-check.md). runs/gpu_check/gpu_check.json is
