@@ -98,9 +98,11 @@ def whole_squares(image: np.ndarray) -> list[np.ndarray]:
     return [image[s:s + side] if h > w else image[:, s:s + side] for s in starts]
 
 
-def gradient(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A linear (at a random angle) or radial (from a random centre) blend of two random colours."""
-    a, b = rng.integers(0, 256, 3).astype(np.float64), rng.integers(0, 256, 3).astype(np.float64)
+def gradient(rng: np.random.Generator, size: int, ends: Optional[Sequence] = None) -> np.ndarray:
+    """A linear (at a random angle) or radial (from a random centre) blend of two colours (random by default)."""
+    if ends is None:
+        ends = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    a, b = (np.asarray(e, dtype=np.float64) for e in ends)
     yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
     if rng.random() < 0.5:
         angle = rng.uniform(0, 2 * np.pi)

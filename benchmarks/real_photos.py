@@ -47,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import photo_corpus
-from benchmarks.photo_test_set import KINDS, build_test_set, flat_field_summary, load_photo, training_files
+from benchmarks.photo_test_set import KINDS, build_test_set, flat_field_summary, gradient, load_photo, training_files
 
 SKIMAGE_TRAIN = ("astronaut", "rocket", "stereo_motorcycle")
 RECIPE = "vae/kl-f8-photo.yaml"
@@ -84,6 +84,20 @@ def prepare_training_photos(sources: Sequence[Path], folder: Path, short_side: i
     for name in skimage_names:
         downscale_to(Image.fromarray(load_photo(name)), short_side).save(folder / f"skimage__{name}.png")
         written.append(f"skimage__{name}")
+    return written
+
+
+def write_gradients(folder: Path, count: int, size: int, seed: int = 1000) -> list[str]:
+    """`count` generated gradients of `size` px into `folder` (photo_test_set.gradient, another seed than the
+    test's): blends between two colours, half of them drawn from the RGB cube's corners, so crops of them are
+    near-flat fields anywhere in the cube, its saturated edges and black and white included."""
+    rng = np.random.default_rng(seed)
+    corners = np.array([[a, b, c] for a in (0, 255) for b in (0, 255) for c in (0, 255)])
+    written = []
+    for k in range(count):
+        ends = [corners[rng.integers(0, 8)] if rng.random() < 0.5 else rng.integers(0, 256, 3) for _ in range(2)]
+        Image.fromarray(gradient(rng, size, ends)).save(folder / f"gradient__{k:04d}.png")
+        written.append(f"gradient__{k:04d}")
     return written
 
 
@@ -277,6 +291,8 @@ def main(argv=None) -> int:
     parser.add_argument("--photos", type=Path, default=None, help="train on this folder instead of the corpus")
     parser.add_argument("--steps", type=int, default=None, help="default: the recipe's train.max_steps")
     parser.add_argument("--zoom", type=int, default=8, help="largest downscale of a training crop (default: %(default)s)")
+    parser.add_argument("--gradients", type=int, default=0,
+                        help="generated colour gradients to train on beside the photographs (default: %(default)s)")
     parser.add_argument("--compare-gan", action="store_true", help="also train with the discriminator and compare")
     parser.add_argument("--gan-start", type=int, default=None, help="with --compare-gan; default: at 3/4 of the steps")
     parser.add_argument("--test-sizes", default="64,128", help="test resolutions (default: %(default)s)")
@@ -300,6 +316,7 @@ def main(argv=None) -> int:
     resolution = cfg.data.resolution
     photos = args.out / "photos"
     names = prepare_training_photos(sources, photos, args.zoom * resolution)
+    names += write_gradients(photos, args.gradients, args.zoom * resolution)
     sizes = [int(r) for r in args.test_sizes.split(",")]
     with_corpus = corpus if (corpus / "manifest.json").is_file() else None
     test_counts = {r: build_test_set(args.out / f"test{r}", r, with_corpus, fraction=args.test_fraction) for r in sizes}
