@@ -55,9 +55,13 @@ class HubReference:
     revision: Optional[str] = None
     subfolder: Optional[str] = None
 
+    @property
+    def repository(self) -> str:
+        """`org/name`, or `org/name@revision` when one is given."""
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
     def __str__(self) -> str:
-        return (self.repo_id + (f"@{self.revision}" if self.revision else "")
-                + (f"/{self.subfolder}" if self.subfolder else ""))
+        return self.repository + (f"/{self.subfolder}" if self.subfolder else "")
 
 
 def parse_hub_reference(text: str) -> Optional[HubReference]:
@@ -169,7 +173,7 @@ def _model_folder(files: list[str], reference: HubReference, kind: str) -> str:
     where = " or ".join(f"{c}/{marker}" if c else marker for c in candidates)
     hint = ("name the subfolder that holds the autoencoder: org/name/SUBFOLDER" if kind == AUTOENCODER else
             "give a repository saved by LatentDiffusionPipeline.save_pretrained")
-    raise HubError(f"{reference.repo_id}{'@' + reference.revision if reference.revision else ''} has no {where} on "
+    raise HubError(f"{reference.repository} has no {where} on "
                    f"the Hub, so it holds no diffusers {'AutoencoderKL' if kind == AUTOENCODER else 'pipeline'} "
                    f"there; {hint}.")
 
@@ -218,7 +222,7 @@ def _hub_failure(err: Exception, reference: HubReference, kind: str, option: str
 
     if isinstance(err, (UnsafeModelFolderError, HubError)):
         return err
-    name = f"{reference.repo_id}{'@' + reference.revision if reference.revision else ''}"
+    name = reference.repository
     if isinstance(err, errors.GatedRepoError):
         return HubError(f"{name} is gated on the Hub: accept its terms on its page, log in with `hf auth login`, "
                         f"and run the command again.")
