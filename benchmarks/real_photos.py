@@ -261,17 +261,25 @@ def figure(columns: list, out: Path, zoom: int = 4, gap: int = 4) -> Path:
 
 
 def kinds_figure(test: Path, resolution: int, vaes: dict[str, Path], out: Path) -> Path:
-    """One image of each kind (for the flat fields, black and white), original / bicubic-f8 / each autoencoder."""
-    picks = []
-    for kind in KINDS:
+    """Original / bicubic-f8 / each autoencoder for a texture crop, the whole photograph with the flattest sky (its
+    top third), a night sky, a bright-field micrograph, a render, and black, white and pure blue fields."""
+    def first(kind: str, *names: str) -> list[Path]:
         files = sorted((test / kind).glob("*.png"))
-        if kind == "whole":  # a photograph with a sky, when the held-out corpus photographs are there
-            files = [f for f in files if "wallpaper" in f.name][2:3] or files
-        if kind == "flat":
-            picks += [f for f in files if f.name.endswith(("flat_0_0_0.png", "flat_255_255_255.png"))]
-            continue
-        if files:
-            picks.append(files[len(files) // 3])
+        chosen = [f for f in files if any(name in f.name for name in names)]
+        return (chosen or files[len(files) // 3:])[:1]
+
+    def flattest_sky(files: list[Path]) -> list[Path]:
+        def sky(path: Path) -> float:
+            with Image.open(path) as image:
+                grey = np.asarray(image.convert("L"), dtype=np.float64)
+            return float(grey[: grey.shape[0] // 3].std())
+
+        return sorted(files, key=sky)[:1]
+
+    picks = (first("texture", "") + flattest_sky(sorted((test / "whole").glob("*wallpaper*.png")) or
+                                                 sorted((test / "whole").glob("*.png")))
+             + first("dark", "hubble") + first("bright", "immunohistochemistry") + first("smooth", "render")
+             + [f for name in ("0_0_0", "255_255_255", "0_0_255") for f in (test / "flat").glob(f"*flat_{name}.png")])
     return figure(reconstruct_files(picks, resolution, vaes), out)
 
 

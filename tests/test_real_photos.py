@@ -45,8 +45,8 @@ def test_benchmark_runs_with_and_without_the_discriminator(tmp_path):
     assert (out / "with_gan_before" / "config.json").is_file()
     with Image.open(out / "gan_zoom.png") as figure:  # 4 crops x (original, bicubic, 3 autoencoders) at 4x
         assert figure.size == (5 * 128 + 4 * 4, 4 * 128 + 3 * 4)
-    with Image.open(out / "kinds.png") as figure:  # one image of five kinds, and black and white
-        assert figure.size == (5 * 128 + 4 * 4, 7 * 128 + 6 * 4)
+    with Image.open(out / "kinds.png") as figure:  # five kinds, and black, white and pure blue fields
+        assert figure.size == (5 * 128 + 4 * 4, 8 * 128 + 7 * 4)
     # A second call keeps the finished runs instead of training again.
     before = (out / "with_gan" / "metrics.json").stat().st_mtime_ns
     assert real_photos.main(argv) == 0
