@@ -42,8 +42,8 @@ bench-data: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_data --out runs/bench
 
 # Real photographs (docs/real-photographs.md): Debian's wallpaper photographs, fetched with apt-get into
-# PHOTO_CORPUS (outside the repository), train configs/vae/kl-f8-photo.yaml and are benchmarked on crops of
-# scikit-image photographs they never saw. bench-photos-gan adds the same run with the PatchGAN switched on.
+# PHOTO_CORPUS (outside the repository), train configs/vae/kl-f8-photo.yaml, which is benchmarked on six kinds
+# of image it never saw (benchmarks/photo_test_set.py). bench-photos-gan adds the same run with the PatchGAN on.
 PHOTO_CORPUS ?= $(HOME)/.cache/two-stage-ldm/photo-corpus
 
 photo-corpus: $(STAMP)
