@@ -33,7 +33,6 @@ from PIL import Image
 
 from evaluation.inception import FID_IMPL, load_fid_inception
 from evaluation.report import check_can_create, printable_name
-from evaluation.shapes_score import GRID_NAME
 from evaluation.swd import SWD_IMPL, PatchDescriptors, swd
 from ldm_core.atomic_files import write_atomic
 from ldm_core.config.settings import DataConfig
@@ -41,11 +40,11 @@ from ldm_core.data.image_files import BUILTIN_SHAPES, DataError, decode_stream, 
 from ldm_core.data.sources import open_image_source, source_kind
 from ldm_core.data.streaming import iter_image_batches
 from ldm_core.models.pretrained import MissingWeightsError
+from ldm_core.sample_folder import GRID_FILE, SCORES_FILE
 
 logger = logging.getLogger("ldm.eval")
 
 
-SCORES_FILE = "eval.json"  # the default --out, beside the images it scores
 
 def sample_files(folder: str | Path) -> list[Path]:
     """The generated images of `folder` for the FID: its image files except the grid `ldm generate` writes.
@@ -54,7 +53,7 @@ def sample_files(folder: str | Path) -> list[Path]:
     (`evaluation.shapes_score.score_folder` leaves it out for the same reason).
     """
     folder = Path(folder).expanduser()
-    return [p for p in list_image_files(folder) if p != folder / GRID_NAME]
+    return [p for p in list_image_files(folder) if p != folder / GRID_FILE]
 
 
 def _generated_batches(files: list[Path], resolution: int, batch_size: int):
@@ -224,7 +223,7 @@ def _require_samples(folder: str | Path) -> list[Path]:
         raise DataError(f"{printable_name(folder)} is not a folder; give the folder that holds the generated images.")
     files = sample_files(folder)
     if not files:
-        raise DataError(f"No image files in {printable_name(folder)} (searched recursively; {GRID_NAME} does not "
+        raise DataError(f"No image files in {printable_name(folder)} (searched recursively; {GRID_FILE} does not "
                         f"count); give the folder that holds the generated images.")
     return files
 

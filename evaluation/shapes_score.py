@@ -49,6 +49,7 @@ from scipy import ndimage
 
 from ldm_core.data.image_files import BadImageError, BUILTIN_SHAPES, DataError, load_image_uint8, resize_center_crop
 from ldm_core.data.shapes import CORNER_NAMES, MIN_CONTRAST, SHAPE_CLASSES, corner_name, shape_mask
+from ldm_core.sample_folder import GRID_FILE, LABELS_FILE
 
 logger = logging.getLogger("ldm.eval")
 
@@ -304,10 +305,6 @@ def class_match_summary(verdicts: list[ShapeVerdict], requested: list[str]) -> d
     }
 
 
-GRID_NAME = "grid.png"
-LABELS_FILE = "labels.json"  # written by `ldm generate` (workflows/generate.py) for class-conditional samples
-
-
 def read_requested_classes(folder: str | Path) -> Optional[dict]:
     """Read `folder/labels.json`, the requested class of each generated image, as SHAPE_CLASSES names.
 
@@ -361,7 +358,7 @@ def score_folder(folder: str | Path) -> dict:
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder; give the folder that holds the generated images.")
     files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS and p.name != GRID_NAME)
+                   if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS and p.name != GRID_FILE)
     requested = read_requested_classes(folder)
     if requested is not None:
         listed = requested["labels"]

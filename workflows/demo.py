@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ldm_core.sample_folder import GRID_FILE
 from ldm_core.training.accelerator import cpu_description
 from ldm_core.config.settings import load_config
 from ldm_core.data.image_files import BUILTIN_SHAPES, BUILTIN_SHAPES_UNSEEN_COLOURS
@@ -84,7 +85,7 @@ def run_demo(out: Path, overrides: Sequence[str] = ()) -> dict:
         "outputs": {
             "vae": str(paths["vae"]),
             "pipeline": str(paths["pipeline"]),
-            "samples_grid": str(samples_dir / "grid.png"),
+            "samples_grid": str(samples_dir / GRID_FILE),
             "samples_scores": str(samples_dir / "scores.json"),
             "stage_a_reconstructions": str(out / "stage_a" / "images" / "recon_final.png"),
             "stage_a_loss_curves": str(out / "stage_a" / "images" / "loss_curves.png"),
@@ -176,7 +177,7 @@ def _plain_diffusers_samples(folder: Path, pipe, ev, samples_dir: Path):
     from evaluation.reference_sampler import sample_saved_pipeline
     from evaluation.shapes_score import SHAPE_CLASSES, read_requested_classes
     from ldm_core.randomness import image_generator
-    from workflows.generate import image_file_name
+    from ldm_core.sample_folder import image_file_name
 
     size = pipe.unet.config.sample_size
     shape = (1, pipe.unet.config.in_channels, size, size)

@@ -33,7 +33,6 @@ import inspect
 import logging
 import numbers
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -41,11 +40,11 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from evaluation.eval_samples import SCORES_FILE
 from ldm_core.atomic_files import write_atomic
 from ldm_core.images.grids import save_grid
 from ldm_core.models.hub import PIPELINE, resolve_model_argument
 from ldm_core.randomness import image_generator
+from ldm_core.sample_folder import GRID_FILE, IMAGE_NAME, LABELS_FILE, SCORES_FILE, image_file_name
 from pipelines.latent_diffusion import (LatentDiffusionPipeline, PipelineFolder, check_sampling_arguments,
                                         class_ids_for, inspect_pipeline_folder)
 from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
@@ -55,10 +54,6 @@ __all__ = ["LABELS_FILE", "GRID_FILE", "generate_images", "image_file_name", "wr
 
 logger = logging.getLogger("ldm.generate")
 
-LABELS_FILE = "labels.json"  # read by evaluation.shapes_score.score_folder
-GRID_FILE = "grid.png"  # left out of the scores by evaluation.shapes_score and evaluation.eval_samples
-# image_{i:05d}.png: five digits or more (100000 images and up get six).
-_IMAGE_NAME = re.compile(r"image_\d{5,}\.png")
 _STAGING_SUFFIX = ".ldm-generate-partial"
 # How arguments are named in messages: Python keywords by default, flags for the command line.
 _API_NAMES = {"out": "out_dir", "overwrite": "overwrite=True", "num_images": "num_images",
@@ -68,11 +63,6 @@ _FLAGS = {"out": "--out", "overwrite": "--overwrite", "num_images": "--num-image
           "class": "--class"}
 
 
-def image_file_name(i: int) -> str:
-    """The file name of generated image i (zero-padded, so names sort in image order)."""
-    return f"image_{i:05d}.png"
-
-
 def generated_files(folder: Union[str, Path]) -> list[Path]:
     """The files an earlier `ldm generate` wrote in `folder` (image_NNNNN.png, grid.png, labels.json), and the
     eval.json that `ldm eval-samples` scored from them: images, labels and scores are replaced together."""
@@ -80,7 +70,7 @@ def generated_files(folder: Union[str, Path]) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and (_IMAGE_NAME.fullmatch(p.name) or p.name in (GRID_FILE, LABELS_FILE, SCORES_FILE)))
+                  if p.is_file() and (IMAGE_NAME.fullmatch(p.name) or p.name in (GRID_FILE, LABELS_FILE, SCORES_FILE)))
 
 
 def _printable(path: Union[str, Path]) -> str:
