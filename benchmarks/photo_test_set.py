@@ -46,6 +46,11 @@ def held_out(rows: Sequence[dict]) -> set[str]:
     return chosen
 
 
+def held_out_files(rows: Sequence[dict], kind: str) -> list[str]:
+    """The held-out corpus files (manifest `file`) of one kind, in file-name order."""
+    return sorted(f for f in held_out(rows) if _kind(rows, f) == kind)
+
+
 def training_files(corpus: Path, kinds: Sequence[str]) -> list[Path]:
     """The corpus's files of the given kinds that no test kind uses."""
     rows = photo_corpus.load_manifest(corpus)
@@ -136,9 +141,8 @@ def build_test_set(out: Path, resolution: int, corpus: Optional[Path], seed: int
     renders: list[np.ndarray] = []
     if corpus is not None:
         rows = photo_corpus.load_manifest(corpus)
-        test = sorted(held_out(rows))
-        photos = [_open(corpus / f) for f in test if _kind(rows, f) == "photo"]
-        renders = [_open(corpus / f) for f in test if _kind(rows, f) == "render"]
+        photos = [_open(corpus / f) for f in held_out_files(rows, "photo")]
+        renders = [_open(corpus / f) for f in held_out_files(rows, "render")]
     scale = max(1, resolution // 64)
     counts = {kind: max(2, round(n // scale * fraction)) for kind, n in CROPS_AT_64.items()}
     r = resolution

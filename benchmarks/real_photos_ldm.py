@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import photo_corpus
-from benchmarks.photo_test_set import held_out, random_crop
+from benchmarks.photo_test_set import held_out_files, random_crop
 
 RESOLUTION = 128
 RECIPE = "unet/unet-photo.yaml"
@@ -52,14 +52,8 @@ def cut_crops(photos: list[Path], out: Path, count: int, seed: int, size: int = 
     return count
 
 
-def held_out_photos(corpus: Path, short_side: int) -> list[Path]:
-    """The corpus photographs no training run uses, as PNG copies brought to `short_side` px in a temporary place."""
-    rows = photo_corpus.load_manifest(corpus)
-    chosen = sorted(f for f in held_out(rows) if next(r["kind"] for r in rows if r["file"] == f) == "photo")
-    return [corpus / f for f in chosen]
-
-
 def downscaled_copies(paths: list[Path], out: Path, short_side: int) -> list[Path]:
+    """PNG copies of the images in `out`, brought down (never up) to a shorter side of `short_side` px."""
     out.mkdir(parents=True, exist_ok=True)
     copies = []
     for path in paths:
@@ -123,7 +117,8 @@ def main(argv=None) -> int:
 
     # Crops of photographs neither stage saw: the final score's reference and the figure's real rows.
     corpus = args.corpus.expanduser()
-    copies = downscaled_copies(held_out_photos(corpus, 8 * 64), args.out / "heldout_photos", 8 * 64)
+    held_out = [corpus / f for f in held_out_files(photo_corpus.load_manifest(corpus), "photo")]
+    copies = downscaled_copies(held_out, args.out / "heldout_photos", 8 * 64)
     cut_crops(copies, args.out / "heldout_crops", 2 * args.num_samples, seed=1)
 
     from pipelines.latent_diffusion import LatentDiffusionPipeline
