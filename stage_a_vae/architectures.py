@@ -104,11 +104,54 @@ def build_autoencoder(model_cfg: "VAEModelConfig") -> AutoencoderKL:
             f"{factor} or give block_out_channels with log2(f)+1 entries.")
 
     vae = AutoencoderKL(**kwargs)
+    if model_cfg.pretrained:  # a fine-tune starts from trained weights, not from the initialisation below
+        start_from_pretrained(vae, model_cfg.pretrained)
+        return vae
     if model_cfg.zero_init_residual:
         zero_init_residual_branches(vae)
     if model_cfg.posterior_logvar_init is not None:
         init_posterior_logvar(vae, model_cfg.posterior_logvar_init)
     return vae
+
+
+# The config keys that define an AutoencoderKL's computation (not its scale, shift or nominal image size).
+ARCHITECTURE_KEYS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+                     "layers_per_block", "act_fn", "latent_channels", "norm_num_groups", "mid_block_add_attention",
+                     "use_quant_conv", "use_post_quant_conv")
+
+
+def _as_list(value):
+    return value if isinstance(value, (list, tuple)) else [value]
+
+
+@torch.no_grad()
+def start_from_pretrained(vae: AutoencoderKL, source: str) -> None:
+    """Copy the weights of the autoencoder `source` names (a folder here, or a Hub id fetched on first use,
+    ldm_core/models/hub.py) into `vae`, whose architecture must have exactly its tensors.
+
+    Raises:
+        ConfigError: the two architectures differ (the message names the first tensor that does not fit).
+        FileNotFoundError, HubError, ModelFolderError: `source` cannot be had or is not an AutoencoderKL.
+    """
+    from ldm_core.models.autoencoder_folders import load_frozen_vae
+    from ldm_core.models.hub import AUTOENCODER, resolve_model_argument
+
+    folder = resolve_model_argument(source, kind=AUTOENCODER, option="model.pretrained")
+    trained, _ = load_frozen_vae(folder)
+    hint = (f"Set model.preset (and its overrides) to that autoencoder's architecture ({folder}/config.json).")
+    for key in ARCHITECTURE_KEYS:  # keys without tensors of their own (norm groups, activation) count too
+        if key in trained.config and list(_as_list(trained.config[key])) != list(_as_list(vae.config[key])):
+            raise ConfigError(f"model.pretrained={source} does not fit the architecture the config builds: "
+                              f"{key} is {trained.config[key]} there and {vae.config[key]} here. {hint}")
+    ours, theirs = vae.state_dict(), trained.state_dict()
+    for name in sorted(set(ours) | set(theirs)):
+        if name not in theirs or name not in ours or ours[name].shape != theirs[name].shape:
+            have = tuple(theirs[name].shape) if name in theirs else "no such tensor"
+            want = tuple(ours[name].shape) if name in ours else "no such tensor"
+            raise ConfigError(f"model.pretrained={source} does not fit the architecture the config builds: "
+                              f"{name} is {have} there and {want} here. {hint}")
+    vae.load_state_dict(theirs)
+    vae.register_to_config(scaling_factor=trained.config.scaling_factor)
 
 
 @torch.no_grad()
@@ -155,4 +198,4 @@ def init_posterior_logvar(vae: AutoencoderKL, logvar: float) -> None:
 
 
 __all__ = ["VAE_ARCHITECTURES", "PLACEHOLDER_SCALING_FACTOR", "build_autoencoder", "init_posterior_logvar",
-           "zero_init_residual_branches"]
+           "start_from_pretrained", "zero_init_residual_branches"]

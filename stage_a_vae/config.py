@@ -40,6 +40,11 @@ class VAEModelConfig:
     latent_channels: int = 4
     # Downsampling factor the user expects; it must equal 2 ** (number of blocks - 1).
     downsample_factor: int = 8
+    # Fine-tune instead of training from scratch: the weights of this AutoencoderKL (a Stage A run or vae/
+    # folder, any diffusers AutoencoderKL folder, or a Hub id fetched on first use) replace the initial ones.
+    # The architecture is still the preset's (plus overrides) and must match that model's tensors exactly;
+    # EQ-VAE (Kouzelis et al. 2025) is such a fine-tune of a trained autoencoder.
+    pretrained: Optional[str] = field(default=None, metadata=ADDED_AT_DEFAULT)
 
     def __post_init__(self) -> None:
         from stage_a_vae.architectures import VAE_ARCHITECTURES  # that module builds models; config stays light
