@@ -193,7 +193,9 @@ def summarise(args) -> dict:
     if len(scored) >= 3:
         valid = [mean_of(r, end, "valid") for r in scored.values()]
         for name in FIGURES:
-            rho = spearmanr([r["figures"][name] for r in scored.values()], valid).statistic
+            values = [r["figures"][name] for r in scored.values()]
+            # Undefined (None) when either list is constant.
+            rho = spearmanr(values, valid).statistic if len(set(values)) > 1 and len(set(valid)) > 1 else np.nan
             predictors[name] = None if np.isnan(rho) else float(rho)
     lines += ["", f"Spearman rank correlation over the {len(scored)} autoencoders of each figure with the valid "
               f"share at step {end} (mean over seeds):", "", "| figure | rho |", "|---|---|"]

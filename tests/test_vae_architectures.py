@@ -125,3 +125,38 @@ def test_zero_init_residual_makes_every_block_its_shortcut():
     assert y.shape == x.shape and torch.isfinite(y).all() and y.std() > 0  # the signal still flows through
     default = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", zero_init_residual=False))
     assert all(m.conv2.weight.abs().sum() > 0 for m in default.modules() if isinstance(m, ResnetBlock2D))
+
+
+@pytest.fixture
+def trained_tiny(tmp_path):
+    """A kl-f8-tiny folder with weights unlike any initialisation (no zero branches) and its own scale."""
+    torch.manual_seed(3)
+    vae = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", zero_init_residual=False, posterior_logvar_init=None))
+    vae.register_to_config(scaling_factor=1.7)
+    vae.save_pretrained(tmp_path / "vae")
+    return vae, tmp_path / "vae"
+
+
+def test_pretrained_starts_from_every_weight_and_the_scale_of_that_autoencoder(trained_tiny):
+    source, folder = trained_tiny
+    torch.manual_seed(0)  # the seed a run sets: it must not matter
+    vae = build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", pretrained=str(folder)))
+    theirs = source.state_dict()
+    assert vae.state_dict().keys() == theirs.keys()
+    assert all(torch.equal(t, theirs[name]) for name, t in vae.state_dict().items())
+    assert vae.config.scaling_factor == pytest.approx(1.7)
+
+
+@pytest.mark.parametrize("overrides, named", [({"preset": "kl-f8-mini"}, "block_out_channels"),
+                                              ({"preset": "kl-f8-tiny", "norm_num_groups": 8}, "norm_num_groups"),
+                                              ({"preset": "kl-f8-tiny", "mid_block_attention": False},
+                                               "mid_block_add_attention")])
+def test_pretrained_of_another_architecture_is_refused_naming_what_differs(trained_tiny, overrides, named):
+    _, folder = trained_tiny
+    with pytest.raises(ConfigError, match=rf"model.pretrained=.*{named}.*Set model.preset"):
+        build_autoencoder(VAEModelConfig(pretrained=str(folder), **overrides))
+
+
+def test_pretrained_that_is_not_there_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.pretrained"):
+        build_autoencoder(VAEModelConfig(preset="kl-f8-tiny", pretrained=str(tmp_path / "nothing" / "here")))
