@@ -143,15 +143,12 @@ def worker_reference(args) -> dict[str, Any]:
            _stage_b_config(1, args.images, resolution=args.resolution))  # the reference encodes every batch: no cache
     data = load_dataset("builtin:shapes", cfg.data.resolution, shapes_count=args.images, progress=False)
     if args.stage == "a":
-        from stage_a_vae.discriminator import NLayerDiscriminator
-        from stage_a_vae.perceptual import build_lpips
-        from stage_a_vae.architectures import build_autoencoder
+        from stage_a_vae.networks import build_stage_a
 
         lc, tc = cfg.loss, cfg.train
-        vae = build_autoencoder(cfg.model).to(device)
-        disc = NLayerDiscriminator(input_channels=3, channels=lc.disc_channels, num_layers=lc.disc_num_layers,
-                                   norm=lc.disc_norm).to(device)
-        lpips = build_lpips(lc.lpips_trunk).to(device).eval().requires_grad_(False)
+        nets = build_stage_a(cfg, device)  # the trainer's networks; the optimizers below are LDM's
+        vae, disc = nets.vae.to(device), nets.discriminator.to(device)
+        lpips = nets.loss_fn.perceptual.requires_grad_(False)
         opt_ae = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=(0.5, 0.9))
         opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.5, 0.9))
         global_step = lc.disc_start if args.disc_on else 0

@@ -88,7 +88,7 @@ def count_flops(fn: Callable[[], Any]) -> int:
 @contextlib.contextmanager
 def around_steps(before: Callable[[int], None], after: Callable[[int], None]) -> Iterator[None]:
     """Call `before(i)` and `after(i)` around the `i`-th (from 0) optimizer step of the real trainer, as
-    bounded by the loop's `StepTimer` (`TrainingRun.train` starts and stops it around each step).
+    bounded by the loop's `StepTimer` (`TrainingRun.steps` starts and stops it around each step).
 
     The patch wraps whatever `StepTimer.start` / `stop` are when it is entered, so hooks nest.
     """

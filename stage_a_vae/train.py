@@ -15,35 +15,29 @@ builtin:shapes by `benchmarks/stage_a_factors.py` (docs/stage-a-fast-start.md):
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import Optional
 
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from ldm_core.training.accelerator import apply_memory_format
 from ldm_core.data.step_batches import reexpose, resaturate, shuffle_channels
 from ldm_core.config.settings import resolve_run_path
-from ldm_core.training.ema import ema_weights, exported_copy, make_ema
+from ldm_core.training.ema import ema_weights, exported_copy
 from ldm_core.images.grids import save_reconstruction_grid
 from ldm_core.data.sources import hub_dataset_id
 from ldm_core.models.autoencoder_folders import vae_downsampling_factor
 from ldm_core.models.latent_scale import apply_scaling_factor, measure_latent_stats
 from ldm_core.models.model_card import CardContent, write_model_card
-from ldm_core.training.optimization import make_adam, make_lr_scheduler
+from ldm_core.training.optimization import clip_gradients, drop_gradients
 from ldm_core.randomness import seeded_generator
 from ldm_core.training.run_folder import write_json
 from ldm_core.data.training_images import TrainingImages
-from ldm_core.training.run import MicroStep, Network, TrainingRun, Update
+from ldm_core.training.run import TrainingRun
 from stage_a_vae.config import StageAConfig
-from stage_a_vae.discriminator import NLayerDiscriminator
-from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
-from stage_a_vae.perceptual import build_lpips
-from stage_a_vae.architectures import build_autoencoder
 from stage_a_vae.latent_regularisers import LatentTransform, draw_transform
+from stage_a_vae.networks import AutoencoderForTraining, build_stage_a
 from stage_a_vae.validation import reconstruct_uint8, validate_reconstructions
 
 logger = logging.getLogger("ldm.train_vae")
@@ -51,77 +45,6 @@ CHANNEL_SHUFFLE_STREAM = 1  # the fourth seed key of the channel orders, after (
 REEXPOSE_STREAM = 2  # and of the exposures
 RESATURATE_STREAM = 3  # and of the saturations
 LATENT_TRANSFORM_STREAM = 4  # and of the latent regularisers' transforms
-
-
-class AutoencoderForTraining(torch.nn.Module):
-    """Encode, sample the posterior, decode: one forward so DDP sees the whole autoencoder.
-
-    Returns tensors only (reconstruction, posterior mean, posterior log-variance) because DDP looks for
-    tensors in a module's output.
-    """
-
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None,
-                transform: Optional[LatentTransform] = None):
-        posterior = self.vae.encode(x).latent_dist
-        z = posterior.sample(generator=generator)
-        if transform is not None:  # stage_a_vae/latent_regularisers.py: the decoder sees T(z)
-            z = transform.latent(z)
-        return self.vae.decode(z).sample, posterior.mean, posterior.logvar
-
-
-@dataclass
-class StageANetworks:
-    """What Stage A's step body works with.
-
-    Parameters:
-        autoencoder: an `AutoencoderForTraining` as prepared, its Adam (with the learned log-variance) and schedule.
-        discriminator: the prepared discriminator, its Adam and schedule; active from `loss.disc_start`.
-        scorer: the discriminator's unwrapped module, which scores reconstructions in the autoencoder's loss.
-        loss_fn: LDM's loss (stage_a_vae/losses.py).
-        last_layer: the decoder's last weight, where LDM takes the adaptive weight.
-        autocast: the forward's mixed-precision context (`accelerator.autocast`).
-    """
-
-    autoencoder: Network
-    discriminator: Network
-    scorer: torch.nn.Module
-    loss_fn: LPIPSWithDiscriminatorLoss
-    last_layer: torch.Tensor
-    autocast: Callable[[], ContextManager] = contextlib.nullcontext
-
-
-def autoencoder_micro_step(parts: StageANetworks, micro: MicroStep, x: torch.Tensor,
-                           generator: torch.Generator, transform: Optional[LatentTransform] = None) -> Iterator[Update]:
-    """One micro-step of Stage A on images `x` in [-1, 1] (CompVis/latent-diffusion: ldm/models/autoencoder.py,
-    `training_step`): the autoencoder's update, then, once the discriminator is on, the discriminator's.
-
-    Yields each `Update`; the discriminator's loss is computed after the autoencoder's update was applied,
-    on the same reconstruction (detached). `generator` draws the posterior's sample. With a `transform`
-    (stage_a_vae/latent_regularisers.py) the decoder sees T(z) and the whole loss is taken against T(x).
-    """
-    disc_on = parts.discriminator.active(micro.step)
-    # The discriminator only scores reconstructions here: frozen, and unwrapped (no DDP bookkeeping).
-    if disc_on:
-        parts.scorer.requires_grad_(False)
-    with parts.autocast():
-        recon, mean, logvar = parts.autoencoder.module(x, generator, transform)
-    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
-    if transform is not None:
-        x = transform.image(x)
-    ae_loss, logs = parts.loss_fn.autoencoder_loss(x, recon, posterior, micro.step, last_layer=parts.last_layer,
-                                                   discriminator=parts.scorer)
-    micro.logs.update(logs)
-    yield Update(parts.autoencoder, ae_loss, {"loss": ae_loss, **logs})
-    if disc_on:
-        parts.scorer.requires_grad_(True)
-        d_loss, d_logs = parts.loss_fn.discriminator_loss(x, recon.detach(), micro.step,
-                                                          discriminator=parts.discriminator.module)
-        yield Update(parts.discriminator, d_loss, {**d_logs, "d_loss": d_loss})
-        micro.logs.update(d_logs)  # logged once applied
 
 
 def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[str] = None) -> Path:
@@ -138,30 +61,20 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
     images = TrainingImages(data, cfg.data, run.step_batches, seed=tc.seed, image_cache_dir=cache_dir,
                             progress=run.is_main, pin_memory=device.type == "cuda")
 
-    # 3. Models, loss, optimizers ---------------------------------------------------------------------
-    torch.manual_seed(tc.seed)  # identical initial weights on every process
-    vae = apply_memory_format(build_autoencoder(cfg.model), tc)
-    discriminator = apply_memory_format(NLayerDiscriminator(input_channels=3, channels=lc.disc_channels,
-                                                            num_layers=lc.disc_num_layers, norm=lc.disc_norm), tc)
-    with accelerator.main_process_first():  # a first-use download happens once, not once per process
-        perceptual = build_lpips(lc.lpips_trunk, lc.lpips_weights) if lc.perceptual_weight > 0 else None
-    loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual, discriminator).to(device)
-    ae_params = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
-    opt_ae = make_adam(ae_params, tc, lr=tc.lr)
-    opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
-    sched_ae, sched_d = make_lr_scheduler(opt_ae, tc), make_lr_scheduler(opt_d, tc, schedule=tc.disc_schedule)
-    ema = make_ema(vae, cfg.ema)
-    model, disc_ddp, opt_ae, opt_d = accelerator.prepare(AutoencoderForTraining(vae), discriminator, opt_ae, opt_d)
+    # 3. Networks, loss, optimizers (stage_a_vae/networks.py), prepared by Accelerate ---------------
+    nets = build_stage_a(cfg, device, first_download=accelerator.main_process_first)
+    vae, discriminator, loss_fn, ema = nets.vae, nets.discriminator, nets.loss_fn, nets.ema
+    sched_ae, sched_d = nets.sched_ae, nets.sched_d
+    model, disc_ddp, opt_ae, opt_d = accelerator.prepare(AutoencoderForTraining(vae), discriminator, nets.opt_ae,
+                                                         nets.opt_d)
     if ema is not None:
         ema.to(device)
-    parts = StageANetworks(Network(model, opt_ae, sched_ae),
-                           Network(disc_ddp, opt_d, sched_d, log_grad_norm=False, active=loss_fn.discriminator_active),
-                           discriminator, loss_fn, vae.decoder.conv_out.weight, accelerator.autocast)
+    last_layer = vae.decoder.conv_out.weight  # where LDM takes the adaptive weight
 
     # 4. Resume -------------------------------------------------------------------------------------
     run.track(models={"vae": vae, "discriminator": discriminator},
               states={"opt_ae": opt_ae, "opt_d": opt_d, "sched_ae": sched_ae, "sched_d": sched_d},
-              ema=ema, ema_of=vae, extra_state=lambda: {"logvar": float(loss_fn.logvar)})
+              ema=ema, extra_state=lambda: {"logvar": float(loss_fn.logvar)})
     state = run.resume()
     if state is not None:
         loss_fn.logvar.data.fill_(float(state["logvar"]))
@@ -182,37 +95,88 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
         accelerator.wait_for_everyone()
         return metrics
 
-    # 5. The step body, on this micro-step's images; the loop is ldm_core/training/run.py's `TrainingRun.train`
+    # 5. This micro-step's images, with the data options and the latent transform, each on its own stream
     factor = vae_downsampling_factor(vae)
 
-    def micro_step(micro: MicroStep) -> Iterator[Update]:
-        x, _ = images.batch(micro.index, device)
+    def training_batch(index: int) -> tuple[torch.Tensor, Optional[LatentTransform]]:
+        x, _ = images.batch(index, device)
+
+        def stream(key: int, on: torch.device | str = "cpu") -> torch.Generator:
+            return seeded_generator(tc.seed, index, accelerator.process_index, key, device=on)
+
         if cfg.data.channel_shuffle:  # its own stream, so the posterior's samples stay as without it
-            x = shuffle_channels(x, seeded_generator(tc.seed, micro.index, accelerator.process_index,
-                                                     CHANNEL_SHUFFLE_STREAM))
+            x = shuffle_channels(x, stream(CHANNEL_SHUFFLE_STREAM))
         if cfg.data.reexpose:  # likewise
-            x = reexpose(x, seeded_generator(tc.seed, micro.index, accelerator.process_index, REEXPOSE_STREAM),
-                         cfg.data.reexpose)
+            x = reexpose(x, stream(REEXPOSE_STREAM), cfg.data.reexpose)
         if cfg.data.resaturate:  # likewise
-            x = resaturate(x, seeded_generator(tc.seed, micro.index, accelerator.process_index, RESATURATE_STREAM),
-                           cfg.data.resaturate)
+            x = resaturate(x, stream(RESATURATE_STREAM), cfg.data.resaturate)
         transform = None
         if lc.equivariance != "none" or lc.latent_noise:  # likewise; off, nothing is drawn
             transform = draw_transform(lc.equivariance, lc.equivariance_share, lc.latent_noise,
-                                       x.shape[-1] // factor, factor,
-                                       seeded_generator(tc.seed, micro.index, accelerator.process_index,
-                                                        LATENT_TRANSFORM_STREAM, device=device))
-        return autoencoder_micro_step(parts, micro, x, run.generator(micro.index, device), transform)
+                                       x.shape[-1] // factor, factor, stream(LATENT_TRANSFORM_STREAM, device))
+        return x, transform
 
-    # 6. The loop -----------------------------------------------------------------------------------
+    # 6. The loop: one optimizer step reads top to bottom (CompVis/latent-diffusion: ldm/models/autoencoder.py,
+    # `training_step`: the autoencoder's update, then, once the discriminator is on, the discriminator's).
     model.train()
     disc_ddp.train()
-    run.train(micro_step, [parts.autoencoder, parts.discriminator], desc="Stage A",
-              lr=lambda: sched_ae.get_last_lr()[0],
-              postfix=lambda s: {k: f"{s[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in s},
-              periodic=[(tc.validate_every, lambda step: validate(f"step{step:07d}")),
-                        (tc.checkpoint_every, lambda step: run.write_checkpoint())],
-              before_first_step=lambda: validate("step0000000"))  # the baseline later validations are compared with
+    for step in run.steps(desc="Stage A", lr=lambda: sched_ae.get_last_lr()[0],
+                          postfix=lambda s: {k: f"{s[k]:.3g}" for k in ("rec", "kl", "g_loss", "d_loss") if k in s},
+                          periodic=[(tc.validate_every, lambda step: validate(f"step{step:07d}")),
+                                    (tc.checkpoint_every, lambda step: run.write_checkpoint())],
+                          before_first_step=lambda: validate("step0000000")):  # the baseline for later validations
+        disc_on = loss_fn.discriminator_active(step)
+        logs, skipped = {}, False
+        for index in run.micro_steps(step, model, disc_ddp):
+            if skipped:  # every micro-step still enters `accumulate`, so Accelerate's count stays in phase
+                continue
+            x, transform = training_batch(index)
+            # The autoencoder: forward (the discriminator only scores, frozen and unwrapped), loss against T(x).
+            if disc_on:
+                discriminator.requires_grad_(False)
+            with accelerator.autocast():
+                recon, mean, logvar = model(x, run.generator(index, device), transform)
+            target = transform.image(x) if transform is not None else x
+            posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+            ae_loss, ae_logs = loss_fn.autoencoder_loss(target, recon, posterior, step, last_layer=last_layer,
+                                                        discriminator=discriminator)
+            logs.update(ae_logs)
+            if run.is_nonfinite({"loss": ae_loss, **ae_logs}, step):  # train.nonfinite_loss: stop raised, or skip
+                skipped = True
+                continue
+            accelerator.backward(ae_loss)
+            if accelerator.sync_gradients:  # the accumulated gradients, clipped once per optimizer step
+                logs["grad_norm"] = clip_gradients(accelerator, model.parameters(), tc.max_grad_norm)
+                # An inf norm under fp16 is routine: the grad scaler skips that step itself.
+                if accelerator.scaler is None and run.is_nonfinite({"grad_norm": logs["grad_norm"], "loss": ae_loss},
+                                                                   step):
+                    skipped = True
+                    continue
+            opt_ae.step()
+            opt_ae.zero_grad(set_to_none=True)
+            if not disc_on:
+                continue
+            # The discriminator, after the autoencoder's update, on the same reconstruction (detached).
+            discriminator.requires_grad_(True)
+            d_loss, d_logs = loss_fn.discriminator_loss(target, recon.detach(), step, discriminator=disc_ddp)
+            if run.is_nonfinite({**d_logs, "d_loss": d_loss}, step):
+                skipped = True
+                continue
+            accelerator.backward(d_loss)
+            if accelerator.sync_gradients:
+                clip_gradients(accelerator, disc_ddp.parameters(), tc.max_grad_norm)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+            logs.update(d_logs)  # logged once applied
+        if skipped:  # the step counter, schedules and EMA still advance, so the next batch is fresh
+            drop_gradients(opt_ae, opt_d)
+            logs["nonfinite_skips"] = run.nonfinite.skipped
+        sched_ae.step()
+        if disc_on:  # the discriminator's schedule starts with it
+            sched_d.step()
+        if ema is not None:
+            ema.step(vae.parameters())
+        run.log(logs)
 
     images.close()  # stops the loader's worker processes, if any
 

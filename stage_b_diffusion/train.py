@@ -14,34 +14,33 @@ core; `workflows/` passes `pipelines.latent_diffusion.LatentDiffusionPipeline`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from ldm_core.training.accelerator import apply_memory_format
 from ldm_core.models.autoencoder_folders import load_frozen_vae, read_vae_folder, vae_downsampling_factor
 from ldm_core.config.settings import resolve_run_path
-from ldm_core.training.ema import exported_copy, make_ema
+from ldm_core.training.ema import exported_copy
 from ldm_core.images.grids import save_grid
 from ldm_core.data.sources import hub_dataset_id
 from ldm_core.models.hub import describe_model_source, hub_repo_id
 from ldm_core.models.latent_scale import resolve_latent_scale, scale_latents
 from ldm_core.models.model_card import CardContent, write_model_card
-from ldm_core.training.optimization import make_adam, make_lr_scheduler
+from ldm_core.training.optimization import clip_gradients, drop_gradients
 from ldm_core.randomness import image_generator
 from ldm_core.data.training_images import TrainingImages
-from ldm_core.training.run import MicroStep, Network, TrainingRun, Update
-from stage_b_diffusion.config import DiffusionConfig, StageBConfig
+from ldm_core.training.run import TrainingRun
+from stage_b_diffusion.config import StageBConfig
 from stage_b_diffusion.latent_cache import ImagesToEncode, load_or_build_latent_cache, vae_digest
-from stage_b_diffusion.noise_schedule import build_noise_scheduler, make_sampler
+from stage_b_diffusion.noise_schedule import make_sampler
 from stage_b_diffusion.objective import diffusion_loss, drop_class_labels
-from stage_b_diffusion.architectures import build_unet, check_unet_matches_vae
+from stage_b_diffusion.architectures import check_unet_matches_vae
+from stage_b_diffusion.networks import build_stage_b
 
 logger = logging.getLogger("ldm.train_unet")
 
@@ -49,21 +48,6 @@ logger = logging.getLogger("ldm.train_unet")
 PipelineBuilder = Callable[..., Any]
 # (held-out images, as many training images, --data) -> scorer(samples uint8 (N, 3, R, R)) -> {name: value}.
 SampleScorerBuilder = Callable[[np.ndarray, np.ndarray, str], Callable[[np.ndarray], dict]]
-
-
-def noise_prediction_micro_step(unet: Network, micro: MicroStep, latents: torch.Tensor, noise_scheduler,
-                                cfg: DiffusionConfig, generator: torch.Generator,
-                                class_labels: Optional[torch.Tensor] = None,
-                                autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[Update]:
-    """One micro-step of Stage B on scaled latents: the U-Net's update on DDPM's noise-prediction loss
-    (stage_b_diffusion/objective.py; CompVis/latent-diffusion: ldm/models/diffusion/ddpm.py, `p_losses`).
-
-    `generator` draws the noise and the timesteps; `class_labels` are already dropped for guidance.
-    """
-    with autocast():
-        loss, logs = diffusion_loss(unet.module, latents, noise_scheduler, cfg, generator, class_labels=class_labels)
-    micro.logs.update(logs)
-    yield Update(unet, loss, {"loss": loss})
 
 
 def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Path,
@@ -83,10 +67,10 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     # The U-Net learns this VAE's latent space: a resume with another VAE is refused before any work.
     run.bind("vae", vae_digest(vae), "--vae (compared by its config and weights)")
     run.bind_data(data)
-    # The U-Net's shape comes from the VAE; check they fit before any image is encoded.
-    torch.manual_seed(tc.seed)
-    unet = apply_memory_format(build_unet(cfg.model, latent_channels=vae.config.latent_channels,
-                                          latent_size=cfg.data.resolution // vae_downsampling_factor(vae)), tc)
+    # The U-Net's shape comes from the VAE (stage_b_diffusion/networks.py); check they fit before any image is encoded.
+    nets = build_stage_b(cfg, latent_channels=vae.config.latent_channels,
+                         latent_size=cfg.data.resolution // vae_downsampling_factor(vae))
+    unet, noise_scheduler, lr_scheduler, ema = nets.unet, nets.noise_scheduler, nets.lr_scheduler, nets.ema
     check_unet_matches_vae(unet, vae, cfg.data.resolution)
     # The images are only read to be encoded once; training draws from the latent cache.
     images = TrainingImages(data, cfg.data, None, seed=tc.seed, progress=run.is_main)
@@ -106,19 +90,14 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
     batches = run.step_batches(np.arange(len(train_idx)), cfg.data.flip)
     labels, class_names = _training_labels(cfg, images)
 
-    # 3. Noise schedule, optimizer ------------------------------------------------------------------------
-    noise_scheduler = build_noise_scheduler(cfg.diffusion)
-    optimizer = make_adam(unet.parameters(), tc, lr=tc.lr, decoupled_weight_decay=True)
-    lr_scheduler = make_lr_scheduler(optimizer, tc)
-    ema = make_ema(unet, cfg.ema)
-    unet_ddp, optimizer = accelerator.prepare(unet, optimizer)
+    # 3. Prepared by Accelerate ----------------------------------------------------------------------
+    unet_ddp, optimizer = accelerator.prepare(unet, nets.optimizer)
     if ema is not None:
         ema.to(device)
-    network = Network(unet_ddp, optimizer, lr_scheduler)
 
     # 4. Resume ---------------------------------------------------------------------------------------
     run.track(models={"unet": unet}, states={"optimizer": optimizer, "lr_scheduler": lr_scheduler},
-              ema=ema, ema_of=unet,
+              ema=ema,
               mismatch_advice=f"This VAE ({vae_dir}) has {vae.config.latent_channels} latent channels; resume with "
                               f"the VAE the run was started with (see {run.run_dir / 'run_info.json'}).")
     run.resume()
@@ -159,12 +138,11 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
             save_grid(draw_samples(cfg.sampling.grid_images), run.run_dir / "images" / f"samples_{tag}.png")
         accelerator.wait_for_everyone()
 
-    # 5. The step body, on this micro-step's latents; the loop is ldm_core/training/run.py's `TrainingRun.train`
+    # 5. This micro-step's latents (from the cache, scaled) and class labels (some dropped for guidance)
     null_class = cfg.model.num_classes  # the extra embedding used for classifier-free guidance
 
-    def micro_step(micro: MicroStep) -> Iterator[Update]:
-        positions, flips = batches(micro.index)
-        generator = run.generator(micro.index)
+    def training_batch(index: int, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        positions, flips = batches(index)
         latents = scale_latents(cache.draw(torch.from_numpy(positions), generator,
                                            mode=cfg.diffusion.latent_sampling, flip=torch.from_numpy(flips)),
                                 vae.config).to(device)
@@ -172,16 +150,46 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
         if labels is not None:
             class_labels = drop_class_labels(torch.from_numpy(labels[positions]), null_class,
                                              cfg.model.class_dropout, generator).to(device)
-        return noise_prediction_micro_step(network, micro, latents, noise_scheduler, cfg.diffusion, generator,
-                                           class_labels, accelerator.autocast)
+        return latents, class_labels
 
-    # 6. The loop -----------------------------------------------------------------------------------
+    # 6. The loop: one optimizer step reads top to bottom (DDPM's noise-prediction loss, Ho et al. 2020, eq. 14;
+    # diffusers examples/unconditional_image_generation/train_unconditional.py).
     unet_ddp.train()
-    run.train(micro_step, [network], desc="Stage B", lr=lambda: lr_scheduler.get_last_lr()[0],
-              postfix=lambda s: {"loss": f"{s['loss']:.4f}"},
-              periodic=[(cfg.sampling.sample_every, lambda step: sample_grid(f"step{step:07d}")),
-                        (cfg.sampling.metrics_every or tc.max_steps + 1, score_samples),
-                        (tc.checkpoint_every, lambda step: run.write_checkpoint())])
+    for step in run.steps(desc="Stage B", lr=lambda: lr_scheduler.get_last_lr()[0],
+                          postfix=lambda s: {"loss": f"{s['loss']:.4f}"},
+                          periodic=[(cfg.sampling.sample_every, lambda step: sample_grid(f"step{step:07d}")),
+                                    (cfg.sampling.metrics_every or tc.max_steps + 1, score_samples),
+                                    (tc.checkpoint_every, lambda step: run.write_checkpoint())]):
+        logs, skipped = {}, False
+        for index in run.micro_steps(step, unet_ddp):
+            if skipped:  # every micro-step still enters `accumulate`, so Accelerate's count stays in phase
+                continue
+            generator = run.generator(index)  # this micro-step's latents, noise and timesteps
+            latents, class_labels = training_batch(index, generator)
+            with accelerator.autocast():
+                loss, loss_logs = diffusion_loss(unet_ddp, latents, noise_scheduler, cfg.diffusion, generator,
+                                                 class_labels=class_labels)
+            logs.update(loss_logs)
+            if run.is_nonfinite({"loss": loss}, step):  # train.nonfinite_loss: stop raised, or skip
+                skipped = True
+                continue
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:  # the accumulated gradients, clipped once per optimizer step
+                logs["grad_norm"] = clip_gradients(accelerator, unet_ddp.parameters(), tc.max_grad_norm)
+                # An inf norm under fp16 is routine: the grad scaler skips that step itself.
+                if accelerator.scaler is None and run.is_nonfinite({"grad_norm": logs["grad_norm"], "loss": loss},
+                                                                   step):
+                    skipped = True
+                    continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if skipped:  # the step counter, schedule and EMA still advance, so the next batch is fresh
+            drop_gradients(optimizer)
+            logs["nonfinite_skips"] = run.nonfinite.skipped
+        lr_scheduler.step()
+        if ema is not None:
+            ema.step(unet.parameters())
+        run.log(logs)
 
     # 7. Export: the pipeline with EMA weights, metrics, pictures ------------------------------------
     run.write_checkpoint()

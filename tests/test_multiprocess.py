@@ -25,8 +25,7 @@ from workflows.cli import main
 from ldm_core.config.settings import load_config
 from ldm_core.data.step_batches import StepBatches
 from stage_a_vae.config import StageAConfig
-from stage_a_vae.discriminator import NLayerDiscriminator
-from stage_a_vae.architectures import build_autoencoder
+from stage_a_vae.networks import build_stage_a
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
@@ -133,10 +132,7 @@ def test_ranks_hold_identical_weights_after_training(two_process_run):
 
 def test_discriminator_trains_under_ddp(two_process_run):
     cfg = load_config(StageAConfig, None, STAGE_A)
-    torch.manual_seed(cfg.train.seed)  # the trainer's initialisation order: autoencoder, then discriminator
-    build_autoencoder(cfg.model)
-    initial = NLayerDiscriminator(input_channels=3, channels=cfg.loss.disc_channels,
-                                  num_layers=cfg.loss.disc_num_layers, norm=cfg.loss.disc_norm).state_dict()
+    initial = build_stage_a(cfg).discriminator.state_dict()  # as the trainer draws it from train.seed
     trained = _rank_files(two_process_run, 1, 1)[0]
     assert not _same(initial, trained)
     rows = json.loads((two_process_run / "a" / "metrics.json").read_text())["history"]

@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 
 from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint, resolve_resume
 from ldm_core.config.settings import load_config
-from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TrainingInterrupted
+from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TrainingInterrupted, all_finite
 from stage_a_vae.config import StageAConfig
 from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
 from stage_a_vae.train import train_vae
@@ -186,12 +186,17 @@ def test_skip_limit_then_stops(tmp_path, monkeypatch, vae_dir):
                       "train.max_nonfinite_skips=2"), vae_dir, "builtin:shapes", tmp_path / "run")
 
 
-def test_policy_checks_numbers_and_tensors():
+def test_finiteness_is_checked_on_numbers_and_tensors_and_the_policy_counts_then_stops():
+    assert all_finite({"loss": torch.tensor(1.0), "grad_norm": 3.0})
+    assert not all_finite({"loss": torch.tensor(1.0), "grad_norm": float("inf")})
+    assert not all_finite({"terms": torch.tensor([1.0, float("nan")])})
     policy = NonFiniteLossPolicy("skip", max_skips=1)
-    assert policy.ok({"loss": torch.tensor(1.0), "grad_norm": 3.0}, step=0)
-    assert not policy.ok({"loss": torch.tensor(1.0), "grad_norm": float("inf")}, step=1)
-    with pytest.raises(FloatingPointError, match="step 2: loss=nan"):
-        policy.ok({"loss": torch.tensor(float("nan"))}, step=2)
+    policy.skip_or_stop({"loss": torch.tensor(1.0), "grad_norm": float("inf")}, step=1)
+    assert policy.skipped == 1
+    with pytest.raises(FloatingPointError, match="step 2: loss=nan.*1 steps were already skipped"):
+        policy.skip_or_stop({"loss": torch.tensor(float("nan"))}, step=2)
+    with pytest.raises(FloatingPointError, match="step 0: loss=inf.*train.nonfinite_loss=skip"):
+        NonFiniteLossPolicy("stop", max_skips=5).skip_or_stop({"loss": torch.tensor(float("inf"))}, step=0)
     with pytest.raises(ValueError, match="stop or skip"):
         NonFiniteLossPolicy("ignore", 1)
 

@@ -151,44 +151,38 @@ def test_resuming_with_another_vae_is_refused_before_any_work(trained, tmp_path,
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == checkpoints
 
 
-def test_one_step_body_trains_the_unet_on_the_mse_of_its_noise_prediction():
+def test_built_stage_b_trains_the_unet_on_the_mse_of_its_noise_prediction():
     import copy
 
-    from ldm_core.training.run import MicroStep, Network
-    from stage_b_diffusion.config import DiffusionConfig
-    from stage_b_diffusion.noise_schedule import build_noise_scheduler
-    from stage_b_diffusion.architectures import build_unet
-    from stage_b_diffusion.train import noise_prediction_micro_step
+    from stage_b_diffusion.networks import build_stage_b
+    from stage_b_diffusion.objective import diffusion_loss
 
-    cfg = load_config(StageBConfig, None, ["model.preset=unet-tiny", "data.resolution=32"])
-    torch.manual_seed(0)
-    unet = build_unet(cfg.model, latent_channels=4, latent_size=4)
-    before = copy.deepcopy(unet)
-    scheduler = build_noise_scheduler(DiffusionConfig())
-    network = Network(unet, torch.optim.AdamW(unet.parameters(), lr=1e-3), schedule=None)
+    cfg = load_config(StageBConfig, None, ["model.preset=unet-tiny", "data.resolution=32", "ema.enabled=false",
+                                         "train.lr_warmup_steps=0"])
+    nets = build_stage_b(cfg, latent_channels=4, latent_size=4)
+    assert nets.ema is None and nets.unet.config.in_channels == 4 and nets.unet.config.sample_size == 4
+    # The initial weights follow from train.seed alone.
+    again = build_stage_b(cfg, latent_channels=4, latent_size=4).unet.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in nets.unet.state_dict().items())
+    before = copy.deepcopy(nets.unet)
     latents = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    micro = MicroStep(step=0, index=0)
-    updates = noise_prediction_micro_step(network, micro, latents, scheduler, DiffusionConfig(),
-                                          torch.Generator().manual_seed(7))
-    applied = []
-    for update in updates:  # as the loop applies it (ldm_core/training/run.py), less clipping
-        update.loss.backward()
-        update.network.optimizer.step()
-        applied.append(update)
-    assert len(applied) == 1 and applied[0].network is network and torch.isfinite(applied[0].loss)
+    # The step as stage_b_diffusion/train.py writes it, less Accelerate and clipping.
+    loss, logs = diffusion_loss(nets.unet, latents, nets.noise_scheduler, cfg.diffusion, torch.Generator().manual_seed(7))
+    loss.backward()
+    nets.optimizer.step()
 
     # DDPM's objective written out (Ho et al. 2020, eq. 14): the noise first, then the timesteps, from the generator.
     generator = torch.Generator().manual_seed(7)
     noise = torch.randn(latents.shape, generator=generator)
     t = torch.randint(0, 1000, (3,), generator=generator)
-    alpha_bar = build_noise_scheduler(DiffusionConfig()).alphas_cumprod[t].view(-1, 1, 1, 1)
+    alpha_bar = nets.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
     with torch.no_grad():
         expected = (before(noisy, t).sample - noise).pow(2).mean()
-    torch.testing.assert_close(applied[0].loss.detach(), expected)
-    assert micro.logs["loss"] == applied[0].loss.detach() and micro.logs["t_mean"] == t.float().mean()
-    changed = [name for name, p in unet.named_parameters() if not torch.equal(p, before.get_parameter(name))]
-    assert len(changed) > 0.9 * len(list(unet.parameters()))
+    torch.testing.assert_close(loss.detach(), expected)
+    assert logs["loss"] == loss.detach() and logs["t_mean"] == t.float().mean()
+    changed = [name for name, p in nets.unet.named_parameters() if not torch.equal(p, before.get_parameter(name))]
+    assert len(changed) > 0.9 * len(list(nets.unet.parameters()))
 
 
 @pytest.mark.loss_curves

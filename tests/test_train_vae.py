@@ -134,64 +134,37 @@ TINY = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.
         "loss.disc_num_layers=2"]
 
 
-def _stage_a_parts():
-    """A tiny autoencoder and discriminator as `train_vae` pairs them, with plain Adams (no Accelerate)."""
-    from ldm_core.training.run import Network
-    from stage_a_vae.discriminator import NLayerDiscriminator
-    from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
-    from stage_a_vae.architectures import build_autoencoder
-    from stage_a_vae.train import AutoencoderForTraining, StageANetworks
+def _initial_discriminator(cfg):
+    """The discriminator's weights as `build_stage_a` draws them from `train.seed`."""
+    from stage_a_vae.networks import build_stage_a
 
-    cfg = _cfg(*TINY)
-    torch.manual_seed(0)
-    vae = build_autoencoder(cfg.model)
-    discriminator = NLayerDiscriminator(3, cfg.loss.disc_channels, cfg.loss.disc_num_layers)
-    loss_fn = LPIPSWithDiscriminatorLoss(cfg.loss, None, discriminator)
-    return StageANetworks(
-        Network(AutoencoderForTraining(vae), torch.optim.Adam(vae.parameters(), lr=1e-3), schedule=None),
-        Network(discriminator, torch.optim.Adam(discriminator.parameters(), lr=1e-3), schedule=None,
-                log_grad_norm=False, active=loss_fn.discriminator_active),
-        discriminator, loss_fn, vae.decoder.conv_out.weight)
+    return {k: v.clone() for k, v in build_stage_a(cfg).discriminator.state_dict().items()}
 
 
-def _apply_step(parts, step):
-    """One micro-step of `autoencoder_micro_step`, each update applied as the loop does (less clipping)."""
-    from ldm_core.training.run import MicroStep
-    from stage_a_vae.train import autoencoder_micro_step
+def _run_stage_a(tmp_path, name, *extra):
+    """A tiny Stage A run of 2 steps; its config, its last checkpoint's tensors and its logged rows."""
+    from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint
 
-    micro = MicroStep(step=step, index=step)
-    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(step)) * 2 - 1
-    applied = []
-    for update in autoencoder_micro_step(parts, micro, x, torch.Generator().manual_seed(100 + step)):
-        assert torch.isfinite(update.loss)
-        update.loss.backward()
-        update.network.optimizer.step()
-        update.network.optimizer.zero_grad(set_to_none=True)
-        applied.append(update.network)
-    return applied, micro.logs
+    cfg = _cfg(*TINY, "data.shapes_count=24", "data.val_count=4", "train.batch_size=2", "train.max_steps=2",
+               "train.log_every=1", "train.validate_every=1000", "train.checkpoint_every=1000",
+               "train.progress_bar=false", "train.latent_stats_images=4", "ema.enabled=false", *extra)
+    run = train_vae(cfg, "builtin:shapes", tmp_path / name)
+    rows = json.loads((run / "metrics.json").read_text())["history"]
+    return cfg, load_checkpoint(list_checkpoints(run / "checkpoints")[-1]).models, rows
 
 
-def _weights(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
+def test_before_disc_start_the_step_updates_the_autoencoder_and_leaves_the_discriminator_alone(tmp_path):
+    cfg, models, rows = _run_stage_a(tmp_path, "off", "loss.disc_start=2")
+    initial = _initial_discriminator(cfg)
+    assert all(torch.equal(v, initial[k]) for k, v in models["discriminator"].items())
+    logged = [r for r in rows if "rec" in r]
+    assert len(logged) == 2 and all("d_loss" not in r and r["g_loss"] == 0.0 for r in logged)
 
 
-def test_a_step_body_before_disc_start_updates_the_autoencoder_and_leaves_the_discriminator_alone():
-    parts = _stage_a_parts()
-    vae, disc = _weights(parts.autoencoder.module), _weights(parts.scorer)
-    applied, logs = _apply_step(parts, step=0)
-    assert applied == [parts.autoencoder]
-    assert not any(torch.equal(v, vae[k]) for k, v in parts.autoencoder.module.state_dict().items()
-                   if k.endswith("conv_out.weight"))
-    assert all(torch.equal(v, disc[k]) for k, v in parts.scorer.state_dict().items())
-    assert all(p.grad is None and p.requires_grad for p in parts.scorer.parameters())
-    assert "rec" in logs and "d_loss" not in logs and float(logs["g_loss"]) == 0.0
-
-
-def test_a_step_body_from_disc_start_updates_the_discriminator_after_the_autoencoder():
-    parts = _stage_a_parts()
-    disc = _weights(parts.scorer)
-    applied, logs = _apply_step(parts, step=2)
-    assert applied == [parts.autoencoder, parts.discriminator]
-    assert not all(torch.equal(v, disc[k]) for k, v in parts.scorer.state_dict().items())
-    assert all(p.requires_grad for p in parts.scorer.parameters())  # unfrozen again for its own update
-    assert {"rec", "g_loss", "d_loss", "logits_real", "logits_fake"} <= logs.keys()
+def test_from_disc_start_the_step_updates_the_discriminator_after_the_autoencoder(tmp_path):
+    cfg, models, rows = _run_stage_a(tmp_path, "on", "loss.disc_start=1")
+    initial = _initial_discriminator(cfg)
+    assert not all(torch.equal(v, initial[k]) for k, v in models["discriminator"].items())
+    first, second = [r for r in rows if "rec" in r]
+    assert "d_loss" not in first  # step 0: before disc_start
+    assert {"rec", "g_loss", "d_loss", "logits_real", "logits_fake"} <= second.keys()

@@ -1,20 +1,20 @@
-"""The training-run skeleton both stages share, and the training loop.
+"""The services both stages' training loops use: the run folder, checkpoints, periodic work, stopping.
 
-A stage keeps only what is its own (its models, its step body, its export); `TrainingRun` does the rest:
-the run folder and its saved config, the Accelerator, the step counter, the metric history,
-checkpoints (write, resume), the loop (`TrainingRun.train`: micro-steps, the non-finite-loss policy,
-backward, clipping, optimizer, schedule and EMA steps, logs, periodic work, stops), then the
-metrics.json / run_info.json export.
+A stage writes its own loop and its own step, in the order it happens (stage_a_vae/train.py,
+stage_b_diffusion/train.py); `TrainingRun` keeps the rest: the run folder and its saved config, the
+Accelerator, the step counter, the metric history, checkpoints (write, resume), the non-finite-loss
+policy, logging, periodic work, clean stops, then the metrics.json / run_info.json export.
 
     run = TrainingRun(cfg, cfg.train, out, resume, stage="A")
     ... data, models and optimizers, on run.device ...
-    run.track(models={"vae": vae}, states={"opt": opt, "sched": sched}, ema=ema, ema_of=vae)
+    run.track(models={"vae": vae}, states={"opt": opt, "sched": sched}, ema=ema)
     state = run.resume()  # the checkpoint's training state (None for a fresh run)
-    run.train(micro_step, [Network(model, opt, sched)], desc="Stage A", periodic=[(every, action)], ...)
+    for step in run.steps(desc="Stage A", periodic=[(every, action)], ...):
+        for index in run.micro_steps(step, model):  # inside Accelerate's `accumulate`
+            ... forward, loss; `run.is_nonfinite(...)`; backward, clip, optimizer step ...
+        ... schedule and EMA steps ...
+        run.log(logs)
     run.finish(metrics={...}, run_info={...}, curves=[...])
-
-`micro_step(micro)` is the stage's step body for one micro-step: it computes each network's loss and
-yields it as an `Update`; the loop checks, back-propagates and applies it before asking for the next.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -36,57 +36,12 @@ from ldm_core.data.step_batches import StepBatches
 from ldm_core.training.checkpoints import META_FILE, CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from ldm_core.config.settings import TrainConfig
 from ldm_core.training.metric_history import MetricHistory, record_scalars
-from ldm_core.training.optimization import clip_gradients, drop_gradients
 from ldm_core.randomness import step_generator
-from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TimeBudget, interrupted
+from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TimeBudget, all_finite, interrupted
 from ldm_core.training.run_folder import RESUMES_FILE, environment_info, prepare_run_dir, unlock_run_dir, write_json
 from ldm_core.training.step_timer import StepTimer, Throughput
 
 logger = logging.getLogger("ldm.train")
-
-
-def _always(step: int) -> bool:
-    return True
-
-
-@dataclass(eq=False)  # compared by identity: the loop's networks are the stage's objects
-class Network:
-    """A network the loop updates, with its optimizer and LR schedule.
-
-    Parameters:
-        module: as prepared by Accelerate (DDP under several processes): entered in `accumulate`, and its
-            parameters are the ones clipped.
-        optimizer: as prepared; Accelerate's wrapper steps and clears only on a micro-step that syncs.
-        schedule: its LR schedule, stepped once per optimizer step by the loop (not by Accelerate), so
-            its meaning does not change with the number of processes.
-        log_grad_norm: log the pre-clip gradient norm as grad_norm and check it like a loss.
-        active: the steps it is updated at; its schedule advances on those only (Stage A's discriminator
-            from `loss.disc_start`).
-    """
-
-    module: torch.nn.Module
-    optimizer: Any
-    schedule: Any
-    log_grad_norm: bool = True
-    active: Callable[[int], bool] = _always
-
-
-@dataclass
-class MicroStep:
-    """One micro-step of an optimizer step, as the step body is given it."""
-
-    step: int  # the optimizer step (0-based): what the loss's own schedule (disc_start, warm-ups) follows
-    index: int  # step * gradient_accumulation_steps + micro: its batch and random draws are a function of it
-    logs: dict = field(default_factory=dict)  # the scalars it logs; the loop adds grad_norm
-
-
-@dataclass
-class Update:
-    """One network's loss in a micro-step, for the loop to check, back-propagate and apply."""
-
-    network: Network
-    loss: torch.Tensor
-    checked: dict[str, Any]  # checked for NaN/inf before backward, and named in the message: the loss and its terms
 
 
 class TrainingRun:
@@ -118,11 +73,11 @@ class TrainingRun:
         self._models: dict[str, torch.nn.Module] = {}
         self._states: dict[str, Any] = {}
         self._ema = None
-        self._ema_of: Optional[torch.nn.Module] = None
         self._extra_state: Callable[[], dict] = dict
         self._mismatch_advice = ""
         self._saved_step: Optional[int] = None
         self._bound: dict[str, str] = {}
+        self._logs: dict[str, Any] = {}
 
     # ---- what the stage asks of the run ------------------------------------------------------------
 
@@ -159,14 +114,12 @@ class TrainingRun:
                                   f"was started with, or start a new run in another --out folder.")
 
     def track(self, *, models: dict[str, torch.nn.Module], states: dict[str, Any], ema=None,
-              ema_of: Optional[torch.nn.Module] = None, extra_state: Callable[[], dict] = dict,
-              mismatch_advice: str = "") -> None:
+              extra_state: Callable[[], dict] = dict, mismatch_advice: str = "") -> None:
         """Name what a checkpoint holds: `models` (unwrapped modules, saved as safetensors), `states` (objects
-        with state_dict / load_state_dict: optimizers, LR schedules), the EMA (of `ema_of`'s parameters,
-        stepped by the loop after every optimizer step), and `extra_state()` (plain values).
+        with state_dict / load_state_dict: optimizers, LR schedules), the EMA, and `extra_state()` (plain values).
         `mismatch_advice` ends the message when a checkpoint's tensors do not fit these models."""
         self._models, self._states, self._extra_state = dict(models), dict(states), extra_state
-        self._ema, self._ema_of, self._mismatch_advice = ema, ema_of, mismatch_advice
+        self._ema, self._mismatch_advice = ema, mismatch_advice
 
     def resume(self) -> Optional[dict]:
         """Load the checkpoint being resumed into what `track` named; returns its training state (for the
@@ -226,20 +179,21 @@ class TrainingRun:
 
     # ---- the loop and the export ---------------------------------------------------------------------
 
-    def train(self, micro_step: Callable[[MicroStep], Iterable[Update]], networks: list[Network], *, desc: str,
-              periodic: list[tuple[int, Callable[[int], Any]]], lr: Callable[[], float],
-              postfix: Callable[[dict], dict], before_first_step: Optional[Callable[[], Any]] = None) -> None:
-        """Run optimizer steps until `train.max_steps`, the time budget or SIGINT/SIGTERM; one step reads top to bottom.
+    def steps(self, *, desc: str, periodic: list[tuple[int, Callable[[int], Any]]], lr: Callable[[], float],
+              postfix: Callable[[dict], dict], before_first_step: Optional[Callable[[], Any]] = None) -> Iterator[int]:
+        """The optimizer steps to run, until `train.max_steps`, the time budget or SIGINT/SIGTERM.
+
+        The stage's loop body writes the step itself (stage_a_vae/train.py, stage_b_diffusion/train.py) and
+        ends it with `log`; once the body returns, this counts the step, records the logs every
+        `train.log_every` steps, runs the periodic work and stops cleanly when asked.
 
         Parameters:
-            micro_step: the step body; yields each network's `Update` of one micro-step, in `networks` order.
-            networks: what the step updates.
             periodic: (every, action) pairs; action(step) runs after each step where step % every == 0.
             lr: the current learning rate, logged with each log line.
             postfix: the progress bar's postfix from the logged scalars.
             before_first_step: run once when the run starts at step 0 (a baseline validation).
         """
-        tc, acc, accum = self.train_cfg, self.accelerator, self.train_cfg.gradient_accumulation_steps
+        tc, acc = self.train_cfg, self.accelerator
         if self.is_main:
             # Weights & Biases gets the run's name and resolved config; TensorBoard writes RUN/logs/stage_x/.
             (self.run_dir / "logs").mkdir(exist_ok=True)
@@ -248,51 +202,20 @@ class TrainingRun:
         if self.step == 0 and before_first_step is not None:
             before_first_step()
         budget, timer = TimeBudget(tc.time_budget_minutes), StepTimer(self.device)  # the timer: step_time
-        throughput = Throughput(self._created, tc.batch_size * accum * acc.num_processes)
+        throughput = Throughput(self._created, tc.batch_size * tc.gradient_accumulation_steps * acc.num_processes)
         bar = tqdm(total=tc.max_steps, initial=self.step, desc=desc, disable=not (self.is_main and tc.progress_bar),
                    dynamic_ncols=True)
         with GracefulStop() as stop:
             while self.step < tc.max_steps:
                 throughput.step_starts()
                 timer.start()
-                step, skipped, logs = self.step, False, {}
-                for index in range(step * accum, (step + 1) * accum):
-                    # Every micro-step enters `accumulate`, a skipped one too, so Accelerate's count stays in phase.
-                    with acc.accumulate(*(network.module for network in networks)):
-                        if skipped:
-                            continue
-                        micro = MicroStep(step, index)
-                        logs = micro.logs
-                        for update in micro_step(micro):  # the body computes the next loss after this one is applied
-                            # Checked before backward, so a NaN/inf never reaches the weights (train.nonfinite_loss).
-                            if not self.nonfinite.ok(update.checked, step, acc):
-                                skipped = True
-                                break
-                            acc.backward(update.loss)
-                            if acc.sync_gradients:  # the accumulated gradients, clipped once per optimizer step
-                                norm = clip_gradients(acc, update.network.module.parameters(), tc.max_grad_norm)
-                                if update.network.log_grad_norm:
-                                    logs["grad_norm"] = norm
-                                    checked = {"grad_norm": norm, "loss": update.loss}
-                                    # An inf norm under fp16 is routine: the grad scaler skips that step itself.
-                                    if acc.scaler is None and not self.nonfinite.ok(checked, step, acc):
-                                        skipped = True
-                                        break
-                            update.network.optimizer.step()
-                            update.network.optimizer.zero_grad(set_to_none=True)
-                if skipped:  # the step counter, schedules and EMA still advance, so the next batch is fresh
-                    drop_gradients(*(network.optimizer for network in networks))
-                    logs["nonfinite_skips"] = self.nonfinite.skipped
-                for network in networks:
-                    if network.active(step):
-                        network.schedule.step()
-                if self._ema is not None:
-                    self._ema.step(self._ema_of.parameters())
+                self._logs = {}
+                yield self.step
                 self.step += 1
                 timer.stop()
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                    logs["step_time"] = timer.mean_and_reset()
-                    bar.set_postfix(postfix(record_scalars(acc, self.history, self.step, logs, lr())))
+                    self._logs["step_time"] = timer.mean_and_reset()
+                    bar.set_postfix(postfix(record_scalars(acc, self.history, self.step, self._logs, lr())))
                 bar.update(1)
                 for every, action in periodic:  # validation, samples, checkpoints
                     if self.step % every == 0:
@@ -307,6 +230,27 @@ class TrainingRun:
                     break
         bar.close()
         self.timing.update(throughput.timing())
+
+    def micro_steps(self, step: int, *modules: torch.nn.Module) -> Iterator[int]:
+        """The micro-step indices of optimizer step `step` (its batches and random draws are functions of them),
+        each inside Accelerate's `accumulate` of `modules`, which syncs gradients on the last one only."""
+        accum = self.train_cfg.gradient_accumulation_steps
+        for index in range(step * accum, (step + 1) * accum):
+            with self.accelerator.accumulate(*modules):
+                yield index
+
+    def is_nonfinite(self, values: dict[str, Any], step: int) -> bool:
+        """True when any of `values` (a loss, its terms, a gradient norm) is NaN or inf on any process; then
+        `train.nonfinite_loss` decides: stop raises here, skip counts the step (ldm_core/training/stopping.py).
+        Checked before backward or the optimizer step, so a bad value never reaches the weights."""
+        if all_finite(values, self.accelerator):
+            return False
+        self.nonfinite.skip_or_stop(values, step)
+        return True
+
+    def log(self, logs: dict[str, Any]) -> None:
+        """The step's scalars, recorded (every `train.log_every` steps) once the step ends."""
+        self._logs.update(logs)
 
     def finish(self, *, metrics: dict, run_info: dict, curves: tuple[list[str], str]) -> None:
         """Write the loss curves, metrics.json and run_info.json (main process), then close the trackers."""

@@ -1,7 +1,8 @@
 """How a training run stops: the time budget, SIGINT/SIGTERM, and NaN/inf losses.
 
-The training loop (`TrainingRun.train`, ldm_core/training/run.py) checks `NonFiniteLossPolicy.ok` before
-every backward, and `GracefulStop.requested` and `TimeBudget.ends_run` after every optimizer step. Under
+Each stage's loop checks its losses with `TrainingRun.is_nonfinite` (ldm_core/training/run.py: `all_finite`,
+then `NonFiniteLossPolicy.skip_or_stop`) before every backward, and `TrainingRun.steps` asks
+`GracefulStop.requested` and `TimeBudget.ends_run` after every optimizer step. Under
 several processes each decision is all-reduced, so every process stops (or skips) at the same step and
 none is left waiting in a collective.
 """
@@ -94,17 +95,15 @@ class NonFiniteLossPolicy:
             raise ValueError(f"train.nonfinite_loss must be stop or skip, not {mode!r}.")
         self.mode, self.max_skips, self.skipped = mode, max_skips, skipped
 
-    def ok(self, values: dict[str, Any], step: int, accelerator=None) -> bool:
-        """True when every value is finite on every process; otherwise raise (stop) or return False (skip).
+    def skip_or_stop(self, values: dict[str, Any], step: int) -> None:
+        """A non-finite value was found (here or on another process): raise (stop, or no skips left), or
+        count the step as skipped. Every process calls it at the same step, so all take the same decision.
 
         Parameters:
-            values: name -> scalar tensor or number (the loss and its logged terms).
+            values: name -> scalar tensor or number (the loss and its logged terms), named in the message.
             step: the optimizer step being computed (0-based), named in the message.
-            accelerator: the run's Accelerator (None: single process).
         """
         local_bad = not all(_is_finite(v) for v in values.values())
-        if not _any_process(local_bad, accelerator):
-            return True
         terms = _format_terms(values) if local_bad else "finite here, non-finite on another process"
         if self.mode == "stop":
             raise FloatingPointError(f"Non-finite loss at step {step}: {terms}. {_NONFINITE_ADVICE} To skip such "
@@ -116,7 +115,12 @@ class NonFiniteLossPolicy:
         self.skipped += 1
         logger.warning("Non-finite loss at step %d: %s. Skipping this step (%d of at most %d, "
                        "train.max_nonfinite_skips).", step, terms, self.skipped, self.max_skips)
-        return False
+
+
+def all_finite(values: dict[str, Any], accelerator=None) -> bool:
+    """True when every value is finite on every process (an all-reduce under several processes: every
+    process must call it at the same point)."""
+    return not _any_process(not all(_is_finite(v) for v in values.values()), accelerator)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

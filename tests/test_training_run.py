@@ -1,0 +1,120 @@
+"""`TrainingRun` on its own (ldm_core/training/run.py), driving a toy regression written as the stages write
+their loops: steps and micro-steps, logging, periodic work, the non-finite policy, checkpoints and resume,
+and a clean stop on a signal."""
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from ldm_core.config.settings import TrainConfig, fingerprint
+from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint
+from ldm_core.training.optimization import make_lr_scheduler
+from ldm_core.training.run import TrainingRun
+from ldm_core.training.stopping import TrainingInterrupted
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@dataclass
+class ToyConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def model_fingerprint(self) -> str:
+        return fingerprint("toy")
+
+
+def _config(**train) -> ToyConfig:
+    values = dict(batch_size=4, max_steps=6, lr=0.05, lr_warmup_steps=0, log_every=1, checkpoint_every=1000,
+                  progress_bar=False)
+    values.update(train)
+    return ToyConfig(TrainConfig(**values))
+
+
+def toy_run(cfg: ToyConfig, out, resume=None, *, bad_steps=(), on_micro_step=None, periodic_every=2):
+    """Fit y = 3x with one weight; returns the run, the weight, what the loop saw."""
+    run = TrainingRun(cfg, cfg.train, out, resume, stage="A")
+    tc, acc = cfg.train, run.accelerator
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=tc.lr)
+    schedule = make_lr_scheduler(optimizer, tc)
+    model, optimizer = acc.prepare(model, optimizer)
+    run.track(models={"model": model}, states={"optimizer": optimizer, "schedule": schedule})
+    run.resume()
+    seen = {"indices": [], "synced": [], "periodic": []}
+    for step in run.steps(desc="toy", lr=lambda: schedule.get_last_lr()[0], postfix=lambda s: {},
+                          periodic=[(periodic_every, seen["periodic"].append),
+                                    (tc.checkpoint_every, lambda step: run.write_checkpoint())]):
+        logs, skipped = {}, False
+        for index in run.micro_steps(step, model):
+            if skipped:
+                continue
+            if on_micro_step is not None:
+                on_micro_step(index)
+            x = torch.randn(tc.batch_size, 1, generator=run.generator(index))
+            loss = (model(x) - 3 * x).pow(2).mean()
+            if step in bad_steps:
+                loss = loss * float("nan")
+            logs["loss"] = loss.detach()
+            seen["indices"].append(index)
+            if run.is_nonfinite({"loss": loss}, step):
+                skipped = True
+                continue
+            acc.backward(loss)
+            seen["synced"].append(acc.sync_gradients)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        run.log(logs)
+    run.write_checkpoint()
+    run.finish(metrics={}, run_info={}, curves=(["loss"], "toy"))
+    return run, float(model.weight), seen
+
+
+def test_steps_and_micro_steps_follow_the_config_and_accumulate_syncs_once_per_step(tmp_path):
+    run, weight, seen = toy_run(_config(max_steps=3, gradient_accumulation_steps=2), tmp_path / "run")
+    assert seen["indices"] == [0, 1, 2, 3, 4, 5]  # step s owns micro-steps 2s and 2s + 1
+    assert seen["synced"] == [False, True] * 3
+    assert run.step == 3 and seen["periodic"] == [2]
+    losses = [row["loss"] for row in run.history.rows if "loss" in row]
+    assert len(losses) == 3 and losses[-1] < losses[0]  # logged every step, and learning
+    assert all("step_time" in row for row in run.history.rows if "loss" in row)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    _, full, _ = toy_run(_config(), tmp_path / "full")
+    toy_run(_config(max_steps=4), tmp_path / "part")
+    run, resumed, seen = toy_run(_config(), tmp_path / "part", resume="latest")
+    assert seen["indices"] == [4, 5]  # only the steps after the checkpoint
+    assert resumed == full and run.step == 6
+
+
+def test_a_skipped_step_leaves_the_weights_counts_and_the_count_survives_a_resume(tmp_path):
+    cfg = _config(max_steps=3, nonfinite_loss="skip", max_nonfinite_skips=2)
+    run, _, seen = toy_run(cfg, tmp_path / "run", bad_steps={1})
+    assert run.nonfinite.skipped == 1 and seen["synced"] == [True, True]  # step 1 never reached backward
+    assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1]).state["nonfinite_skips"] == 1
+    run, _, _ = toy_run(_config(max_steps=5, nonfinite_loss="skip", max_nonfinite_skips=2), tmp_path / "run",
+                        resume="latest", bad_steps={3})
+    assert run.nonfinite.skipped == 2
+
+
+def test_a_nonfinite_loss_stops_the_run_by_default_naming_the_step(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 2: loss=nan"):
+        toy_run(_config(), tmp_path / "run", bad_steps={2})
+
+
+def test_sigterm_ends_the_step_in_flight_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
+    def signal_at(index):
+        if index == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match=r"SIGTERM after step 3 of 6.*--resume latest"):
+        toy_run(_config(), tmp_path / "run", on_micro_step=signal_at)
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000003"]
+    _, resumed, _ = toy_run(_config(), tmp_path / "run", resume="latest")
+    _, full, _ = toy_run(_config(), tmp_path / "full")
+    assert resumed == full
