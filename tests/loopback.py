@@ -37,6 +37,99 @@ def serving(handler_class):
         server.server_close()
 
 
+class _HubHandler(BaseHTTPRequestHandler):
+    """The Hub's answers for one `FakeHub` (the class attribute `hub`, set by `FakeHub.running`)."""
+
+    hub: "FakeHub"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_HEAD(self):
+        self._answer(head=True)
+
+    def do_GET(self):
+        self._answer(head=False)
+
+    def _json(self, value, status=200):
+        body = json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _not_found(self, kind="Repo"):
+        body = json.dumps({"error": f"{kind} not found"}).encode()
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound" if kind == "Repo" else "EntryNotFound")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _answer(self, head: bool):
+        path = unquote(urlparse(self.path).path).strip("/").split("/")
+        if path[:2] in (["api", "models"], ["api", "datasets"]):
+            return self._api(path[1][:-1], path[2:])
+        repo_type = "model"
+        if path[:1] == ["datasets"]:
+            repo_type, path = "dataset", path[1:]
+        # /[datasets/]{org}/{name}/resolve/{revision}/{file...}
+        if len(path) >= 5 and path[2] == "resolve":
+            repo_id = "/".join(path[:2])
+            if (repo_type, repo_id) not in self.hub.repos:
+                return self._not_found()
+            commit, files = self.hub.repos[(repo_type, repo_id)]
+            name = "/".join(path[4:])
+            if name not in files:
+                return self._not_found("Entry")
+            data = files[name]
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if not head:
+                self.hub.served.append(f"{repo_id}/{name}")
+                self.wfile.write(data)
+            return None
+        self.hub.unanswered.append(self.path)
+        return self._not_found()
+
+    def _api(self, repo_type: str, rest: list[str]):
+        repo_id = "/".join(rest[:2])
+        if (repo_type, repo_id) not in self.hub.repos:
+            return self._not_found()
+        commit, files = self.hub.repos[(repo_type, repo_id)]
+        if len(rest) >= 4 and rest[2] == "tree":  # the whole tree, or one folder of it
+            prefix = "/".join(rest[4:])
+            recursive = "recursive=true" in self.path.lower() or "recursive=1" in self.path
+            entries, folders = [], set()
+            for p, d in sorted(files.items()):
+                if prefix and not p.startswith(prefix + "/"):
+                    continue
+                rel = p[len(prefix) + 1:] if prefix else p
+                if "/" in rel and not recursive:
+                    folders.add((prefix + "/" if prefix else "") + rel.split("/")[0])
+                    continue
+                entries.append({"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()})
+            if recursive:
+                for p in files:
+                    parts = p.split("/")[:-1]
+                    folders.update("/".join(parts[:k]) for k in range(1, len(parts) + 1)
+                                   if "/".join(parts[:k]).startswith(prefix))
+            entries += [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in sorted(folders)
+                        if f != prefix]
+            return self._json(entries)
+        if len(rest) >= 3 and rest[2] not in ("revision",):
+            self.hub.unanswered.append(self.path)
+            return self._not_found("Entry")
+        return self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
+                           "siblings": [{"rfilename": p} for p in sorted(files)],
+                           "lastModified": "2026-12-01T00:00:00.000Z", "cardData": {}, "tags": []})
+
+
 class FakeHub:
     """Repositories held in memory: `add(repo_id, {path: bytes})` makes one commit of them (a model
     repository, or a dataset repository with `repo_type="dataset"`)."""
@@ -54,97 +147,8 @@ class FakeHub:
 
     @contextmanager
     def running(self):
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def do_HEAD(self):
-                self._answer(head=True)
-
-            def do_GET(self):
-                self._answer(head=False)
-
-            def _json(self, value, status=200):
-                body = json.dumps(value).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _not_found(self, kind="Repo"):
-                body = json.dumps({"error": f"{kind} not found"}).encode()
-                self.send_response(404)
-                self.send_header("X-Error-Code", "RepoNotFound" if kind == "Repo" else "EntryNotFound")
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _answer(self, head: bool):
-                path = unquote(urlparse(self.path).path).strip("/").split("/")
-                if path[:2] in (["api", "models"], ["api", "datasets"]):
-                    return self._api(path[1][:-1], path[2:])
-                repo_type = "model"
-                if path[:1] == ["datasets"]:
-                    repo_type, path = "dataset", path[1:]
-                # /[datasets/]{org}/{name}/resolve/{revision}/{file...}
-                if len(path) >= 5 and path[2] == "resolve":
-                    repo_id = "/".join(path[:2])
-                    if (repo_type, repo_id) not in hub.repos:
-                        return self._not_found()
-                    commit, files = hub.repos[(repo_type, repo_id)]
-                    name = "/".join(path[4:])
-                    if name not in files:
-                        return self._not_found("Entry")
-                    data = files[name]
-                    self.send_response(200)
-                    self.send_header("X-Repo-Commit", commit)
-                    self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if not head:
-                        hub.served.append(f"{repo_id}/{name}")
-                        self.wfile.write(data)
-                    return None
-                hub.unanswered.append(self.path)
-                return self._not_found()
-
-            def _api(self, repo_type: str, rest: list[str]):
-                repo_id = "/".join(rest[:2])
-                if (repo_type, repo_id) not in hub.repos:
-                    return self._not_found()
-                commit, files = hub.repos[(repo_type, repo_id)]
-                if len(rest) >= 4 and rest[2] == "tree":  # the whole tree, or one folder of it
-                    prefix = "/".join(rest[4:])
-                    recursive = "recursive=true" in self.path.lower() or "recursive=1" in self.path
-                    entries, folders = [], set()
-                    for p, d in sorted(files.items()):
-                        if prefix and not p.startswith(prefix + "/"):
-                            continue
-                        rel = p[len(prefix) + 1:] if prefix else p
-                        if "/" in rel and not recursive:
-                            folders.add((prefix + "/" if prefix else "") + rel.split("/")[0])
-                            continue
-                        entries.append({"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()})
-                    if recursive:
-                        for p in files:
-                            parts = p.split("/")[:-1]
-                            folders.update("/".join(parts[:k]) for k in range(1, len(parts) + 1)
-                                           if "/".join(parts[:k]).startswith(prefix))
-                    entries += [{"type": "directory", "path": f, "oid": "0" * 40, "size": 0} for f in sorted(folders)
-                                if f != prefix]
-                    return self._json(entries)
-                if len(rest) >= 3 and rest[2] not in ("revision",):
-                    hub.unanswered.append(self.path)
-                    return self._not_found("Entry")
-                return self._json({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                                   "siblings": [{"rfilename": p} for p in sorted(files)],
-                                   "lastModified": "2026-12-01T00:00:00.000Z", "cardData": {}, "tags": []})
-
-        with serving(Handler) as url:
+        handler = type("HubHandler", (_HubHandler,), {"hub": self})
+        with serving(handler) as url:
             yield url
 
 
