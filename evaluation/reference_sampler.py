@@ -33,6 +33,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DModel
 
 from ldm_core.models.latent_scale import unscale_latents
+from ldm_core.sampling import DEFAULT_SAMPLING_STEPS
 
 
 def alphas_cumprod_from_config(config: dict) -> torch.Tensor:
@@ -127,7 +128,7 @@ def dpm_solver_pp_2m(unet: UNet2DModel, noise: torch.Tensor, alphas_cumprod: tor
 
 
 @torch.no_grad()
-def sample_saved_pipeline(folder: Union[str, Path], noise: torch.Tensor, num_steps: int = 20,
+def sample_saved_pipeline(folder: Union[str, Path], noise: torch.Tensor, num_steps: int = DEFAULT_SAMPLING_STEPS,
                           class_labels: Optional[torch.Tensor] = None, guidance_scale: float = 1.0) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] from a saved pipeline folder, through plain diffusers.
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ldm_core.config.architectures import check_architecture
-from ldm_core.config.settings import (FINGERPRINTED, RESUMABLE, DataConfig, EMAConfig, TrainConfig, _require,
-                                      check_relative_path, fingerprint, fingerprint_parts, redefault)
+from ldm_core.config.settings import (FINGERPRINTED, RESUMABLE, ConfigError, DataConfig, EMAConfig, TrainConfig,
+                                      _require, check_relative_path, fingerprint, fingerprint_parts, redefault)
+from ldm_core.sampling import DEFAULT_SAMPLING_STEPS, check_sampling_arguments
 
 
 @dataclass
@@ -74,13 +75,29 @@ class DiffusionConfig:
                  "a positive integer")
 
 
-def check_sampling(section: str, scheduler: str, num_inference_steps: int, seed: int) -> None:
-    """The sampler settings every sampling section shares: a known sampler, at least one step, a seed >= 0."""
+def check_sampling(section: str, scheduler: str, seed: int) -> None:
+    """The sampler settings every sampling section shares: a known sampler, a seed >= 0."""
     from stage_b_diffusion.noise_schedule import SAMPLERS  # imports diffusers' schedulers only when checked
 
     _require(scheduler in SAMPLERS, f"{section}.scheduler", scheduler, f"one of {', '.join(SAMPLERS)}")
-    _require(num_inference_steps > 0, f"{section}.num_inference_steps", num_inference_steps, "a positive integer")
     _require(seed >= 0, f"{section}.seed", seed, "0 or more")
+
+
+def check_sampling_settings(section: str, *, num_inference_steps: int, num_train_timesteps: int, timesteps_key: str,
+                            guidance_scale: float = 1.0, conditional: bool = True, classes_key: str = "") -> None:
+    """A section's steps (and guidance) against the model the config trains, by the rules the pipeline
+    applies when it samples (`ldm_core.sampling.check_sampling_arguments`), as a ConfigError naming the keys.
+
+    `timesteps_key` and `classes_key` name the keys that set the bounds, e.g. "diffusion.num_train_timesteps"
+    and "stage_b.model.num_classes > 0".
+    """
+    names = {"num_inference_steps": f"{section}.num_inference_steps", "guidance_scale": f"{section}.guidance_scale",
+             "num_train_timesteps": timesteps_key, **({"conditional": classes_key} if classes_key else {})}
+    try:
+        check_sampling_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                 num_train_timesteps=num_train_timesteps, conditional=conditional, names=names)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -88,7 +105,7 @@ class SamplingConfig:
     """Sample grids drawn from the EMA weights during training, with a fixed seed, and sample scores."""
 
     scheduler: str = "dpmsolver++"
-    num_inference_steps: int = 20
+    num_inference_steps: int = DEFAULT_SAMPLING_STEPS  # at most diffusion.num_train_timesteps (StageBConfig)
     grid_images: int = 16
     sample_every: int = 500
     seed: int = 0
@@ -99,7 +116,7 @@ class SamplingConfig:
     metrics_images: int = 64
 
     def __post_init__(self) -> None:
-        check_sampling("sampling", self.scheduler, self.num_inference_steps, self.seed)
+        check_sampling("sampling", self.scheduler, self.seed)
         _require(self.grid_images > 0, "sampling.grid_images", self.grid_images, "a positive integer")
         _require(self.sample_every > 0, "sampling.sample_every", self.sample_every, "a positive integer")
         _require(self.metrics_every >= 0, "sampling.metrics_every", self.metrics_every, "0 (off) or a positive integer")
@@ -146,9 +163,9 @@ class StageBConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata=RESUMABLE)
 
     def __post_init__(self) -> None:
-        _require(self.sampling.num_inference_steps <= self.diffusion.num_train_timesteps,
-                 "sampling.num_inference_steps", self.sampling.num_inference_steps,
-                 f"at most diffusion.num_train_timesteps={self.diffusion.num_train_timesteps}")
+        check_sampling_settings("sampling", num_inference_steps=self.sampling.num_inference_steps,
+                                num_train_timesteps=self.diffusion.num_train_timesteps,
+                                timesteps_key="diffusion.num_train_timesteps")
 
     def model_fingerprint(self) -> str:
         """Hash of what a Stage B checkpoint's tensors depend on (the fields marked FINGERPRINTED: model,

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ldm_core.config.settings import _require
+from ldm_core.sampling import DEFAULT_SAMPLING_STEPS
 from stage_a_vae.config import StageAConfig
-from stage_b_diffusion.config import StageBConfig, check_sampling
+from stage_b_diffusion.config import StageBConfig, check_sampling, check_sampling_settings
 
 
 @dataclass
@@ -15,7 +16,7 @@ class EvaluationConfig:
 
     num_images: int = 64  # images generated from noise
     scheduler: str = "dpmsolver++"
-    num_inference_steps: int = 20
+    num_inference_steps: int = DEFAULT_SAMPLING_STEPS  # configs/demo.yaml sets 50
     seed: int = 0
     # Classifier-free guidance weight for a class-conditional Stage B (stage_b.model.num_classes > 0), whose
     # images then cycle through the classes; 1 = the plain conditional model.
@@ -23,9 +24,8 @@ class EvaluationConfig:
     recon_images: int = 256  # held-out shapes in each reconstruction benchmark (training and held-out colours)
 
     def __post_init__(self) -> None:
-        check_sampling("evaluation", self.scheduler, self.num_inference_steps, self.seed)
+        check_sampling("evaluation", self.scheduler, self.seed)
         _require(self.num_images > 0, "evaluation.num_images", self.num_images, "a positive integer")
-        _require(self.guidance_scale >= 0, "evaluation.guidance_scale", self.guidance_scale, "0 or more (1 = no guidance)")
         # Standard deviations need two images.
         _require(self.recon_images >= 2, "evaluation.recon_images", self.recon_images, "a whole number of at least 2")
 
@@ -37,12 +37,12 @@ class LDMConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
-        timesteps = self.stage_b.diffusion.num_train_timesteps
-        _require(self.evaluation.num_inference_steps <= timesteps, "evaluation.num_inference_steps",
-                 self.evaluation.num_inference_steps, f"at most stage_b.diffusion.num_train_timesteps={timesteps}")
-        _require(self.evaluation.guidance_scale == 1.0 or self.stage_b.model.num_classes > 0,
-                 "evaluation.guidance_scale", self.evaluation.guidance_scale,
-                 "1 for an unconditional Stage B (guidance needs stage_b.model.num_classes > 0)")
+        check_sampling_settings("evaluation", num_inference_steps=self.evaluation.num_inference_steps,
+                                num_train_timesteps=self.stage_b.diffusion.num_train_timesteps,
+                                timesteps_key="stage_b.diffusion.num_train_timesteps",
+                                guidance_scale=self.evaluation.guidance_scale,
+                                conditional=self.stage_b.model.num_classes > 0,
+                                classes_key="stage_b.model.num_classes > 0")
         _require(self.stage_a.data.resolution == self.stage_b.data.resolution, "stage_b.data.resolution",
                  self.stage_b.data.resolution, f"stage_a.data.resolution={self.stage_a.data.resolution}: the U-Net "
                  f"learns the VAE's latents of the same images")
