@@ -265,3 +265,84 @@ def test_hand_written_sampler_reproduces_guided_class_conditional_sampling(tmp_p
     assert (latents(labels.roll(1), 3.0) - our_latents).abs().max() > 1e-2
     with pytest.raises(ValueError, match="class-conditional U-Net: give class_labels"):
         sample_saved_pipeline(tmp_path, noise, num_steps=10)
+
+
+# ----------------------------------------------------------------------------- each check once, one default
+
+
+def _count_calls(monkeypatch, *functions) -> dict:
+    """Replace each function, wherever one of the project's modules holds it, by one that counts its calls."""
+    import sys
+
+    counts = dict.fromkeys((f.__name__ for f in functions), 0)
+    for function in functions:
+        def counting(*args, _function=function, **kwargs):
+            counts[_function.__name__] += 1
+            return _function(*args, **kwargs)
+
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] in ("ldm_core", "pipelines", "workflows", "evaluation", "stage_b_diffusion") \
+                    and getattr(module, function.__name__, None) is function:
+                monkeypatch.setattr(module, function.__name__, counting)
+    return counts
+
+
+def _checks(monkeypatch) -> dict:
+    from ldm_core import sampling
+    from ldm_core.models import pipeline_folders, pretrained
+    from workflows import generate
+
+    return _count_calls(monkeypatch, sampling.check_sampling_arguments, sampling.class_ids_for,
+                        pipeline_folders.check_model_index, pretrained.check_model_folder, pretrained.read_model_config,
+                        pretrained.check_model_weights, pipeline_folders.check_pipeline_parts,
+                        generate.check_generate_counts, generate.check_output_folder)
+
+
+def test_ldm_generate_checks_every_flag_and_the_folder_once(tmp_path, monkeypatch):
+    """However many batches: the flags against the saved folder before it is loaded, the folder's files
+    before it is loaded (loading does not read them again), the parts where the pipeline is built."""
+    from workflows.cli import main
+
+    make_pipeline(num_classes=2).save_pretrained(tmp_path / "pipe")
+    counts = _checks(monkeypatch)
+    assert main(["generate", "--model", str(tmp_path / "pipe"), "--num-images", "3", "--batch-size", "1",
+                 "--steps", "1", "--class", "class1", "--guidance-scale", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert len(list((tmp_path / "out").glob("image_*.png"))) == 3
+    assert counts == {"check_sampling_arguments": 1, "class_ids_for": 1, "check_model_index": 1,
+                      "check_model_folder": 1, "read_model_config": 2, "check_model_weights": 2,  # vae/, unet/
+                      "check_pipeline_parts": 1, "check_generate_counts": 1, "check_output_folder": 1}
+
+
+def test_python_callers_are_checked_once_per_call(tmp_path, monkeypatch):
+    make_pipeline(num_classes=2).save_pretrained(tmp_path / "pipe")
+    counts = _checks(monkeypatch)
+    pipe = LatentDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    assert (counts["check_model_folder"], counts["check_model_weights"], counts["check_pipeline_parts"]) == (1, 2, 1)
+    generate_images(pipe, 3, seed=0, batch_size=1, num_inference_steps=1, out_dir=tmp_path / "out")
+    assert (counts["check_sampling_arguments"], counts["class_ids_for"], counts["check_output_folder"]) == (1, 1, 1)
+    run(pipe, [0, 1], class_labels="class1")
+    assert (counts["check_sampling_arguments"], counts["class_ids_for"]) == (2, 2)
+
+
+def test_one_default_number_of_sampling_steps():
+    """`ldm generate --steps`, the pipeline's __call__, both configs' sections and the reference sampler share
+    DEFAULT_SAMPLING_STEPS; the demo's preset asks for 50 evaluation steps itself."""
+    import inspect
+    from pathlib import Path
+
+    from evaluation.reference_sampler import sample_saved_pipeline
+    from ldm_core.config.settings import load_config
+    from ldm_core.sampling import DEFAULT_SAMPLING_STEPS
+    from workflows.cli import build_parser
+    from workflows.config import LDMConfig
+
+    assert DEFAULT_SAMPLING_STEPS == 20
+    assert inspect.signature(LatentDiffusionPipeline.__call__).parameters["num_inference_steps"].default == 20
+    assert inspect.signature(sample_saved_pipeline).parameters["num_steps"].default == 20
+    assert build_parser().parse_args(["generate", "--model", "m", "--out", "o"]).steps == 20
+    config = LDMConfig()
+    assert config.stage_b.sampling.num_inference_steps == config.evaluation.num_inference_steps == 20
+    demo = load_config(LDMConfig, Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert demo.evaluation.num_inference_steps == 50 and demo.stage_b.sampling.num_inference_steps == 20

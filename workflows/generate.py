@@ -16,7 +16,9 @@ A label is the class name, or the class id when the model's classes have no name
 The images, grid.png and labels.json of one run always belong together, because `ldm eval-samples`
 scores whatever image files a folder holds:
 
-- every argument is checked against the model's files before anything is loaded or written;
+- every argument is checked once, before anything is written: `ldm generate` checks its flags against the
+  model's files before it loads the model, `generate_images` its arguments against the loaded pipeline,
+  and the batches are then drawn without checking them again;
 - an output folder that already holds files is refused unless `overwrite` (`--overwrite`) is given, and
   then only the files an earlier `ldm generate` wrote there (image_NNNNN.png, grid.png, labels.json) are
   replaced; other files are kept;
@@ -43,24 +45,27 @@ from PIL import Image
 from ldm_core.atomic_files import write_atomic
 from ldm_core.images.grids import save_grid
 from ldm_core.models.hub import PIPELINE, resolve_model_argument
+from ldm_core.models.pipeline_folders import inspect_pipeline_folder
 from ldm_core.randomness import image_generator
 from ldm_core.sample_folder import GRID_FILE, IMAGE_NAME, LABELS_FILE, SCORES_FILE, image_file_name
-from pipelines.latent_diffusion import (LatentDiffusionPipeline, PipelineFolder, check_sampling_arguments,
-                                        class_ids_for, inspect_pipeline_folder)
+from ldm_core.sampling import DEFAULT_SAMPLING_STEPS, check_sampling_arguments, class_ids_for
+from pipelines.latent_diffusion import LatentDiffusionPipeline
 from stage_b_diffusion.noise_schedule import SAMPLERS, make_sampler, sampler_name
 
 __all__ = ["LABELS_FILE", "GRID_FILE", "generate_images", "image_file_name", "write_labels_file", "save_grid",
-           "add_arguments", "check_output_folder", "generated_files", "main", "resolve_device"]
+           "add_arguments", "check_generate_counts", "check_output_folder", "check_sampling_request",
+           "generated_files", "main", "resolve_device"]
 
 logger = logging.getLogger("ldm.generate")
 
 _STAGING_SUFFIX = ".ldm-generate-partial"
 # How arguments are named in messages: Python keywords by default, flags for the command line.
 _API_NAMES = {"out": "out_dir", "overwrite": "overwrite=True", "num_images": "num_images",
-              "batch_size": "batch_size", "seed": "seed"}
+              "batch_size": "batch_size", "seed": "seed", "num_inference_steps": "num_inference_steps",
+              "guidance_scale": "guidance_scale", "eta": "eta", "class_labels": "class_labels"}
 _FLAGS = {"out": "--out", "overwrite": "--overwrite", "num_images": "--num-images", "batch_size": "--batch-size",
           "seed": "--seed", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "eta": "--eta",
-          "class": "--class"}
+          "class_labels": "--class"}
 
 
 def generated_files(folder: Union[str, Path]) -> list[Path]:
@@ -125,21 +130,40 @@ def check_generate_counts(*, num_images, batch_size, seed, names: Optional[dict]
             raise ValueError(f"{label[key]} must be a whole number of at least {low}, got {value!r}.")
 
 
+def check_sampling_request(*, num_images: int, class_labels, num_inference_steps, guidance_scale, eta,
+                           num_train_timesteps: Optional[int], num_classes: int, class_names: Optional[Sequence[str]],
+                           names: Optional[dict] = None) -> Optional[list[int]]:
+    """Check the sampling settings and every image's class against the model; return each image's class id.
+
+    The rules are the pipeline's (`ldm_core.sampling`); this applies them to a whole run, from the model's
+    training steps, class count and class names alone, so `ldm generate` can run it on a saved folder
+    before loading it. `class_labels` as for `generate_images`; `names` as for `check_output_folder`.
+
+    Returns the class id of images 0..num_images-1, or None for an unconditional model.
+    """
+    label = {**_API_NAMES, **(names or {})}
+    check_sampling_arguments(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                             num_train_timesteps=num_train_timesteps, conditional=bool(num_classes),
+                             names={key: label[key] for key in ("num_inference_steps", "guidance_scale", "eta")})
+    requested = _requested_labels(class_labels, num_images, num_classes)
+    return class_ids_for(requested, num_images, num_classes, class_names, option=label["class_labels"])
+
+
 def _staging_folder(out_dir: Path) -> Path:
     """Beside out_dir, on the same file system, so moving it into place is a rename."""
     return out_dir.parent / f".{out_dir.name}{_STAGING_SUFFIX}"
 
 
-def _labels_for(indices: Sequence[int], class_labels, num_images: int, num_classes: int) -> Optional[list]:
-    """Per-image labels: None, one label for all, one per image, or (conditional model, none given) i mod K."""
+def _requested_labels(class_labels, num_images: int, num_classes: int) -> Optional[list]:
+    """Each image's label: None, one label for all, one per image, or (conditional model, none given) i mod K."""
     if class_labels is None:
-        return [i % num_classes for i in indices] if num_classes else None
+        return [i % num_classes for i in range(num_images)] if num_classes else None
     if isinstance(class_labels, (int, str)):
-        return [class_labels] * len(indices)
+        return [class_labels] * num_images
     class_labels = list(class_labels)
     if len(class_labels) != num_images:
         raise ValueError(f"Got {len(class_labels)} class labels for {num_images} images; give one label or one per image.")
-    return [class_labels[i] for i in indices]
+    return class_labels
 
 
 def write_labels_file(out_dir: Union[str, Path], labels: dict[str, Union[str, int]],
@@ -197,11 +221,21 @@ def generate_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed:
     Returns the paths of all num_images PNG files (they exist once the main process has returned).
     """
     check_generate_counts(num_images=num_images, batch_size=batch_size, seed=seed)
-    pipeline.check_inputs(num_inference_steps, guidance_scale, eta)
-    # Resolve every image's class before any work, so a bad name fails fast with the pipeline's message.
-    requested = _labels_for(range(num_images), class_labels, num_images, pipeline.num_classes)
-    class_ids = pipeline.resolve_class_labels(requested, num_images)
+    class_ids = check_sampling_request(num_images=num_images, class_labels=class_labels,
+                                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                                       num_train_timesteps=pipeline.scheduler.config.get("num_train_timesteps"),
+                                       num_classes=pipeline.num_classes, class_names=pipeline.config.class_names)
     out_dir = check_output_folder(out_dir, overwrite)
+    return _draw_images(pipeline, num_images, seed=seed, batch_size=batch_size,
+                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                        class_ids=class_ids, out_dir=out_dir, accelerator=accelerator)
+
+
+def _draw_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed: int, batch_size: int,
+                 num_inference_steps: int, guidance_scale: float, eta: float, class_ids: Optional[list[int]],
+                 out_dir: Path, accelerator) -> list[Path]:
+    """`generate_images` once its arguments are checked: the pipeline is called batch by batch with
+    `inputs_checked=True`, so nothing is checked twice."""
     is_main = accelerator is None or accelerator.is_main_process
     staging = _staging_folder(out_dir)
     names = [image_file_name(i) for i in range(num_images)]
@@ -218,8 +252,8 @@ def generate_images(pipeline: LatentDiffusionPipeline, num_images: int, *, seed:
             images = pipeline(
                 batch_size=len(chunk), num_inference_steps=num_inference_steps,
                 generator=[image_generator(seed, i) for i in chunk], eta=eta, output_type="pil",
-                class_labels=_labels_for(chunk, class_labels, num_images, pipeline.num_classes),
-                guidance_scale=guidance_scale).images
+                class_labels=None if class_ids is None else [class_ids[i] for i in chunk],
+                guidance_scale=guidance_scale, inputs_checked=True).images
             for i, image in zip(chunk, images):
                 image.save(staging / names[i])
         if accelerator is not None:
@@ -257,7 +291,7 @@ def _finish(staging: Path, names: list[str], pipeline, class_ids, guidance_scale
     save_grid(grid, staging / GRID_FILE)
     if class_ids is not None:
         class_names = pipeline.config.class_names
-        labels = {name: (class_names[k] if class_names else k) for name, k in zip(names, class_ids.tolist())}
+        labels = {name: (class_names[k] if class_names else k) for name, k in zip(names, class_ids)}
         write_labels_file(staging, labels, class_names, guidance_scale)
 
 
@@ -267,8 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pipeline folder (RUN/pipeline, with model_index.json), or a Hugging Face Hub id of one "
                              "fetched on first use (org/name[@revision])")
     parser.add_argument("--num-images", type=int, default=16, help="number of images (default 16)")
-    parser.add_argument("--steps", type=int, default=20,
-                        help="denoising steps, 1 to the model's training steps (default 20)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_SAMPLING_STEPS,
+                        help=f"denoising steps, 1 to the model's training steps (default {DEFAULT_SAMPLING_STEPS})")
     parser.add_argument("--scheduler", choices=list(SAMPLERS), default=None,
                         help="sampler (default: the one saved with the pipeline); dpmsolver++ suits 15-25 steps")
     parser.add_argument("--seed", type=int, default=0, help="image i always comes from (seed, i); 0 or more")
@@ -314,34 +348,18 @@ def resolve_device(spec: str, option: str = "--device") -> torch.device:
     raise ValueError(f"{option} {spec}: {device.type} devices are not supported; use cpu, cuda, cuda:N or mps.")
 
 
-def _require_model_index(model_dir: Union[str, Path]) -> Path:
-    model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a pipeline folder (no model_index.json). Point --model at the "
-                                f"'pipeline' folder of a Stage B run (it holds model_index.json, vae/, unet/, scheduler/).")
-    return model_dir
-
-
-def _check_model_option(model_dir: Union[str, Path]) -> PipelineFolder:
-    """--model read from its files alone: every check of loading, without loading (see inspect_pipeline_folder)."""
-    return inspect_pipeline_folder(_require_model_index(model_dir))
-
-
-def _class_option(text: Optional[str], model: PipelineFolder):
-    """--class as the pipeline takes it (a name, or an id when it is digits and not a name), checked."""
-    label = text
-    if label is not None and label.isdigit() and label not in (model.class_names or []):
-        label = int(label)
-    if label is not None:  # without --class a class-conditional model cycles through its classes
-        class_ids_for(label, 1, model.num_classes, model.class_names, option="--class")
-    return label
+def _class_flag(text: Optional[str], class_names: Optional[Sequence[str]]):
+    """--class as the pipeline takes it: a name, or an id when it is digits and not a name."""
+    if text is not None and text.isdigit() and text not in (class_names or []):
+        return int(text)
+    return text
 
 
 def main(args: argparse.Namespace) -> int:
     """Run `ldm generate` (launch with `accelerate launch -m workflows.cli generate ...` for several GPUs).
 
-    Every flag is checked against the model's files before the model is loaded, so a wrong value is
-    refused in a second instead of after minutes of sampling.
+    Every flag is checked once, against the model's files, before the model is loaded, so a wrong value is
+    refused in a second instead of after minutes of sampling; the loaded pipeline is not checked again.
     """
     from accelerate import Accelerator
 
@@ -350,12 +368,13 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device) if args.device else None
     check_generate_counts(num_images=args.num_images, batch_size=args.batch_size, seed=args.seed, names=_FLAGS)
     model_dir = resolve_model_argument(args.model, kind=PIPELINE, option="--model")
-    model = _check_model_option(model_dir)
+    model = inspect_pipeline_folder(model_dir, what="--model folder")  # its files, once: loading skips these checks
     scheduler = make_sampler(args.scheduler, model.scheduler.config) if args.scheduler else model.scheduler
-    check_sampling_arguments(num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
-                             num_train_timesteps=scheduler.config.num_train_timesteps,
-                             conditional=bool(model.num_classes), names=_FLAGS)
-    label = _class_option(args.class_label, model)
+    label = _class_flag(args.class_label, model.class_names)
+    class_ids = check_sampling_request(num_images=args.num_images, class_labels=label, num_inference_steps=args.steps,
+                                       guidance_scale=args.guidance_scale, eta=args.eta,
+                                       num_train_timesteps=scheduler.config.num_train_timesteps,
+                                       num_classes=model.num_classes, class_names=model.class_names, names=_FLAGS)
     out = check_output_folder(args.out, args.overwrite, names=_FLAGS)
     if out.resolve() == model_dir.resolve() or model_dir.resolve() in out.resolve().parents:
         raise ValueError(f"--out {_printable(out)} is inside the --model folder {_printable(args.model)}; write the "
@@ -365,15 +384,14 @@ def main(args: argparse.Namespace) -> int:
                        sampler_name(scheduler))
 
     accelerator = Accelerator(cpu=(device is not None and device.type == "cpu") or cpu_only())
-    pipeline = LatentDiffusionPipeline.from_pretrained(model_dir)
+    pipeline = LatentDiffusionPipeline.from_pipeline_folder(model)
     if args.scheduler:
         pipeline.scheduler = make_sampler(args.scheduler, pipeline.scheduler.config)
     pipeline.to(device or accelerator.device)
     pipeline.set_progress_bar_config(disable=not accelerator.is_main_process)
-    paths = generate_images(pipeline, args.num_images, seed=args.seed, batch_size=args.batch_size,
-                            num_inference_steps=args.steps, out_dir=out, accelerator=accelerator,
-                            class_labels=label, guidance_scale=args.guidance_scale, eta=args.eta,
-                            overwrite=args.overwrite)
+    paths = _draw_images(pipeline, args.num_images, seed=args.seed, batch_size=args.batch_size,
+                         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
+                         class_ids=class_ids, out_dir=out, accelerator=accelerator)
     if accelerator.is_main_process:
         labels_file = out / LABELS_FILE
         classes = f"class {label}" if label is not None else "each class in turn"

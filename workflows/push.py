@@ -42,10 +42,11 @@ def model_folder_to_push(path: str | Path) -> Path:
 def check_folder(folder: Path) -> str:
     """Check `folder` as it would be checked when read back; returns its kind ("autoencoder" or "pipeline")."""
     from ldm_core.models.autoencoder_folders import read_vae_folder
-    from pipelines.latent_diffusion import inspect_pipeline_folder
+    from ldm_core.models.pipeline_folders import inspect_pipeline_folder
 
     if (folder / "model_index.json").is_file():
-        inspect_pipeline_folder(folder)
+        # Its files, and the fit of its parts that building the pipeline would check: nothing is loaded.
+        inspect_pipeline_folder(folder).check_parts()
         return "pipeline"
     read_vae_folder(folder)
     return "autoencoder"

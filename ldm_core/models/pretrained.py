@@ -467,6 +467,18 @@ def load_model_folder(model_class: type, folder: str | os.PathLike, *, what: str
     folder = check_model_folder(folder, what=what)
     config = read_model_config(folder, model_class, hint=hint)
     check_model_weights(model_class, folder, config)
+    return load_checked_model_folder(model_class, folder, what=what, **kwargs)
+
+
+def load_checked_model_folder(model_class: type, folder: str | os.PathLike, *, what: str = "model folder", **kwargs):
+    """The loading half of `load_model_folder`, for a folder whose files its checks have already passed (a
+    pipeline folder's vae/ and unet/ are checked with the whole folder, before anything is loaded:
+    `ldm_core.models.pipeline_folders.inspect_pipeline_folder`).
+
+    Reads the safetensors weights from this folder only and checks diffusers' loading report: every tensor
+    of the model filled, none left over. Raises ModelFolderError.
+    """
+    folder = Path(folder)
     try:
         model, info = model_class.from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                                   output_loading_info=True, **kwargs)
