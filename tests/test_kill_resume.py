@@ -23,18 +23,15 @@ from stage_a_vae.train import train_vae
 from stage_b_diffusion.config import StageBConfig
 from workflows.train_unet import train_unet
 
+from tiny_runs import STAGE_A as TINY_A, STAGE_B as TINY_B, save_tiny_vae
+
 KILLS = 5
-STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
-           "data.resolution=16", "data.shapes_count=24", "data.val_count=4", "loss.lpips_trunk=random",
-           "loss.perceptual_weight=0", "loss.disc_start=4", "loss.disc_channels=4", "loss.disc_num_layers=2",
-           "train.batch_size=2", "train.log_every=1", "train.validate_every=1000", "train.progress_bar=false",
-           "train.latent_stats_images=4", "train.lr_schedule=cosine", "ema.enabled=true",
-           "train.max_steps=30", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
-STAGE_B = ["model.preset=unet-tiny", "data.resolution=16", "data.shapes_count=24", "data.val_count=4",
-           "train.batch_size=2", "train.log_every=1", "train.progress_bar=false", "train.latent_stats_images=4",
-           "sampling.sample_every=1000", "sampling.grid_images=2", "sampling.num_inference_steps=1",
-           "train.lr_schedule=cosine", "ema.enabled=true", "train.gradient_accumulation_steps=2",
-           "train.max_steps=40", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+# The tiny runs with a discriminator from step 4 (Stage A), two micro-steps a step (Stage B), a cosine
+# schedule, EMA, and a checkpoint after every step, two kept.
+STAGE_A = TINY_A + ["loss.disc_start=4", "train.lr_schedule=cosine", "ema.enabled=true", "train.max_steps=30",
+                    "train.checkpoint_every=1", "train.keep_checkpoints=2"]
+STAGE_B = TINY_B + ["train.lr_schedule=cosine", "ema.enabled=true", "train.gradient_accumulation_steps=2",
+                    "train.max_steps=40", "train.checkpoint_every=1", "train.keep_checkpoints=2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,11 +127,7 @@ def test_stage_a_killed_five_times_ends_identical(tmp_path, loader):
 
 
 def test_stage_b_killed_five_times_ends_identical(tmp_path):
-    vae_dir = tmp_path / "vae"
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(4, 4, 8, 8), layers_per_block=1, norm_num_groups=2, latent_channels=4,
-                  down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(vae_dir)
+    vae_dir = save_tiny_vae(tmp_path / "vae")
     cfg = load_config(StageBConfig, None, STAGE_B + [f"data.latent_cache_dir={tmp_path / 'cache'}"])
     train_unet(cfg, vae_dir, "builtin:shapes", tmp_path / "full")  # also builds the latent cache
     run = tmp_path / "killed"
