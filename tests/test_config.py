@@ -1,4 +1,5 @@
-"""Typed configs: YAML presets, key=value overrides, and errors that name the key."""
+"""Typed configs: YAML presets, key=value overrides, and errors that name the key, also through the
+training commands, before any work."""
 
 import dataclasses
 
@@ -8,9 +9,12 @@ import yaml
 from ldm_core.config.settings import (ConfigError, fingerprint, fingerprint_parts, load_config, resumable_keys,
                                       save_config, valid_keys)
 from ldm_core.config.preset_files import available_presets, config_path
+from workflows.cli import DEBUG_ENV, main
 from workflows.config import LDMConfig
 from stage_a_vae.config import StageAConfig
 from stage_b_diffusion.config import StageBConfig
+
+from tiny_runs import STAGE_B, run_cli
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -196,3 +200,74 @@ def test_the_demo_names_its_stage_presets_instead_of_restating_them():
     assert demo.stage_b.ema.enabled is False and unet.ema.enabled is True
     # What the demo changes, it states.
     assert demo.stage_b.train.max_steps != unet.train.max_steps and demo.stage_b.model.norm_num_groups == 8
+
+
+# ----------------------------------------------------------------------------- through the commands
+# Every training command checks the whole resolved config before any work, and answers a bad value with
+# one line naming the key or file, no traceback, and no run folder.
+
+
+# (command, extra arguments, expected part of the one-line message). The stage B commands name a
+# --vae that does not exist: the config is checked before the VAE is looked at.
+BAD_VALUES = [
+    ("train-vae", ["train.log_every=0"], "train.log_every=0"),
+    ("train-vae", ["train.validate_every=0"], "train.validate_every=0"),
+    ("train-vae", ["train.seed=-1"], "train.seed=-1"),
+    ("train-vae", ["train.adam_beta1=1.5"], "train.adam_beta1=1.5"),
+    ("train-vae", ["train.disc_adam_beta2=1.0"], "train.disc_adam_beta2=1.0"),
+    ("train-vae", ["model.preset=kl-f8-huge"], "model.preset='kl-f8-huge'"),
+    ("train-vae", ["loss.disc_channels=0"], "loss.disc_channels=0"),
+    ("train-vae", ["data.resolution=0"], "data.resolution=0"),
+    ("train-vae", ["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
+    ("train-vae", ["train.max_steps=[1"], "override 'train.max_steps=[1'"),
+    ("train-vae", ["trian.max_steps=2"], "Unknown config key 'trian'"),
+    ("train-unet", ["sampling.sample_every=0"], "sampling.sample_every=0"),
+    ("train-unet", ["sampling.scheduler=fastest"], "sampling.scheduler='fastest'"),
+    ("train-unet", ["sampling.num_inference_steps=5000"], "sampling.num_inference_steps=5000"),
+    ("train-unet", ["model.preset=unet-xl"], "model.preset='unet-xl'"),
+    ("train-unet", ["diffusion.num_train_timesteps=0"], "diffusion.num_train_timesteps=0"),
+    ("train", ["stage_b.data.resolution=32"], "stage_b.data.resolution=32"),
+    ("train", ["evaluation.num_images=0"], "evaluation.num_images=0"),
+    ("train", ["evaluation.recon_images=1"], "evaluation.recon_images=1"),
+    ("train", ["stage_b.train.mixed_precision=fp16"], "stage_b.train.mixed_precision=fp16"),
+]
+
+
+@pytest.mark.parametrize("command,extra,expected", BAD_VALUES, ids=[f"{c}:{e[0]}" for c, e, _ in BAD_VALUES])
+def test_a_bad_value_is_one_line_naming_it_before_any_work(tmp_path, capsys, command, extra, expected):
+    out = tmp_path / "run"
+    vae = ["--vae", tmp_path / "no-vae"] if command == "train-unet" else []
+    rc, err = run_cli(capsys, [command, *vae, "--data", "builtin:shapes", "--out", out, *extra])
+    assert rc == 2 and expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()  # nothing was started
+
+
+@pytest.mark.parametrize("content,expected", [
+    (b"train:\n  max_steps: [1, 2\n", "not valid YAML at line"),
+    (b"\x00\x9f\x92\x96binary\xff\xfe", "not valid YAML"),
+    (b"- a list\n- not a mapping\n", "must hold a mapping"),
+])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path, capsys, content, expected):
+    config = tmp_path / "broken.yaml"
+    config.write_bytes(content)
+    rc, err = run_cli(capsys, ["train-vae", "--config", config, "--data", "builtin:shapes", "--out", tmp_path / "r"])
+    assert rc == 2 and expected in err and str(config) in err and "Traceback" not in err, err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    # With --debug (or its environment variable) the error leaves `main`, so Python prints its traceback.
+    argv = ["train-vae", "--data", "builtin:shapes", "--out", str(tmp_path / "r"), "train.log_every=0"]
+    with pytest.raises(ConfigError, match="train.log_every=0"):
+        main(["--debug", *argv])
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(ConfigError, match="train.log_every=0"):
+        main(argv)
+    assert not (tmp_path / "r").exists()
+
+
+def test_stage_b_refuses_bad_sampling_values_before_encoding(tmp_path, capsys):
+    # The sampling section used to be read only when the first grid was drawn, after training.
+    rc, err = run_cli(capsys, ["train-unet", "--vae", tmp_path / "no-vae", "--data", "builtin:shapes",
+                               "--out", tmp_path / "run", *STAGE_B, "sampling.grid_images=0"])
+    assert rc == 2 and "sampling.grid_images=0" in err

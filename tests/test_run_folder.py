@@ -1,9 +1,9 @@
-"""Faults of a training run a hostile user finds, one test per class (not per case).
+"""The run folder (ldm_core/training/run_folder.py): one run at a time in a folder, and what a resume may change.
 
-- Bad values: every training command checks the whole resolved config before any work, and answers a
-  bad value with one line naming the key or file, no traceback, and no run folder.
-- Two runs cannot share a folder (a lock that a dead process does not hold).
-- Resume applies what may change (learning rate, steps) and records it, and refuses what may not.
+- Two runs cannot share a folder: a lock that a dead process, or what it forked, does not hold.
+- Resume applies what may change (learning rate, steps) and records it in resumes.json, and refuses what
+  may not before writing anything: a key that defines the run, or other data (recorded with each
+  checkpoint, ldm_core/training/run.py).
 """
 
 from __future__ import annotations
@@ -17,85 +17,21 @@ import time
 
 import pytest
 
-from ldm_core.config.settings import ConfigError
 from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint
-from workflows.cli import DEBUG_ENV, main
 
-from test_signals_nan import STAGE_A, STAGE_B
+from tiny_runs import STAGE_A, run_cli
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run_cli(capsys, argv):
-    """(exit code, stderr) of `ldm argv`."""
-    rc = main([str(a) for a in argv])
-    return rc, capsys.readouterr().err
-
-
-# (command, extra arguments, expected part of the one-line message). The stage B commands name a
-# --vae that does not exist: the config is checked before the VAE is looked at.
-BAD_VALUES = [
-    ("train-vae", ["train.log_every=0"], "train.log_every=0"),
-    ("train-vae", ["train.validate_every=0"], "train.validate_every=0"),
-    ("train-vae", ["train.seed=-1"], "train.seed=-1"),
-    ("train-vae", ["train.adam_beta1=1.5"], "train.adam_beta1=1.5"),
-    ("train-vae", ["train.disc_adam_beta2=1.0"], "train.disc_adam_beta2=1.0"),
-    ("train-vae", ["model.preset=kl-f8-huge"], "model.preset='kl-f8-huge'"),
-    ("train-vae", ["loss.disc_channels=0"], "loss.disc_channels=0"),
-    ("train-vae", ["data.resolution=0"], "data.resolution=0"),
-    ("train-vae", ["train.mixed_precision=fp16"], "fp16 needs a CUDA GPU"),
-    ("train-vae", ["train.max_steps=[1"], "override 'train.max_steps=[1'"),
-    ("train-vae", ["trian.max_steps=2"], "Unknown config key 'trian'"),
-    ("train-unet", ["sampling.sample_every=0"], "sampling.sample_every=0"),
-    ("train-unet", ["sampling.scheduler=fastest"], "sampling.scheduler='fastest'"),
-    ("train-unet", ["sampling.num_inference_steps=5000"], "sampling.num_inference_steps=5000"),
-    ("train-unet", ["model.preset=unet-xl"], "model.preset='unet-xl'"),
-    ("train-unet", ["diffusion.num_train_timesteps=0"], "diffusion.num_train_timesteps=0"),
-    ("train", ["stage_b.data.resolution=32"], "stage_b.data.resolution=32"),
-    ("train", ["evaluation.num_images=0"], "evaluation.num_images=0"),
-    ("train", ["evaluation.recon_images=1"], "evaluation.recon_images=1"),
-    ("train", ["stage_b.train.mixed_precision=fp16"], "stage_b.train.mixed_precision=fp16"),
-]
-
-
-@pytest.mark.parametrize("command,extra,expected", BAD_VALUES, ids=[f"{c}:{e[0]}" for c, e, _ in BAD_VALUES])
-def test_a_bad_value_is_one_line_naming_it_before_any_work(tmp_path, capsys, command, extra, expected):
-    out = tmp_path / "run"
-    vae = ["--vae", tmp_path / "no-vae"] if command == "train-unet" else []
-    rc, err = run_cli(capsys, [command, *vae, "--data", "builtin:shapes", "--out", out, *extra])
-    assert rc == 2 and expected in err, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()  # nothing was started
-
-
-@pytest.mark.parametrize("content,expected", [
-    (b"train:\n  max_steps: [1, 2\n", "not valid YAML at line"),
-    (b"\x00\x9f\x92\x96binary\xff\xfe", "not valid YAML"),
-    (b"- a list\n- not a mapping\n", "must hold a mapping"),
-])
-def test_a_config_file_that_is_not_a_yaml_mapping_is_named(tmp_path, capsys, content, expected):
-    config = tmp_path / "broken.yaml"
-    config.write_bytes(content)
-    rc, err = run_cli(capsys, ["train-vae", "--config", config, "--data", "builtin:shapes", "--out", tmp_path / "r"])
-    assert rc == 2 and expected in err and str(config) in err and "Traceback" not in err, err
-
-
-def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    # With --debug (or its environment variable) the error leaves `main`, so Python prints its traceback.
-    argv = ["train-vae", "--data", "builtin:shapes", "--out", str(tmp_path / "r"), "train.log_every=0"]
-    with pytest.raises(ConfigError, match="train.log_every=0"):
-        main(["--debug", *argv])
-    monkeypatch.setenv(DEBUG_ENV, "1")
-    with pytest.raises(ConfigError, match="train.log_every=0"):
-        main(argv)
-    assert not (tmp_path / "r").exists()
 
 
 def _train_vae(capsys, out, *extra, resume=False):
     return run_cli(capsys, ["train-vae", "--data", "builtin:shapes", "--out", out, *STAGE_A, "train.max_steps=4",
                             "train.checkpoint_every=2", "train.lr_schedule=constant", *extra,
                             *(["--resume", "latest"] if resume else [])])
+
+
+# ----------------------------------------------------------------------------- the lock
 
 
 def test_two_runs_cannot_share_a_folder_and_a_dead_owner_does_not_hold_it(tmp_path, capsys):
@@ -144,6 +80,9 @@ def test_a_killed_run_does_not_leave_its_folder_locked_by_what_it_forked(tmp_pat
         os.kill(worker, signal.SIGKILL)
 
 
+# ----------------------------------------------------------------------------- what a resume may change
+
+
 def test_resume_applies_a_changed_learning_rate_and_steps_and_records_them(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train_vae(capsys, out, "train.max_steps=2")[0] == 0
@@ -181,10 +120,3 @@ def test_resume_with_other_data_is_refused(tmp_path, capsys, write_image):
     rc, err = run_cli(capsys, ["train-vae", "--data", folder, "--out", out, *STAGE_A, "train.max_steps=4",
                                "train.checkpoint_every=2", "train.lr_schedule=constant", "--resume", "latest"])
     assert rc == 2 and "started with another --data" in err and "builtin:shapes" in err, err
-
-
-def test_stage_b_refuses_bad_sampling_values_before_encoding(tmp_path, capsys):
-    # The sampling section used to be read only when the first grid was drawn, after training.
-    rc, err = run_cli(capsys, ["train-unet", "--vae", tmp_path / "no-vae", "--data", "builtin:shapes",
-                               "--out", tmp_path / "run", *STAGE_B, "sampling.grid_images=0"])
-    assert rc == 2 and "sampling.grid_images=0" in err
