@@ -1,4 +1,7 @@
-"""SIGINT/SIGTERM stop a run cleanly after a checkpoint; NaN/inf losses stop it or skip the step."""
+"""How a training run stops (ldm_core/training/stopping.py), through both stages' trainers: SIGINT/SIGTERM
+end the step in flight, write a checkpoint and say how to resume (a second SIGINT aborts at once); a NaN/inf
+loss stops the run naming the step and its terms, or skips exactly that update (train.nonfinite_loss=skip)
+up to a limit."""
 
 import json
 import os
@@ -7,7 +10,6 @@ import time
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint, resolve_resume
 from ldm_core.config.settings import load_config
@@ -18,15 +20,7 @@ from stage_a_vae.train import train_vae
 from stage_b_diffusion.config import StageBConfig
 from workflows.train_unet import train_unet
 
-STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
-           "data.resolution=16", "data.shapes_count=24", "data.val_count=4", "loss.lpips_trunk=random",
-           "loss.perceptual_weight=0", "loss.disc_start=2", "loss.disc_channels=4", "loss.disc_num_layers=2",
-           "train.batch_size=2", "train.log_every=1", "train.validate_every=1000", "train.checkpoint_every=1000",
-           "train.progress_bar=false", "train.latent_stats_images=4", "ema.enabled=false"]
-STAGE_B = ["model.preset=unet-tiny", "data.resolution=16", "data.shapes_count=24", "data.val_count=4",
-           "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=1000", "train.progress_bar=false",
-           "train.latent_stats_images=4", "sampling.sample_every=1000", "sampling.grid_images=2",
-           "sampling.num_inference_steps=1", "ema.enabled=false"]
+from tiny_runs import STAGE_A, STAGE_B, save_tiny_vae
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,12 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vae") / "vae"
-    torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(4, 4, 8, 8), layers_per_block=1, norm_num_groups=2, latent_channels=4,
-                  down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(path)
-    return path
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
 
 
 def _a(*extra):
