@@ -1,4 +1,5 @@
-"""Data layer: decoding every kind of file, bad files, labels, splitting, streaming and the cache."""
+"""Data layer: decoding every kind of file, bad files, labels, splitting, the batches of each step, streaming
+and the cache."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from ldm_core.data import image_files as data_module
-from ldm_core.data.step_batches import train_val_split
+from ldm_core.data.step_batches import StepBatches, train_val_split
 from ldm_core.data.image_files import BadImageError, DataError, list_image_files, load_image_uint8
 from ldm_core.data.in_memory import load_dataset
 from ldm_core.data.streaming import iter_image_batches
@@ -230,6 +231,41 @@ def test_value_range_round_trip():
     assert to_uint8(torch.tensor([-3.0, 0.0, 2.0])).tolist() == [0, 128, 255]
     with pytest.raises(TypeError, match="uint8"):
         to_model_input(y)
+
+
+# ----------------------------------------------------------------------------- the batches of each step
+# A step's batch is a function of the step, so a resumed run draws the batches it would have drawn.
+
+
+def test_step_batches_are_a_function_of_the_step():
+    indices = np.arange(100, 150)
+    a = StepBatches(indices, batch_size=4, world_size=1, rank=0, seed=3, flip=True)
+    b = StepBatches(indices, batch_size=4, world_size=1, rank=0, seed=3, flip=True)
+    for step in (0, 5, 11, 12, 40):
+        ia, fa = a(step)
+        ib, fb = b(step)
+        assert np.array_equal(ia, ib) and np.array_equal(fa, fb)
+    # One epoch (12 steps of 4 from 50 images) visits distinct images only.
+    seen = np.concatenate([a(s)[0] for s in range(a.steps_per_epoch)])
+    assert len(set(seen.tolist())) == len(seen) == 48
+    assert set(seen.tolist()) <= set(indices.tolist())
+    assert not np.array_equal(a(0)[0], a(12)[0])  # a new permutation next epoch
+    flips = np.concatenate([a(s)[1] for s in range(a.steps_per_epoch)])
+    assert 0 < flips.mean() < 1
+
+
+def test_step_batches_shard_the_global_batch():
+    indices = np.arange(64)
+    single = StepBatches(indices, batch_size=8, world_size=1, rank=0, seed=0, flip=False)
+    r0 = StepBatches(indices, batch_size=4, world_size=2, rank=0, seed=0, flip=False)
+    r1 = StepBatches(indices, batch_size=4, world_size=2, rank=1, seed=0, flip=False)
+    for step in range(3):
+        assert np.array_equal(np.concatenate([r0(step)[0], r1(step)[0]]), single(step)[0])
+
+
+def test_too_few_images_for_a_batch():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        StepBatches(np.arange(3), batch_size=4, world_size=1, rank=0, seed=0, flip=False)
 
 
 # ----------------------------------------------------------------------------- streaming

@@ -2,8 +2,8 @@
 
 - Two runs cannot share a folder: a lock that a dead process, or what it forked, does not hold.
 - Resume applies what may change (learning rate, steps) and records it in resumes.json, and refuses what
-  may not before writing anything: a key that defines the run, or other data (recorded with each
-  checkpoint, ldm_core/training/run.py).
+  may not before writing anything: a key that defines the run (a setting added since the run was saved
+  is no change at its default), or other data (recorded with each checkpoint, ldm_core/training/run.py).
 """
 
 from __future__ import annotations
@@ -120,3 +120,21 @@ def test_resume_with_other_data_is_refused(tmp_path, capsys, write_image):
     rc, err = run_cli(capsys, ["train-vae", "--data", folder, "--out", out, *STAGE_A, "train.max_steps=4",
                                "train.checkpoint_every=2", "train.lr_schedule=constant", "--resume", "latest"])
     assert rc == 2 and "started with another --data" in err and "builtin:shapes" in err, err
+
+
+def test_a_setting_added_since_a_run_was_saved_does_not_block_its_resume_at_its_default(tmp_path):
+    """A run saved before data.reexpose existed resumes with it at its default, and not with another value."""
+    import yaml
+
+    from ldm_core.config.settings import load_config, save_config
+    from ldm_core.training.run_folder import RunFolderError, check_resume_changes
+    from stage_a_vae.config import StageAConfig
+
+    config = load_config(StageAConfig, None, [])
+    save_config(config, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["data"]["reexpose"]  # as an older version wrote it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert check_resume_changes(tmp_path, config) == {}
+    with pytest.raises(RunFolderError, match=r"data.reexpose: None -> 0.5"):
+        check_resume_changes(tmp_path, load_config(StageAConfig, None, ["data.reexpose=0.5"]))

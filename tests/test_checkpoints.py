@@ -1,4 +1,6 @@
-"""Checkpoint faults: retention after resuming from an older checkpoint, damaged checkpoints, a full disk.
+"""Checkpoints (ldm_core/training/checkpoints.py): written whole or not at all and read back as written, the
+one a resume picks, a checkpoint of another config refused by its fingerprint, retention (keep-N, also after
+resuming from an older checkpoint), damaged checkpoints, a full disk.
 
 Tiny tensors built here, no models, so the file runs in seconds. The full-disk test mounts a 1 MiB tmpfs
 (root only; skipped with the reason otherwise); the variants without root make the writers fail the way a
@@ -30,9 +32,9 @@ def _parts(step, numel=4, state_numel=3):
     return models, state
 
 
-def _save(root, step, keep, **sizes):
+def _save(root, step, keep=2, fp=FP, **sizes):
     models, state = _parts(step, **sizes)
-    return save_checkpoint(root, step, models, state, {"fingerprint": FP}, keep=keep)
+    return save_checkpoint(root, step, models, state, {"fingerprint": fp}, keep=keep)
 
 
 def _steps(root):
@@ -55,7 +57,70 @@ def _warnings(caplog):
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
 
-# ----------------------------------------------------------------------------- (a) retention
+# ----------------------------------------------------------------------------- (a) writing, reading, picking
+
+
+def test_round_trip_and_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 10)
+    _save(root, 20)
+    ck = load_checkpoint(resolve_resume(tmp_path, "latest"), expected_fingerprint=FP)
+    assert ck.step == 20
+    assert torch.equal(ck.models["model"]["w"], torch.full((4,), 20.0))
+    assert torch.equal(ck.state["opt"]["buf"][0], torch.ones(3) * 20)
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    root = tmp_path / "checkpoints"
+    _save(root, 5)
+    # A run killed while writing step 6 leaves a temporary folder and possibly a folder without meta.json.
+    (root / ".step-0000006.tmp-123").mkdir()
+    (root / "step-0000007").mkdir()
+    (root / "step-0000007" / "model.safetensors").write_bytes(b"partial")
+    assert resolve_resume(tmp_path, "latest").name == "step-0000005"
+    (root / "latest").unlink()  # even without the pointer
+    assert resolve_resume(tmp_path, "latest").name == "step-0000005"
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_resume(tmp_path, str(root / "step-0000007"))
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tmp_path):
+    assert resolve_resume(tmp_path, "latest") is None
+    assert resolve_resume(tmp_path, None) is None
+
+
+def test_missing_resume_path_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "nowhere"))
+
+
+def test_checkpoint_from_other_config_is_refused(tmp_path):
+    path = _save(tmp_path / "checkpoints", 3, fp="one")
+    with pytest.raises(CheckpointError, match="different model configuration"):
+        load_checkpoint(path, expected_fingerprint="two")
+    assert json.loads((path / "meta.json").read_text())["step"] == 3
+
+
+def test_training_state_is_read_with_weights_only(tmp_path):
+    path = _save(tmp_path / "checkpoints", 1)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    torch.save({"payload": Evil()}, path / "training_state.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        load_checkpoint(path)
+
+
+# ----------------------------------------------------------------------------- (b) retention
+
+
+def test_retention_keeps_newest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        _save(root, step, keep=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step-0000003", "step-0000004"]
 
 
 def test_keep_one_after_resuming_from_an_older_checkpoint(tmp_path, caplog):
@@ -103,7 +168,7 @@ def test_retention_goes_by_step_not_by_name(tmp_path):
     assert resolve_resume(tmp_path, "latest").name == "step-10000000"
 
 
-# ----------------------------------------------------------------------------- (b) damaged checkpoints
+# ----------------------------------------------------------------------------- (c) damaged checkpoints
 
 
 @pytest.fixture
@@ -206,7 +271,7 @@ def test_corrupt_bytes_that_pass_the_checks_still_load_as_a_checkpoint_error(run
         load_checkpoint(state.parent, FP)
 
 
-# ----------------------------------------------------------------------------- (c) a full disk
+# ----------------------------------------------------------------------------- (d) a full disk
 
 
 def _need_mb(message):
