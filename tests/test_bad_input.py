@@ -4,7 +4,7 @@ Items already covered elsewhere are not repeated here: truncated, zero-byte and 
 bombs, grayscale/RGBA/palette/CMYK/16-bit images, EXIF rotation, folder symlink loops, the empty folder and the
 missing path at the API level are in tests/test_data.py; unknown keys, wrong types and impossible values at the
 API level in tests/test_config.py; a missing --resume path and a checkpoint of another config at the API level
-in tests/test_checkpoint.py; U-Net/VAE shape mismatches in tests/test_unet_architectures.py and tests/test_train_unet.py.
+in tests/test_checkpoints.py; U-Net/VAE shape mismatches in tests/test_unet_architectures.py and tests/test_train_unet.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 config paths that cannot lead writes out of the run folder.
 
 Already covered elsewhere: a checkpoint's training_state.pt is read with weights_only
-(tests/test_checkpoint.py::test_training_state_is_read_with_weights_only).
+(tests/test_checkpoints.py::test_training_state_is_read_with_weights_only).
 """
 
 from __future__ import annotations

@@ -118,3 +118,10 @@ def test_sigterm_ends_the_step_in_flight_writes_a_checkpoint_and_says_how_to_res
     _, resumed, _ = toy_run(_config(), tmp_path / "run", resume="latest")
     _, full, _ = toy_run(_config(), tmp_path / "full")
     assert resumed == full
+
+
+def test_a_time_budget_ends_the_run_after_the_step_in_flight_and_says_so(tmp_path):
+    # A budget already spent when the first step ends: the run stops there, early, with its checkpoint.
+    run, _, seen = toy_run(_config(time_budget_minutes=1e-9), tmp_path / "run")
+    assert run.step == 1 and run.stopped_early and seen["indices"] == [0]
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-0000001"]
