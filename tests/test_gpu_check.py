@@ -1,4 +1,4 @@
-"""`benchmarks/gpu_check.py` (`make gpu-check`) in its tiny mode on this CPU: the same code the GPU runs.
+"""`benchmarks/gpu_check/` (`make gpu-check`) in its tiny mode on this CPU: the same code the GPU runs.
 
 Every section runs and lands in the JSON; the Stage A mixed-precision checks pass under bf16 and fp16 (with
 the grad scaler); the FLOP and utilisation figures agree with each other and with the work each path does;
@@ -16,6 +16,7 @@ import math
 import pytest
 
 from benchmarks import gpu_check
+from benchmarks.gpu_check import plans
 
 
 def _run(out, *extra) -> tuple[int, dict]:
@@ -157,7 +158,7 @@ def test_a_failing_section_is_recorded_and_the_file_is_rewritten_after_every_sec
     monkeypatch.setitem(gpu_check.SECTIONS, "demo", read_the_file)
     code, report = _run(tmp_path, "--sections", "demo,machine,limits")
     assert code == 1  # a section raised
-    assert list(report["sections"]) == ["machine", "limits", "demo"]  # the issue's order, only those asked for
+    assert list(report["sections"]) == ["machine", "limits", "demo"]  # the sections' order, only those asked for
     seen = report["sections"]["demo"]["results"]["on_disk"]
     assert seen["complete"] is False
     assert seen["sections"]["machine"]["status"] == "ok" and seen["sections"]["machine"]["results"]["torch"]
@@ -173,8 +174,8 @@ def test_the_time_guard_skips_what_the_budget_cannot_cover(tmp_path, monkeypatch
     for entry in report["sections"].values():
         assert entry["status"] == "skipped" and "budget" in entry["reason"] and "results" not in entry
     # A section that needs more than is left is skipped, and timed rows leave later sections their minimum.
-    plan = dataclasses.replace(gpu_check.TINY, min_s={"demo": 1000.0}, row_s=1.0)
-    monkeypatch.setattr(gpu_check, "TINY", plan)
+    plan = dataclasses.replace(plans.TINY, min_s={"demo": 1000.0}, row_s=1.0)
+    monkeypatch.setattr(plans, "TINY", plan)
     code, report = _run(tmp_path / "some", "--sections", "stage_b_speed,demo", "--budget-s", "100")
     assert report["sections"]["demo"]["status"] == "skipped"
     assert "needs at least 1000 s" in report["sections"]["demo"]["reason"]
