@@ -31,7 +31,7 @@ class Runner:
         self.args, self.plan, self.device, self.sections = args, plan, device, sections
         self.out = Path(args.out)
         self.started = time.monotonic()
-        self.ctx: dict[str, Any] = {}  # values later sections reuse (the measured bf16 peak)
+        self.ctx: dict[str, Any] = {}  # values later sections reuse (the measured bf16 peak, Stage A's vae/)
         self.report: dict[str, Any] = {
             "script": "benchmarks/gpu_check", "mode": plan.name, "device": str(device),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "budget_s": args.budget_s,

@@ -1,23 +1,119 @@
 """Section: Stage A's speed. Images/s at three batches, eager and channels-last, torch.compile in a worker
-with a time limit, the time split between autoencoder, LPIPS and discriminator, against LDM's step as written."""
+with a time limit, the time split between autoencoder, LPIPS and discriminator, against LDM's step as written.
+
+The timed step is Stage A's optimizer step as `train_vae` takes it (the autoencoder's update, then, once the
+discriminator is on, its update on the detached reconstruction), without Accelerate and the run around it, so
+that FLOPs can be counted on one call and batches changed freely. Whether the trainer itself is right under
+mixed precision is the correctness section's business: that one runs `train_vae`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
 
 from benchmarks.gpu_check import plans
 from benchmarks.gpu_check.references import REFERENCE_FIGURES
-from benchmarks.gpu_check.runner import Runner, autocast as _autocast, free_memory, images, measure, skipped_row
-from benchmarks.gpu_check.stage_a_parts import build_perceptual, build_stage_a, stage_a_step
+from benchmarks.gpu_check.runner import Runner, autocast, free_memory, images, measure, skipped_row
 from benchmarks.harness import count_flops, peak_memory_mib, pick_device, run_isolated, seconds_per_call, synchronize
 
 WORKER = "benchmarks.gpu_check"  # run as `python -m benchmarks.gpu_check --worker compile-stage-a`
+
+
+@dataclass
+class StageAParts:
+    vae: Any
+    discriminator: Any
+    loss_fn: Any
+    model: Any  # AutoencoderForTraining(vae), or its torch.compile
+    opt_ae: Any
+    opt_d: Any
+    last_layer: torch.Tensor
+    max_grad_norm: float
+
+
+def build_perceptual(loss_cfg, device: torch.device) -> tuple[Any, str]:
+    """LPIPS with the config's trunk where its weights are on this machine, else a random trunk of the same cost."""
+    from stage_a_vae.perceptual import build_lpips
+
+    trunk, reported = plans.lpips_trunk_here(loss_cfg)
+    return build_lpips(trunk, loss_cfg.lpips_weights if trunk == "vgg" else None).to(device), reported
+
+
+def _forward_under_autocast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Run `module`'s forward under autocast with fp32 outputs, as Accelerate's `prepare_model` makes a
+    prepared model's (the trainer's discriminator, whether it scores or is trained)."""
+    forward = module.forward
+
+    def wrapped(*args, **kwargs):
+        with autocast(device, dtype):
+            return forward(*args, **kwargs).float()
+
+    module.forward = wrapped
+
+
+def build_timed_stage_a(cfg, perceptual, device: torch.device, dtype: torch.dtype, *, channels_last: bool = False,
+                        ldm_optimizers: bool = False) -> StageAParts:
+    """Stage A's models, loss and optimizers as `train_vae` builds them, without Accelerate but with its
+    autocast on the discriminator; with `ldm_optimizers` plain Adam(0.5, 0.9) for both, as LDM's
+    `configure_optimizers`."""
+    from ldm_core.training.accelerator import apply_memory_format
+    from ldm_core.training.optimization import make_adam
+    from stage_a_vae.architectures import build_autoencoder
+    from stage_a_vae.discriminator import build_discriminator
+    from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
+    from stage_a_vae.networks import AutoencoderForTraining
+
+    torch.manual_seed(0)
+    tc, lc = replace(cfg.train, channels_last=channels_last), cfg.loss
+    vae = apply_memory_format(build_autoencoder(cfg.model), tc).to(device)
+    disc = apply_memory_format(build_discriminator(lc), tc).to(device)
+    _forward_under_autocast(disc, device, dtype)
+    loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual if lc.perceptual_weight > 0 else None, disc).to(device)
+    if ldm_optimizers:
+        opt_ae = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=(0.5, 0.9))
+        opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.5, 0.9))
+    else:
+        trained = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
+        opt_ae = make_adam(trained, tc, lr=tc.lr)
+        opt_d = make_adam(disc.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
+    return StageAParts(vae, disc, loss_fn, AutoencoderForTraining(vae), opt_ae, opt_d, vae.decoder.conv_out.weight,
+                       tc.max_grad_norm)
+
+
+def _apply(optimizer, max_norm: float) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def stage_a_step(p: StageAParts, x: torch.Tensor, step: int, dtype: torch.dtype, generator) -> None:
+    """One optimizer step of Stage A as `train_vae` takes it: the autoencoder under autocast with its outputs
+    back in fp32 (what Accelerate's `prepare_model` does) and LDM's loss outside it (LPIPS in fp32); clipped;
+    then, once the discriminator is on, its update on the detached reconstruction."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    disc_on = p.loss_fn.discriminator_active(step)
+    if disc_on:
+        p.discriminator.requires_grad_(False)  # the autoencoder's update only scores with it
+    with autocast(x.device, dtype):
+        recon, mean, logvar = (t.float() for t in p.model(x, generator))
+    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], dim=1))
+    ae_loss, _ = p.loss_fn.autoencoder_loss(x, recon, posterior, step, last_layer=p.last_layer,
+                                            discriminator=p.discriminator)
+    ae_loss.backward()
+    _apply(p.opt_ae, p.max_grad_norm)
+    if disc_on:
+        p.discriminator.requires_grad_(True)
+        d_loss, _ = p.loss_fn.discriminator_loss(x, recon.detach(), step)
+        d_loss.backward()
+        _apply(p.opt_d, p.max_grad_norm)
 
 
 def _stage_a_row(r: Runner, cfg, perceptual, x: torch.Tensor, *, path: str, phase: str, precision: str,
@@ -28,14 +124,14 @@ def _stage_a_row(r: Runner, cfg, perceptual, x: torch.Tensor, *, path: str, phas
     labels = dict(path=path, phase=phase, precision=precision,
                   memory_format="channels_last" if channels_last else "contiguous")
     try:
-        p = build_stage_a(cfg, perceptual, r.device, channels_last=channels_last, ldm_optimizers=ldm)
+        p = build_timed_stage_a(cfg, perceptual, r.device, dtype, channels_last=channels_last, ldm_optimizers=ldm)
     except torch.OutOfMemoryError as err:
         return {**labels, "batch": len(x), "error": f"out of memory: {str(err).splitlines()[0]}"}
     generator = torch.Generator(r.device).manual_seed(0)
     step_index = cfg.loss.disc_start if phase == "after disc_start" else 0
     if ldm:
         def step():
-            with _autocast(r.device, dtype):
+            with autocast(r.device, dtype):
                 ldm_stage_a_step(p.vae, p.discriminator, perceptual, cfg.loss, p.opt_ae, p.opt_d, x, step_index)
     else:
         def step():
@@ -53,8 +149,8 @@ def _compile_row(r: Runner, batch: int) -> dict[str, Any]:
     want = {"on": True, "off": False, "auto": r.plan.compile_default}[r.args.compile]
     if not want:
         return skipped_row("--compile off" if r.args.compile == "off" else
-                            "tiny mode: compiling even the tiny autoencoder costs seconds to minutes on a CPU "
-                            "(docs/performance.md); --compile on runs it", batch, **labels)
+                           "tiny mode: compiling even the tiny autoencoder costs seconds to minutes on a CPU "
+                           "(docs/performance.md); --compile on runs it", batch, **labels)
     timeout = min(r.args.compile_timeout_s, r.time_left() - r.reserve_after("stage_a_speed"))
     if timeout < 10:
         return skipped_row(f"{timeout:.0f} s of the budget left for it", batch, **labels)
@@ -80,7 +176,7 @@ def worker_compile_stage_a(args: argparse.Namespace) -> dict[str, Any]:
     cfg = plans.stage_a_config(plan, ("loss.disc_start=1",))
     perceptual, _ = build_perceptual(cfg.loss, dev)
     x = images(plan.a_split_batch, cfg.data.resolution, dev)
-    p = build_stage_a(cfg, perceptual, dev)
+    p = build_timed_stage_a(cfg, perceptual, dev, torch.bfloat16)
     generator = torch.Generator(dev).manual_seed(0)
     flops = count_flops(lambda: stage_a_step(p, x, 1, torch.bfloat16, generator))  # eager: what the step computes
     p.model = torch.compile(p.model, backend=args.compile_backend)
@@ -92,6 +188,22 @@ def worker_compile_stage_a(args: argparse.Namespace) -> dict[str, Any]:
                               warmup=plan.warmup, iters=plan.iters)
     return {"batch": len(x), "compile_s": compile_s, "step_s": step_s, "flops_per_step": flops,
             **peak_memory_mib(dev)}
+
+
+def _time_split_and_ratios(rows: list[dict], full, ae, before, ldm32, ldm16) -> dict[str, Any]:
+    def s(w):
+        return w.get("step_s") if w else None
+
+    results: dict[str, Any] = {}
+    if all(s(w) for w in (full, ae, before)):
+        # Differential timing: LPIPS = (autoencoder + LPIPS) - autoencoder, discriminator = full - both. The
+        # discriminator's share holds the GAN term, the adaptive weight's two gradients and its own update.
+        split = {"autoencoder_s": s(ae), "lpips_s": s(before) - s(ae), "discriminator_s": s(full) - s(before)}
+        results["time_split"] = {**split, **{k.replace("_s", "_fraction"): v / s(full) for k, v in split.items()},
+                                 "batch": full["batch"]}
+    results["vs_ldm"] = {f"ours_{a}_over_{b}": s(ref) / s(ours) for a, ours in (("after", full), ("before", before))
+                         for b, ref in (("ldm_fp32", ldm32), ("ldm_bf16", ldm16)) if s(ours) and s(ref)}
+    return results
 
 
 def section_stage_a_speed(r: Runner) -> dict[str, Any]:
@@ -123,19 +235,6 @@ def section_stage_a_speed(r: Runner) -> dict[str, Any]:
     ldm32 = row(x, path="LDM as written", phase="any step", precision="fp32", ldm=True)
     ldm16 = row(x, path="LDM as written, under bf16 autocast", phase="any step", precision="bf16", ldm=True)
     rows.append(_compile_row(r, len(x)))
-
-    def s(w):
-        return w.get("step_s") if w else None
-
-    results: dict[str, Any] = {"preset": cfg.model.preset, "resolution": cfg.data.resolution, "lpips_trunk": trunk,
-                               "rows": rows}
-    if all(s(w) for w in (full, ae, before)):
-        # Differential timing: LPIPS = (autoencoder + LPIPS) - autoencoder, discriminator = full - both. The
-        # discriminator's share holds the GAN term, the adaptive weight's two gradients and its own update.
-        split = {"autoencoder_s": s(ae), "lpips_s": s(before) - s(ae), "discriminator_s": s(full) - s(before)}
-        results["time_split"] = {**split, **{k.replace("_s", "_fraction"): v / s(full) for k, v in split.items()},
-                                 "batch": len(x)}
-    results["vs_ldm"] = {f"ours_{a}_over_{b}": s(ref) / s(ours) for a, ours in (("after", full), ("before", before))
-                         for b, ref in (("ldm_fp32", ldm32), ("ldm_bf16", ldm16)) if s(ours) and s(ref)}
-    results["anchors"] = [REFERENCE_FIGURES["conv_utilisation"]]
-    return results
+    return {"preset": cfg.model.preset, "resolution": cfg.data.resolution, "lpips_trunk": trunk, "rows": rows,
+            **_time_split_and_ratios(rows, full, ae, before, ldm32, ldm16),
+            "anchors": [REFERENCE_FIGURES["conv_utilisation"]]}
