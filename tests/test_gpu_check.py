@@ -3,8 +3,9 @@
 Every section runs and lands in the JSON; both trainers run under bf16 and the correctness checks read from
 their runs pass (fp16 needs CUDA: its checks are skipped here, and the logic that reads a grad scaler is
 checked on made-up checkpoints); the FLOP and utilisation figures agree with each other and with the work
-each path does; a section that raises is recorded while the run goes on, and the file on disk already
-holds the earlier sections when a later one starts; the time guard skips what the budget cannot cover. Seconds say nothing here (tiny models,
+each path does; the CPU figures shown beside the demo are those docs/demo.md publishes; a section that
+raises is recorded while the run goes on, and the file on disk already holds the earlier sections when a
+later one starts; the time guard skips what the budget cannot cover. Seconds say nothing here (tiny models,
 a shared CPU); only counts and structure are asserted.
 """
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from benchmarks.gpu_check import plans, trainer_runs
+from benchmarks.gpu_check import plans, references, trainer_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,6 +206,31 @@ def test_demo_section_reports_wall_time_and_the_demo_quality_figures(tiny):
     assert summary["heldout_psnr"] > 0 and summary["bicubic_psnr"] > 0
     assert 0 <= summary["samples_validity"] <= 1 and 0 <= summary["reconstructions_valid"] <= 1
     assert (out / "demo" / "summary.json").is_file()
+    cpu = demo["cpu_reference"]  # read from docs/demo.md, and not compared with a 2-step demo
+    assert cpu["source"] == "docs/demo.md" and cpu["missing"] == [] and cpu["comparable"] is False
+
+
+def test_the_cpu_demo_figures_are_those_docs_demo_md_publishes():
+    figures = references.cpu_demo_figures()
+    assert figures["missing"] == [] and figures["measured"] and "core" in figures["machine"]
+    assert 0 < figures["stage_a_minutes"] < figures["wall_minutes"]
+    assert figures["bicubic_psnr"] < figures["heldout_psnr"] < 100
+    assert all(0 < figures[k] <= 1 for k in ("reconstructions_valid", "samples_validity",
+                                             "samples_plain_diffusers_validity"))
+    # The README states the same demo.
+    assert f"**{figures['wall_minutes']:g} minutes**" in (ROOT / "README.md").read_text()
+
+
+def test_a_page_without_the_figures_gives_none(tmp_path):
+    page = tmp_path / "docs" / "demo.md"
+    page.parent.mkdir()
+    page.write_text("# The demo\n\n## Results\n\nMeasured 2027-01-01 on a 2-core CPU, torch 3: "
+                    "**9.5 minutes** wall time.\n\n## Later\n")
+    figures = references.cpu_demo_figures(page)
+    assert figures["wall_minutes"] == 9.5 and figures["measured"] == "2027-01-01"
+    assert "stage_a_minutes" in figures["missing"] and "heldout_psnr" not in figures
+    gone = references.cpu_demo_figures(tmp_path / "nowhere.md")
+    assert "error" in gone and "wall_minutes" in gone["missing"]
 
 
 def test_a_failing_section_is_recorded_and_the_file_is_rewritten_after_every_section(tmp_path, monkeypatch):

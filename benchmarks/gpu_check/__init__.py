@@ -22,7 +22,7 @@ Sections (each with its wall seconds and its results or an error; `--sections` p
 7. sampling (sampling.py): U-Net forwards/s at batch 256 and VAE decodes at 256 px, bf16 against fp32;
    images/s of DPM-Solver++ at 20 steps end to end through `LatentDiffusionPipeline`.
 8. demo (demo.py): `ldm demo` (both stages of `make demo`) in a subprocess: wall time and the quality figures
-   of its summary, beside the CPU figures of docs/demo.md.
+   of its summary, beside the CPU figures docs/demo.md publishes (references.py reads them).
 
 `OUT/gpu_check.json` is rewritten (atomically) after every section, so a run that is cut keeps what it
 measured; a section that raises is recorded and the next one runs (runner.py). A section is skipped, with the
