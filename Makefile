@@ -68,9 +68,9 @@ bench-photos-ldm: $(STAMP) runs/bench/real_photos/summary.json
 bench-sample-metric: $(STAMP)
 	$(BIN)/python -m benchmarks.sample_metric_rank --run $(DEMO_OUT)/stage_b --out runs/bench
 
-# On a GPU machine: the machine, its measured limits, Stage A under bf16/fp16 autocast, both stages' speed,
+# On a GPU machine: the machine, its measured limits, both trainers under bf16/fp16, both stages' speed,
 # sampling and the demo, in at most 8 minutes (docs/gpu-check.md). runs/gpu_check/gpu_check.json is
-# rewritten after every section; without CUDA the same script runs its tiny mode.
+# rewritten after every section; without CUDA the same package runs its tiny mode.
 gpu-check: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu_check --out runs/gpu_check
 
