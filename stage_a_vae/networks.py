@@ -69,18 +69,25 @@ class StageANetworks:
 
 
 def build_stage_a(cfg: StageAConfig, device: torch.device | str = "cpu",
-                  first_download: Callable[[], ContextManager] = contextlib.nullcontext) -> StageANetworks:
-    """Stage A's networks on `device`, initialised from `train.seed`, with their optimizers, schedules and EMA.
+                  first_download: Callable[[], ContextManager] = contextlib.nullcontext,
+                  perceptual: Optional[torch.nn.Module] = None) -> StageANetworks:
+    """Stage A's networks, initialised from `train.seed`, with their optimizers, schedules and EMA; the
+    loss (and its perceptual net) on `device`, the rest where Accelerate's `prepare` (or the caller) puts it.
 
     `first_download` wraps the perceptual net's construction, which may download its trunk on first use
     (the trainer passes `accelerator.main_process_first`, so it happens once, not once per process).
+    `perceptual`: a perceptual net already built, used instead of building one (a benchmark timing many
+    configurations builds it once).
     """
     tc, lc = cfg.train, cfg.loss
     torch.manual_seed(tc.seed)  # identical initial weights on every process
     vae = apply_memory_format(build_autoencoder(cfg.model), tc)
     discriminator = apply_memory_format(build_discriminator(lc), tc)
-    with first_download():
-        perceptual = build_lpips(lc.lpips_trunk, lc.lpips_weights) if lc.perceptual_weight > 0 else None
+    if lc.perceptual_weight <= 0:
+        perceptual = None
+    elif perceptual is None:
+        with first_download():
+            perceptual = build_lpips(lc.lpips_trunk, lc.lpips_weights)
     loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual, discriminator).to(device)
     opt_ae = make_adam(list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else []), tc, lr=tc.lr)
     opt_d = make_adam(discriminator.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)

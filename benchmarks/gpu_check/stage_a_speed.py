@@ -62,26 +62,16 @@ def build_timed_stage_a(cfg, perceptual, device: torch.device, dtype: torch.dtyp
     """Stage A's models, loss and optimizers as `train_vae` builds them, without Accelerate but with its
     autocast on the discriminator; with `ldm_optimizers` plain Adam(0.5, 0.9) for both, as LDM's
     `configure_optimizers`."""
-    from ldm_core.training.accelerator import apply_memory_format
-    from ldm_core.training.optimization import make_adam
-    from stage_a_vae.architectures import build_autoencoder
-    from stage_a_vae.discriminator import build_discriminator
-    from stage_a_vae.losses import LPIPSWithDiscriminatorLoss
-    from stage_a_vae.networks import AutoencoderForTraining
+    from stage_a_vae.networks import AutoencoderForTraining, build_stage_a
 
-    torch.manual_seed(0)
-    tc, lc = replace(cfg.train, channels_last=channels_last), cfg.loss
-    vae = apply_memory_format(build_autoencoder(cfg.model), tc).to(device)
-    disc = apply_memory_format(build_discriminator(lc), tc).to(device)
+    train = replace(cfg.train, channels_last=channels_last, seed=0)
+    nets = build_stage_a(replace(cfg, train=train), device, perceptual=perceptual)
+    tc, vae, disc, loss_fn = train, nets.vae.to(device), nets.discriminator.to(device), nets.loss_fn
     _forward_under_autocast(disc, device, dtype)
-    loss_fn = LPIPSWithDiscriminatorLoss(lc, perceptual if lc.perceptual_weight > 0 else None, disc).to(device)
+    opt_ae, opt_d = nets.opt_ae, nets.opt_d
     if ldm_optimizers:
         opt_ae = torch.optim.Adam(vae.parameters(), lr=tc.lr, betas=(0.5, 0.9))
         opt_d = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(0.5, 0.9))
-    else:
-        trained = list(vae.parameters()) + ([loss_fn.logvar] if lc.learn_logvar else [])
-        opt_ae = make_adam(trained, tc, lr=tc.lr)
-        opt_d = make_adam(disc.parameters(), tc, lr=tc.disc_learning_rate, betas=tc.disc_betas)
     return StageAParts(vae, disc, loss_fn, AutoencoderForTraining(vae), opt_ae, opt_d, vae.decoder.conv_out.weight,
                        tc.max_grad_norm)
 

@@ -17,14 +17,11 @@ from benchmarks.gpu_check.references import REFERENCE_FIGURES
 from benchmarks.gpu_check.runner import Runner, autocast, free_memory, images, measure, skipped_row
 
 
-def _ours_rows(r: Runner, cfg, unet, scheduler, size: int) -> list[dict[str, Any]]:
-    from ldm_core.training.ema import make_ema
-    from ldm_core.training.optimization import make_adam
+def _ours_rows(r: Runner, cfg, nets, size: int) -> list[dict[str, Any]]:
     from stage_b_diffusion.objective import diffusion_loss
 
     plan, dev, tc = r.plan, r.device, cfg.train
-    optimizer = make_adam(unet.parameters(), tc, lr=tc.lr, decoupled_weight_decay=True)
-    ema = make_ema(unet, cfg.ema)
+    unet, scheduler, optimizer, ema = nets.unet, nets.noise_scheduler, nets.optimizer, nets.ema
     if ema is not None:
         ema.to(dev)
     generator = torch.Generator(dev).manual_seed(0)
@@ -49,8 +46,6 @@ def _ours_rows(r: Runner, cfg, unet, scheduler, size: int) -> list[dict[str, Any
         optimizer.zero_grad(set_to_none=True)
         del latents
         free_memory(dev)
-    del optimizer, ema
-    free_memory(dev)
     return rows
 
 
@@ -79,16 +74,17 @@ def _text_to_image_row(r: Runner, cfg, unet, scheduler) -> dict[str, Any]:
 
 
 def section_stage_b_speed(r: Runner) -> dict[str, Any]:
-    from stage_b_diffusion.architectures import build_unet, count_parameters
-    from stage_b_diffusion.noise_schedule import build_noise_scheduler
+    from stage_b_diffusion.architectures import count_parameters
+    from stage_b_diffusion.networks import build_stage_b
 
     cfg = plans.stage_b_config(r.plan)
     size = cfg.data.resolution // 8
-    torch.manual_seed(0)
-    unet = build_unet(cfg.model, latent_channels=4, latent_size=size).to(r.device)
-    scheduler = build_noise_scheduler(cfg.diffusion)
-    rows = _ours_rows(r, cfg, unet, scheduler, size)
-    rows.append(_text_to_image_row(r, cfg, unet, scheduler))
+    nets = build_stage_b(cfg, latent_channels=4, latent_size=size)  # the trainer's U-Net, AdamW and EMA
+    unet = nets.unet.to(r.device)
+    rows = _ours_rows(r, cfg, nets, size)
+    nets.optimizer = nets.ema = None  # their state would crowd the reference's row
+    free_memory(r.device)
+    rows.append(_text_to_image_row(r, cfg, unet, nets.noise_scheduler))
     batch = r.plan.b_reference_batch
     ours = next((w for w in rows if w["path"] == "ours" and w["batch"] == batch and "step_s" in w), None)
     ref = rows[-1] if "step_s" in rows[-1] else None
