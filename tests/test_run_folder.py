@@ -34,15 +34,19 @@ def _train_vae(capsys, out, *extra, resume=False):
 # ----------------------------------------------------------------------------- the lock
 
 
-def test_two_runs_cannot_share_a_folder_and_a_dead_owner_does_not_hold_it(tmp_path, capsys):
-    out = tmp_path / "run"
+def _process_holding(out, then: str):
+    """A Python process that creates and locks the run folder `out`, then runs `then` (with os, time, out)."""
     out.mkdir()
+    script = ("import os, time; from pathlib import Path; "
+              "from ldm_core.training.run_folder import _record_lock_owner, lock_run_dir; "
+              f"out = Path({str(out)!r}); lock_run_dir(out); {then}")
+    return out, subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+
+def test_two_runs_cannot_share_a_folder_and_a_dead_owner_does_not_hold_it(tmp_path, capsys):
     # Another process holds the folder, as a run in progress does (its lock is the same flock).
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pathlib import Path; from ldm_core.training.run_folder import _record_lock_owner, lock_run_dir; "
-        f"out = Path({str(out)!r}); lock_run_dir(out); _record_lock_owner(out); print('locked', flush=True); "
-        "time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True)
+    out, holder = _process_holding(tmp_path / "run", "_record_lock_owner(out); print('locked', flush=True); "
+                                                     "time.sleep(120)")
     try:
         assert holder.stdout.readline().strip() == "locked"
         rc, err = _train_vae(capsys, out)
@@ -60,13 +64,8 @@ def test_two_runs_cannot_share_a_folder_and_a_dead_owner_does_not_hold_it(tmp_pa
 def test_a_killed_run_does_not_leave_its_folder_locked_by_what_it_forked(tmp_path):
     """A DataLoader worker is a fork of the run: when the run is killed, the worker may outlive it for a
     while, and it must not keep the folder locked meanwhile."""
-    out = tmp_path / "run"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, time; from pathlib import Path; from ldm_core.training.run_folder import lock_run_dir; "
-        f"lock_run_dir(Path({str(out)!r})); child = os.fork(); "
-        "time.sleep(120) if child == 0 else (print(child, flush=True), time.sleep(120))")],
-        stdout=subprocess.PIPE, text=True)
+    out, holder = _process_holding(tmp_path / "run", "child = os.fork(); "
+                                   "time.sleep(120) if child == 0 else (print(child, flush=True), time.sleep(120))")
     worker = int(holder.stdout.readline())
     try:
         holder.kill()
