@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test bench bench-stage-a bench-data bench-photos bench-photos-gan bench-photos-ldm bench-sample-metric photo-corpus gpu-check install clean
+.PHONY: demo test bench bench-stage-a bench-data bench-photos bench-photos-gan bench-photos-ldm bench-sample-metric bench-latent-space photo-corpus gpu-check install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ bench-photos-ldm: $(STAMP) runs/bench/real_photos/summary.json
 # demo run that kept its checkpoints: ldm demo --out runs/demo stage_b.train.keep_checkpoints=8 stage_b.train.checkpoint_every=1000
 bench-sample-metric: $(STAMP)
 	$(BIN)/python -m benchmarks.sample_metric_rank --run $(DEMO_OUT)/stage_b --out runs/bench
+
+# Which autoencoder does the demo's Stage B learn fastest on, and which `ldm inspect-vae` figure says so
+# beforehand (docs/latent-space.md)? Fine-tunes the demo's autoencoder with each option, then Stage B twice
+# on each; needs the demo's autoencoder (make demo). A killed run continues where it stopped.
+bench-latent-space: $(STAMP) $(DEMO_OUT)/summary.json
+	$(BIN)/python -m benchmarks.latent_space_experiment --demo-vae $(DEMO_OUT)/stage_a/vae --out runs/bench/latent_space
 
 # On a GPU machine: the machine, its measured limits, both trainers under bf16/fp16, both stages' speed,
 # sampling and the demo, in at most 8 minutes (docs/gpu-check.md). runs/gpu_check/gpu_check.json is
