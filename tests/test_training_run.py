@@ -71,7 +71,7 @@ def toy_run(cfg: ToyConfig, out, resume=None, *, bad_steps=(), on_micro_step=Non
         run.log(logs)
     run.write_checkpoint()
     run.finish(metrics={}, run_info={}, curves=(["loss"], "toy"))
-    return run, float(model.weight), seen
+    return run, float(model.weight.detach()), seen
 
 
 def test_steps_and_micro_steps_follow_the_config_and_accumulate_syncs_once_per_step(tmp_path):
