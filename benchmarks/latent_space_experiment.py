@@ -177,7 +177,7 @@ def summarise(args) -> dict:
 
     lines = [f"| autoencoder | held-out PSNR | PSNR at latent noise 0.1 | equivariance PSNR 2x down / quarter turn | "
              f"latent HF share | KL per position | valid at {half} | valid at {end} | SWD at {end} | "
-             f"worst class share at {end} |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"class share furthest from 1/3 at {end} |", "|---|---|---|---|---|---|---|---|---|---|"]
     for variant, row in rows.items():
         f = row["figures"]
         per_seed = lambda step, key, fmt: " / ".join(fmt(s[step][key]) for s in row["stage_b"].values() if step in s) or "-"
@@ -187,7 +187,7 @@ def summarise(args) -> dict:
             f"{f['latent high-frequency share']:.3f} | {f['KL per position']:.2f} | "
             f"{per_seed(half, 'valid', lambda v: f'{v:.1%}')} | {per_seed(end, 'valid', lambda v: f'{v:.1%}')} | "
             f"{per_seed(end, 'swd', lambda v: f'{v:.1f}')} | "
-            f"{per_seed(end, 'max_class_deviation', lambda v: f'{1 / 3 + v:.0%}')} |")
+            f"{per_seed(end, 'max_class_deviation', lambda v: f'{100 * v:.0f} points off')} |")
     scored = {v: r for v, r in rows.items() if mean_of(r, end, "valid") is not None}
     predictors = {}
     if len(scored) >= 3:
@@ -207,32 +207,43 @@ def summarise(args) -> dict:
     (args.out / "latent_space_experiment.json").write_text(json.dumps(result, indent=2))
     (args.out / "latent_space_experiment.md").write_text(result["table_markdown"] + "\n")
     if scored:
-        save_curves(rows, args.out / "latent_space_experiment.png")
+        save_curves(rows, end, args.out / "latent_space_experiment.png")
     print(result["table_markdown"])
     return result
 
 
-def save_curves(rows: dict, path: Path) -> None:
-    """Valid share of the in-training samples (64 from fixed noise) against the step, one line per run."""
+def save_curves(rows: dict, end: str, path: Path) -> None:
+    """Left: valid share of the in-training samples (64 from fixed noise, the sampling section's sampler)
+    against the step, one line per run. Right: the valid share over `--num-images` samples at the end,
+    one bar per autoencoder (the mean over seeds) with each seed as a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (variant, row), colour in zip(rows.items(), colours):
-        for k, (seed, runs) in enumerate(row["stage_b"].items()):
+    for k, ((variant, row), colour) in enumerate(zip(rows.items(), colours)):
+        for j, runs in enumerate(row["stage_b"].values()):
             points = [(p["step"], p["valid"]) for p in runs["in_training"] if "valid" in p]
             if points:
                 steps, valid = zip(*points)
-                ax.plot(steps, [100 * v for v in valid], color=colour, linestyle="-" if k == 0 else "--",
-                        marker="o", markersize=3, label=variant if k == 0 else None)
-    ax.set_xlabel("Stage B step")
-    ax.set_ylabel("valid samples (%, 64 from fixed noise)")
-    ax.set_title("The demo's Stage B on each autoencoder (solid: seed 0, dashed: seed 1)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+                curves.plot(steps, [100 * v for v in valid], color=colour, linestyle="-" if j == 0 else "--",
+                            marker="o", markersize=3, label=variant if j == 0 else None)
+        finals = [100 * runs[end]["valid"] for runs in row["stage_b"].values() if end in runs]
+        if finals:
+            bars.bar(k, np.mean(finals), color=colour, alpha=0.6)
+            bars.plot([k] * len(finals), finals, "o", color="black", markersize=4)
+    curves.set_xlabel("Stage B step")
+    curves.set_ylabel("valid samples (%, 64 from fixed noise)")
+    curves.set_title("During training (solid: seed 0, dashed: seed 1)")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=8)
+    bars.set_xticks(range(len(rows)), list(rows), rotation=30, ha="right", fontsize=8)
+    bars.set_ylabel(f"valid samples at step {end} (%)")
+    bars.set_title("At the end (bar: mean, dots: seeds)")
+    bars.grid(alpha=0.3, axis="y")
+    fig.suptitle("The demo's Stage B on each autoencoder")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
