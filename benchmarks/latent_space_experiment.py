@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -148,14 +149,11 @@ FIGURES = {
 }
 
 
-def summarise(args) -> dict:
-    """Everything finished so far, as a table, the rank correlation of each figure with Stage B's validity
-    at the end (mean over the seeds present), and a picture."""
-    from scipy.stats import spearmanr
+CONTROL = "fine-tune"  # the same fine-tune with no option: what each option is compared with, seed by seed
 
-    from ldm_core.training.accelerator import cpu_description
 
-    half, end = str(args.stage_b_steps // 2), str(args.stage_b_steps)
+def collect(args) -> dict:
+    """Each autoencoder's inspect-vae figures and, per Stage B seed, its scores and in-training curve."""
     rows = {}
     for variant in VARIANTS:
         report_path = args.out / variant / "inspect.json"
@@ -170,43 +168,78 @@ def summarise(args) -> dict:
                 seeds[seed_dir.name] = {**run_scores, "in_training": [{k: row[k] for k in ("step", "swd", "valid")
                                                                        if k in row} for row in curve if "swd" in row]}
         rows[variant] = {"figures": {name: read(report) for name, read in FIGURES.items()}, "stage_b": seeds}
+    return rows
 
-    def mean_of(row, step, key):
-        values = [s[step][key] for s in row["stage_b"].values() if step in s]
-        return float(np.mean(values)) if values else None
 
+def paired_difference(row: dict, control: Optional[dict], end: str) -> Optional[float]:
+    """The valid share at `end` minus the control's on the same seeds (seeds differ by more than the options
+    do, so only same-seed differences compare autoencoders), in points; None without a shared seed."""
+    if control is None:
+        return None
+    shared = [s for s in row["stage_b"] if s in control["stage_b"] and end in row["stage_b"][s]
+              and end in control["stage_b"][s]]
+    if not shared:
+        return None
+    return float(np.mean([100 * (row["stage_b"][s][end]["valid"] - control["stage_b"][s][end]["valid"])
+                          for s in shared]))
+
+
+def table(rows: dict, half: str, end: str) -> list[str]:
     lines = [f"| autoencoder | held-out PSNR | PSNR at latent noise 0.1 | equivariance PSNR 2x down / quarter turn | "
-             f"latent HF share | KL per position | valid at {half} | valid at {end} | SWD at {end} | "
-             f"class share furthest from 1/3 at {end} |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"latent HF share | KL per position | valid at {half} | valid at {end} | valid at {end} against "
+             f"{CONTROL}, same seed | SWD at {end} | class share furthest from 1/3 at {end} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, row in rows.items():
         f = row["figures"]
         per_seed = lambda step, key, fmt: " / ".join(fmt(s[step][key]) for s in row["stage_b"].values() if step in s) or "-"
+        gap = paired_difference(row, rows.get(CONTROL), end)
         lines.append(
             f"| {variant} | {f['held-out PSNR']:.2f} | {f['PSNR, latent noise 0.1']:.2f} | "
             f"{f['equivariance PSNR, 2x down']:.2f} / {f['equivariance PSNR, quarter turn']:.2f} | "
             f"{f['latent high-frequency share']:.3f} | {f['KL per position']:.2f} | "
             f"{per_seed(half, 'valid', lambda v: f'{v:.1%}')} | {per_seed(end, 'valid', lambda v: f'{v:.1%}')} | "
-            f"{per_seed(end, 'swd', lambda v: f'{v:.1f}')} | "
+            f"{'-' if gap is None else f'{gap:+.1f} points'} | {per_seed(end, 'swd', lambda v: f'{v:.1f}')} | "
             f"{per_seed(end, 'max_class_deviation', lambda v: f'{100 * v:.0f} points off')} |")
-    scored = {v: r for v, r in rows.items() if mean_of(r, end, "valid") is not None}
+    return lines
+
+
+def rank_figures(rows: dict, end: str) -> tuple[dict, list[str]]:
+    """Spearman's rho of each figure against the valid share at `end`, averaged over the seeds every scored
+    autoencoder has (so that no autoencoder gains from a kinder seed); None where either list is constant."""
+    from scipy.stats import spearmanr
+
+    scored = {v: r for v, r in rows.items() if any(end in s for s in r["stage_b"].values())}
+    common = sorted(set.intersection(*(set(r["stage_b"]) for r in scored.values()))) if scored else []
     predictors = {}
-    if len(scored) >= 3:
-        valid = [mean_of(r, end, "valid") for r in scored.values()]
+    if len(scored) >= 3 and common:
+        valid = [float(np.mean([r["stage_b"][s][end]["valid"] for s in common])) for r in scored.values()]
         for name in FIGURES:
             values = [r["figures"][name] for r in scored.values()]
-            # Undefined (None) when either list is constant.
             rho = spearmanr(values, valid).statistic if len(set(values)) > 1 and len(set(valid)) > 1 else np.nan
             predictors[name] = None if np.isnan(rho) else float(rho)
-    lines += ["", f"Spearman rank correlation over the {len(scored)} autoencoders of each figure with the valid "
-              f"share at step {end} (mean over seeds):", "", "| figure | rho |", "|---|---|"]
+    lines = ["", f"Spearman rank correlation over the {len(scored)} autoencoders of each figure with the valid "
+             f"share at step {end} ({', '.join(common) or 'no seed'}, the seeds all of them have):", "",
+             "| figure | rho |", "|---|---|"]
     lines += [f"| {name} | {'-' if rho is None else f'{rho:+.2f}'} |" for name, rho in predictors.items()]
+    return {"seeds": common, "rho": predictors}, lines
+
+
+def summarise(args) -> dict:
+    """Everything finished so far: the table, the figures ranked against Stage B's validity, the picture."""
+    from ldm_core.training.accelerator import cpu_description
+
+    half, end = str(args.stage_b_steps // 2), str(args.stage_b_steps)
+    rows = collect(args)
+    predictors, ranking = rank_figures(rows, end)
+    lines = table(rows, half, end) + ranking
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_description(), "demo_vae": args.demo_vae,
               "finetune_steps": args.finetune_steps, "stage_b_steps": args.stage_b_steps,
               "num_images": args.num_images, "variants": {v: VARIANTS[v] for v in rows}, "rows": rows,
+              "against_control": {v: paired_difference(r, rows.get(CONTROL), end) for v, r in rows.items()},
               "predictors": predictors, "table_markdown": "\n".join(lines)}
     (args.out / "latent_space_experiment.json").write_text(json.dumps(result, indent=2))
     (args.out / "latent_space_experiment.md").write_text(result["table_markdown"] + "\n")
-    if scored:
+    if any(r["stage_b"] for r in rows.values()):
         save_curves(rows, end, args.out / "latent_space_experiment.png")
     print(result["table_markdown"])
     return result

@@ -57,9 +57,25 @@ def test_summary_ranks_each_figure_against_the_mean_valid_share_over_seeds(tmp_p
                 str(s): {"valid": v * s / 20, "swd": 100.0, "max_class_deviation": 0.05} for s in (10, 20)}))
     args = argparse.Namespace(out=tmp_path, stage_b_steps=20, demo_vae="d", finetune_steps=10, num_images=8)
     result = summarise(args)
-    assert result["predictors"]["held-out PSNR"] == pytest.approx(1.0)
-    assert result["predictors"]["latent high-frequency share"] == pytest.approx(-1.0)
-    assert result["predictors"]["KL per position"] is None  # the same for all: no ranking
+    assert result["predictors"]["seeds"] == ["seed0", "seed1"]
+    assert result["predictors"]["rho"]["held-out PSNR"] == pytest.approx(1.0)
+    assert result["predictors"]["rho"]["latent high-frequency share"] == pytest.approx(-1.0)
+    assert result["predictors"]["rho"]["KL per position"] is None  # the same for all: no ranking
+    # eqvae against the control (fine-tune), seed by seed: (0.7 - 0.5 + 0.8 - 0.4) / 2 = +30 points.
+    assert result["against_control"]["eqvae"] == pytest.approx(30.0)
+    assert result["against_control"]["fine-tune"] == pytest.approx(0.0)
     assert "| eqvae | 32.00 | 31.00 |" in result["table_markdown"]
     assert "70.0% / 80.0%" in result["table_markdown"]
     assert (tmp_path / "latent_space_experiment.png").stat().st_size > 0
+
+
+def test_an_autoencoder_missing_a_seed_limits_the_ranking_to_the_seeds_all_have(tmp_path):
+    import shutil
+
+    test_summary_ranks_each_figure_against_the_mean_valid_share_over_seeds(tmp_path)
+    shutil.rmtree(tmp_path / "as-is" / "seed1")
+    args = argparse.Namespace(out=tmp_path, stage_b_steps=20, demo_vae="d", finetune_steps=10, num_images=8)
+    result = summarise(args)
+    assert result["predictors"]["seeds"] == ["seed0"]
+    assert "seed0, the seeds all of them have" in result["table_markdown"]
+    assert result["against_control"]["as-is"] == pytest.approx(100 * (0.2 - 0.5))  # seed 0 only
