@@ -30,7 +30,7 @@ from ldm_core.data.sources import hub_dataset_id
 from ldm_core.models.autoencoder_folders import vae_downsampling_factor
 from ldm_core.models.latent_scale import apply_scaling_factor, measure_latent_stats
 from ldm_core.models.model_card import CardContent, write_model_card
-from ldm_core.training.optimization import clip_gradients, drop_gradients
+from ldm_core.training.optimization import drop_gradients
 from ldm_core.randomness import seeded_generator
 from ldm_core.training.run_folder import write_json
 from ldm_core.data.training_images import TrainingImages
@@ -144,16 +144,10 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
             if run.is_nonfinite({"loss": ae_loss, **ae_logs}, step):  # train.nonfinite_loss: stop raised, or skip
                 skipped = True
                 continue
-            accelerator.backward(ae_loss)
-            if accelerator.sync_gradients:  # the accumulated gradients, clipped once per optimizer step
-                logs["grad_norm"] = clip_gradients(accelerator, model.parameters(), tc.max_grad_norm)
-                # An inf norm under fp16 is routine: the grad scaler skips that step itself.
-                if accelerator.scaler is None and run.is_nonfinite({"grad_norm": logs["grad_norm"], "loss": ae_loss},
-                                                                   step):
-                    skipped = True
-                    continue
-            opt_ae.step()
-            opt_ae.zero_grad(set_to_none=True)
+            # Backward; clip, log and check the gradient norm on the syncing micro-step; the optimizer step.
+            if not run.backward_and_step(ae_loss, opt_ae, model.parameters(), step):
+                skipped = True
+                continue
             if not disc_on:
                 continue
             # The discriminator, after the autoencoder's update, on the same reconstruction (detached).
@@ -162,11 +156,9 @@ def train_vae(cfg: StageAConfig, data: str, out: str | Path, resume: Optional[st
             if run.is_nonfinite({**d_logs, "d_loss": d_loss}, step):
                 skipped = True
                 continue
-            accelerator.backward(d_loss)
-            if accelerator.sync_gradients:
-                clip_gradients(accelerator, disc_ddp.parameters(), tc.max_grad_norm)
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+            if not run.backward_and_step(d_loss, opt_d, disc_ddp.parameters(), step, norm_name="d_grad_norm"):
+                skipped = True
+                continue
             logs.update(d_logs)  # logged once applied
         if skipped:  # the step counter, schedules and EMA still advance, so the next batch is fresh
             drop_gradients(opt_ae, opt_d)

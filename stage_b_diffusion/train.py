@@ -31,7 +31,7 @@ from ldm_core.data.sources import hub_dataset_id
 from ldm_core.models.hub import describe_model_source, hub_repo_id
 from ldm_core.models.latent_scale import resolve_latent_scale, scale_latents
 from ldm_core.models.model_card import CardContent, write_model_card
-from ldm_core.training.optimization import clip_gradients, drop_gradients
+from ldm_core.training.optimization import drop_gradients
 from ldm_core.randomness import image_generator
 from ldm_core.data.training_images import TrainingImages
 from ldm_core.training.run import TrainingRun
@@ -173,16 +173,10 @@ def train_unet(cfg: StageBConfig, vae_path: str | Path, data: str, out: str | Pa
             if run.is_nonfinite({"loss": loss}, step):  # train.nonfinite_loss: stop raised, or skip
                 skipped = True
                 continue
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:  # the accumulated gradients, clipped once per optimizer step
-                logs["grad_norm"] = clip_gradients(accelerator, unet_ddp.parameters(), tc.max_grad_norm)
-                # An inf norm under fp16 is routine: the grad scaler skips that step itself.
-                if accelerator.scaler is None and run.is_nonfinite({"grad_norm": logs["grad_norm"], "loss": loss},
-                                                                   step):
-                    skipped = True
-                    continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # Backward; clip, log and check the gradient norm on the syncing micro-step; the optimizer step.
+            if not run.backward_and_step(loss, optimizer, unet_ddp.parameters(), step):
+                skipped = True
+                continue
         if skipped:  # the step counter, schedule and EMA still advance, so the next batch is fresh
             drop_gradients(optimizer)
             logs["nonfinite_skips"] = run.nonfinite.skipped

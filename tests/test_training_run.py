@@ -11,7 +11,7 @@ import torch
 
 from ldm_core.config.settings import TrainConfig, fingerprint
 from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint
-from ldm_core.training.optimization import make_lr_scheduler
+from ldm_core.training.optimization import drop_gradients, make_lr_scheduler
 from ldm_core.training.run import TrainingRun
 from ldm_core.training.stopping import TrainingInterrupted
 
@@ -33,8 +33,10 @@ def _config(**train) -> ToyConfig:
     return ToyConfig(TrainConfig(**values))
 
 
-def toy_run(cfg: ToyConfig, out, resume=None, *, bad_steps=(), on_micro_step=None, periodic_every=2):
-    """Fit y = 3x with one weight; returns the run, the weight, what the loop saw."""
+def toy_run(cfg: ToyConfig, out, resume=None, *, bad_steps=(), bad_gradient_steps=(), on_micro_step=None,
+            periodic_every=2):
+    """Fit y = 3x with one weight; returns the run, the weight, what the loop saw (with each step's weight
+    before its update). bad_steps have a NaN loss; bad_gradient_steps a finite loss and an inf gradient."""
     run = TrainingRun(cfg, cfg.train, out, resume, stage="A")
     tc, acc = cfg.train, run.accelerator
     torch.manual_seed(0)
@@ -44,11 +46,12 @@ def toy_run(cfg: ToyConfig, out, resume=None, *, bad_steps=(), on_micro_step=Non
     model, optimizer = acc.prepare(model, optimizer)
     run.track(models={"model": model}, states={"optimizer": optimizer, "schedule": schedule})
     run.resume()
-    seen = {"indices": [], "synced": [], "periodic": []}
+    seen = {"indices": [], "synced": [], "periodic": [], "weights": []}
     for step in run.steps(desc="toy", lr=lambda: schedule.get_last_lr()[0], postfix=lambda s: {},
                           periodic=[(periodic_every, seen["periodic"].append),
                                     (tc.checkpoint_every, lambda step: run.write_checkpoint())]):
         logs, skipped = {}, False
+        seen["weights"].append(float(model.weight.detach()))
         for index in run.micro_steps(step, model):
             if skipped:
                 continue
@@ -63,10 +66,16 @@ def toy_run(cfg: ToyConfig, out, resume=None, *, bad_steps=(), on_micro_step=Non
             if run.is_nonfinite({"loss": loss}, step):
                 skipped = True
                 continue
-            acc.backward(loss)
+            hook = model.weight.register_hook(lambda grad: grad * float("inf")) if step in bad_gradient_steps else None
             seen["synced"].append(acc.sync_gradients)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            applied = run.backward_and_step(loss, optimizer, model.parameters(), step)
+            if hook is not None:
+                hook.remove()
+            if not applied:
+                skipped = True
+                continue
+        if skipped:
+            drop_gradients(optimizer)
         schedule.step()
         run.log(logs)
     run.write_checkpoint()
@@ -105,6 +114,39 @@ def test_a_skipped_step_leaves_the_weights_counts_and_the_count_survives_a_resum
 def test_a_nonfinite_loss_stops_the_run_by_default_naming_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 2: loss=nan"):
         toy_run(_config(), tmp_path / "run", bad_steps={2})
+
+
+def _toy_inputs(run, step, accumulation, batch_size):
+    return [torch.randn(batch_size, 1, generator=run.generator(index))
+            for index in range(step * accumulation, (step + 1) * accumulation)]
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_backward_and_step_logs_the_accumulated_norm_once_and_applies_the_clipped_step(tmp_path, max_grad_norm):
+    cfg = _config(max_steps=2, gradient_accumulation_steps=2, max_grad_norm=max_grad_norm)
+    run, _, seen = toy_run(cfg, tmp_path / "run")
+    norms = [row["grad_norm"] for row in run.history.rows if "grad_norm" in row]
+    assert len(norms) == 2
+    for step in range(2):
+        # Independently: d/dw of the mean of the two micro-batches' losses mean((w x - 3 x)^2).
+        w = seen["weights"][step]
+        xs = _toy_inputs(run, step, 2, cfg.train.batch_size)
+        grad = sum(float((2 * (w - 3) * x.pow(2)).mean()) for x in xs) / 2
+        assert norms[step] == pytest.approx(abs(grad), rel=1e-5)
+        applied = grad if max_grad_norm == 0 or abs(grad) <= max_grad_norm else max_grad_norm * grad / abs(grad)
+        lr = run.history.rows[step].get("lr", cfg.train.lr)
+        if step == 0:
+            assert seen["weights"][1] == pytest.approx(w - lr * applied, rel=1e-5)
+
+
+def test_a_nonfinite_gradient_from_a_finite_loss_skips_the_step_or_stops_the_run(tmp_path):
+    cfg = _config(max_steps=3, nonfinite_loss="skip", max_nonfinite_skips=2)
+    run, _, seen = toy_run(cfg, tmp_path / "skip", bad_gradient_steps={1})
+    assert run.nonfinite.skipped == 1
+    assert seen["weights"][2] == seen["weights"][1]  # nothing applied at step 1, and its gradients dropped
+    assert seen["weights"][1] != seen["weights"][0]
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss at step 1: .*grad_norm=inf"):
+        toy_run(_config(max_steps=3), tmp_path / "stop", bad_gradient_steps={1})
 
 
 def test_sigterm_ends_the_step_in_flight_writes_a_checkpoint_and_says_how_to_resume(tmp_path):

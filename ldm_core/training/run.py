@@ -35,6 +35,7 @@ from ldm_core.data.step_batches import StepBatches
 from ldm_core.training.checkpoints import META_FILE, CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from ldm_core.config.settings import TrainConfig
 from ldm_core.training.metric_history import MetricHistory, record_scalars
+from ldm_core.training.optimization import clip_gradients
 from ldm_core.randomness import step_generator
 from ldm_core.training.stopping import GracefulStop, NonFiniteLossPolicy, TimeBudget, all_finite, interrupted
 from ldm_core.training.run_folder import RESUMES_FILE, environment_info, prepare_run_dir, unlock_run_dir, write_json
@@ -245,6 +246,28 @@ class TrainingRun:
         if all_finite(values, self.accelerator):
             return False
         self.nonfinite.skip_or_stop(values, step)
+        return True
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer, parameters, step: int, *,
+                          norm_name: str = "grad_norm") -> bool:
+        """One optimizer's update from a loss already checked finite, in the order it happens: backward; on
+        the micro-step that syncs (Accelerate's `accumulate`), the accumulated gradients clipped to
+        `train.max_grad_norm`, their pre-clip norm logged as `norm_name` and checked like a loss; the
+        optimizer step; the gradients cleared.
+
+        Returns False when the norm is NaN or inf and `train.nonfinite_loss=skip` skips the step: nothing is
+        applied and the caller drops the rest of the step. Under fp16 an inf norm is routine and not checked:
+        the grad scaler skips that update itself and lowers its scale.
+        """
+        acc = self.accelerator
+        acc.backward(loss)
+        if acc.sync_gradients:
+            norm = clip_gradients(acc, parameters, self.train_cfg.max_grad_norm)
+            self.log({norm_name: norm})
+            if acc.scaler is None and self.is_nonfinite({norm_name: norm, "loss": loss}, step):
+                return False
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return True
 
     def log(self, logs: dict[str, Any]) -> None:
