@@ -28,15 +28,11 @@ import torch
 from ldm_core.config.settings import load_config
 from ldm_core.training.stopping import TimeBudget
 
-STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
-           "data.resolution=16", "data.shapes_count=64", "data.val_count=4", "loss.lpips_trunk=random",
-           "loss.perceptual_weight=0", "loss.disc_start=100", "loss.disc_channels=4", "loss.disc_num_layers=2",
-           "train.batch_size=2", "train.log_every=10", "train.validate_every=100000", "train.checkpoint_every=250",
-           "train.progress_bar=false", "train.latent_stats_images=4", "ema.enabled=true"]
-STAGE_B = ["model.preset=unet-tiny", "data.resolution=16", "data.shapes_count=64", "data.val_count=4",
-           "train.batch_size=2", "train.log_every=10", "train.checkpoint_every=250", "train.progress_bar=false",
-           "train.latent_stats_images=4", "sampling.sample_every=100000", "sampling.grid_images=2",
-           "sampling.num_inference_steps=2", "ema.enabled=true"]
+SMOKE_A, SMOKE_B = "vae/kl-f8-smoke", "unet/unet-smoke"  # the shipped seconds-long presets, made long here
+STAGE_A = ["loss.disc_start=100", "train.log_every=10", "train.validate_every=100000", "train.checkpoint_every=250",
+           "train.progress_bar=false"]
+STAGE_B = ["train.log_every=10", "train.checkpoint_every=250", "train.progress_bar=false",
+           "sampling.sample_every=100000"]
 
 
 class RSSProbe:
@@ -82,12 +78,12 @@ def measure(stage: str, steps: int, early: int, root: Path) -> dict:
             from stage_a_vae.config import StageAConfig
             from stage_a_vae.train import train_vae
 
-            train_vae(load_config(StageAConfig, None, STAGE_A + overrides), "builtin:shapes", root / "stage_a")
+            train_vae(load_config(StageAConfig, SMOKE_A, STAGE_A + overrides), "builtin:shapes", root / "stage_a")
         else:
             from stage_b_diffusion.config import StageBConfig
             from workflows.train_unet import train_unet
 
-            cfg = load_config(StageBConfig, None, STAGE_B + overrides + [f"data.latent_cache_dir={root / 'cache'}"])
+            cfg = load_config(StageBConfig, SMOKE_B, STAGE_B + overrides + [f"data.latent_cache_dir={root / 'cache'}"])
             train_unet(cfg, _tiny_vae_folder(root / "vae"), "builtin:shapes", root / "stage_b")
     seconds = time.perf_counter() - start
     a, b = probe.samples[early], probe.samples[steps]

@@ -14,7 +14,7 @@ from workflows.config import LDMConfig
 from stage_a_vae.config import StageAConfig
 from stage_b_diffusion.config import StageBConfig
 
-from tiny_runs import STAGE_B, run_cli
+from tiny_runs import SMOKE_B, STAGE_B, run_cli
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -269,5 +269,6 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 def test_stage_b_refuses_bad_sampling_values_before_encoding(tmp_path, capsys):
     # The sampling section used to be read only when the first grid was drawn, after training.
     rc, err = run_cli(capsys, ["train-unet", "--vae", tmp_path / "no-vae", "--data", "builtin:shapes",
-                               "--out", tmp_path / "run", *STAGE_B, "sampling.grid_images=0"])
+                               "--out", tmp_path / "run", "--config", SMOKE_B, *STAGE_B,
+                               "sampling.grid_images=0"])
     assert rc == 2 and "sampling.grid_images=0" in err

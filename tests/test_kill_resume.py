@@ -23,7 +23,7 @@ from stage_a_vae.train import train_vae
 from stage_b_diffusion.config import StageBConfig
 from workflows.train_unet import train_unet
 
-from tiny_runs import STAGE_A as TINY_A, STAGE_B as TINY_B, save_tiny_vae
+from tiny_runs import SMOKE_A, SMOKE_B, STAGE_A as TINY_A, STAGE_B as TINY_B, save_tiny_vae
 
 KILLS = 5
 # The tiny runs with a discriminator from step 4 (Stage A), two micro-steps a step (Stage B), a cosine
@@ -115,7 +115,7 @@ def _tensors(obj):
     ["data.loader=stream", "data.crop=random_resized", "data.num_workers=2"],
 ], ids=["memory", "stream"])
 def test_stage_a_killed_five_times_ends_identical(tmp_path, loader):
-    cfg = load_config(StageAConfig, None, STAGE_A + loader)
+    cfg = load_config(StageAConfig, SMOKE_A, STAGE_A + loader)
     train_vae(cfg, "builtin:shapes", tmp_path / "full")
     run = tmp_path / "killed"
     events = _kill_and_resume(run, lambda: train_vae(cfg, "builtin:shapes", run, resume="latest"), seed=11)
@@ -128,7 +128,7 @@ def test_stage_a_killed_five_times_ends_identical(tmp_path, loader):
 
 def test_stage_b_killed_five_times_ends_identical(tmp_path):
     vae_dir = save_tiny_vae(tmp_path / "vae")
-    cfg = load_config(StageBConfig, None, STAGE_B + [f"data.latent_cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(StageBConfig, SMOKE_B, STAGE_B + [f"data.latent_cache_dir={tmp_path / 'cache'}"])
     train_unet(cfg, vae_dir, "builtin:shapes", tmp_path / "full")  # also builds the latent cache
     run = tmp_path / "killed"
     events = _kill_and_resume(run, lambda: train_unet(cfg, vae_dir, "builtin:shapes", run, resume="latest"),

@@ -19,15 +19,15 @@ import pytest
 
 from ldm_core.training.checkpoints import list_checkpoints, load_checkpoint
 
-from tiny_runs import STAGE_A, run_cli
+from tiny_runs import SMOKE_A, STAGE_A, run_cli
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_vae(capsys, out, *extra, resume=False):
-    return run_cli(capsys, ["train-vae", "--data", "builtin:shapes", "--out", out, *STAGE_A, "train.max_steps=4",
-                            "train.checkpoint_every=2", "train.lr_schedule=constant", *extra,
+    return run_cli(capsys, ["train-vae", "--data", "builtin:shapes", "--out", out, "--config", SMOKE_A, *STAGE_A,
+                            "train.max_steps=4", "train.checkpoint_every=2", "train.lr_schedule=constant", *extra,
                             *(["--resume", "latest"] if resume else [])])
 
 
@@ -116,8 +116,9 @@ def test_resume_with_other_data_is_refused(tmp_path, capsys, write_image):
     folder = tmp_path / "images"
     for i in range(8):
         write_image(folder / f"{i}.png", np.full((16, 16, 3), 20 * i, dtype=np.uint8))
-    rc, err = run_cli(capsys, ["train-vae", "--data", folder, "--out", out, *STAGE_A, "train.max_steps=4",
-                               "train.checkpoint_every=2", "train.lr_schedule=constant", "--resume", "latest"])
+    rc, err = run_cli(capsys, ["train-vae", "--data", folder, "--out", out, "--config", SMOKE_A, *STAGE_A,
+                               "train.max_steps=4", "train.checkpoint_every=2", "train.lr_schedule=constant",
+                               "--resume", "latest"])
     assert rc == 2 and "started with another --data" in err and "builtin:shapes" in err, err
 
 

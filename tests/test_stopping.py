@@ -20,7 +20,7 @@ from stage_a_vae.train import train_vae
 from stage_b_diffusion.config import StageBConfig
 from workflows.train_unet import train_unet
 
-from tiny_runs import STAGE_A, STAGE_B, save_tiny_vae
+from tiny_runs import SMOKE_A, SMOKE_B, STAGE_A, STAGE_B, save_tiny_vae
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,11 +32,11 @@ def vae_dir(tmp_path_factory):
 
 
 def _a(*extra):
-    return load_config(StageAConfig, None, STAGE_A + list(extra))
+    return load_config(StageAConfig, SMOKE_A, STAGE_A + list(extra))
 
 
 def _b(cache, *extra):
-    return load_config(StageBConfig, None, STAGE_B + [f"data.latent_cache_dir={cache}", *extra])
+    return load_config(StageBConfig, SMOKE_B, STAGE_B + [f"data.latent_cache_dir={cache}", *extra])
 
 
 def _signal_at_micro_step(monkeypatch, module, micro_step, signum):
@@ -196,8 +196,8 @@ def test_cli_reports_the_stop_and_how_to_resume(tmp_path, monkeypatch, capsys):
     from workflows.cli import main
 
     _signal_at_micro_step(monkeypatch, module, 1, signal.SIGINT)
-    rc = main(["train-vae", "--data", "builtin:shapes", "--out", str(tmp_path / "run"), *STAGE_A,
-               "train.max_steps=50"])
+    rc = main(["train-vae", "--data", "builtin:shapes", "--out", str(tmp_path / "run"), "--config", SMOKE_A,
+               *STAGE_A, "train.max_steps=50"])
     err = capsys.readouterr().err
     assert rc == 130 and "--resume latest" in err and "Traceback" not in err
     assert resolve_resume(tmp_path / "run", "latest").name == "step-0000002"

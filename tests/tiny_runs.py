@@ -1,23 +1,20 @@
 """What the tests of stopping, resuming and run folders share: a tiny run of each stage, a tiny autoencoder
 for Stage B, and the `ldm` command's exit code and message.
 
-STAGE_A and STAGE_B are key=value overrides of a 16 px run on builtin:shapes (24 images, batch 2, no EMA)
-that checkpoints only when a test says so; a test adds its own steps and schedule after them.
+STAGE_A and STAGE_B are key=value overrides of the shipped presets SMOKE_A and SMOKE_B (16 px runs on
+builtin:shapes, batch 2): 24 images, no EMA, logged every step, checkpoints only when a test says so; a
+test adds its own steps and schedule after them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-STAGE_A = ["model.preset=kl-f8-tiny", "model.block_out_channels=[4,4,8,8]", "model.norm_num_groups=2",
-           "data.resolution=16", "data.shapes_count=24", "data.val_count=4", "loss.lpips_trunk=random",
-           "loss.perceptual_weight=0", "loss.disc_start=2", "loss.disc_channels=4", "loss.disc_num_layers=2",
-           "train.batch_size=2", "train.log_every=1", "train.validate_every=1000", "train.checkpoint_every=1000",
-           "train.progress_bar=false", "train.latent_stats_images=4", "ema.enabled=false"]
-STAGE_B = ["model.preset=unet-tiny", "data.resolution=16", "data.shapes_count=24", "data.val_count=4",
-           "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=1000", "train.progress_bar=false",
-           "train.latent_stats_images=4", "sampling.sample_every=1000", "sampling.grid_images=2",
-           "sampling.num_inference_steps=1", "ema.enabled=false"]
+SMOKE_A, SMOKE_B = "vae/kl-f8-smoke", "unet/unet-smoke"  # the shipped seconds-long presets
+STAGE_A = ["data.shapes_count=24", "loss.disc_start=2", "train.log_every=1", "train.validate_every=1000",
+           "train.checkpoint_every=1000", "train.progress_bar=false", "ema.enabled=false"]
+STAGE_B = ["data.shapes_count=24", "train.log_every=1", "train.checkpoint_every=1000", "train.progress_bar=false",
+           "sampling.sample_every=1000", "sampling.num_inference_steps=1", "ema.enabled=false"]
 
 
 def save_tiny_vae(path: Path) -> Path:
